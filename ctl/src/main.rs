@@ -1,0 +1,329 @@
+//! `coralctl`: the command-line client of corald. Every command is one or a few JSON-RPC calls;
+//! `--json` prints the API's own objects (snake_case), one per line when following progress.
+
+mod follow;
+mod output;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use coral_proto::client::connect;
+use coral_proto::{CoralApiClient, LibrarySelector, ScanProgress};
+use follow::{Render, Target};
+use jsonrpsee::core::client::Error as ClientError;
+use serde::Serialize;
+use uuid::Uuid;
+
+/// Control the Coral indexer daemon.
+#[derive(Debug, Parser)]
+#[command(name = "coralctl", version)]
+struct Cli {
+    /// corald's socket (default: the daemon's default location).
+    #[arg(long, global = true, env = "CORAL_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print the API's JSON objects instead of tables (one object per line when following).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Daemon version, database, libraries, active scans.
+    Status,
+    /// Manage libraries.
+    #[command(subcommand)]
+    Library(LibraryCommand),
+    /// Scan a library (incremental unless --full); without LIBRARY, every library.
+    Scan {
+        /// Library id or root path.
+        library: Option<String>,
+        /// Only this subdirectory (relative to the library root, or absolute inside it).
+        #[arg(long)]
+        path: Option<String>,
+        /// Re-read every file instead of skipping unchanged ones.
+        #[arg(long)]
+        full: bool,
+        /// Wait until the scan ends and print its summary; non-zero exit unless it completed.
+        #[arg(long, conflicts_with = "follow")]
+        wait: bool,
+        /// Show live progress until the scan ends; non-zero exit unless it completed.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Live progress of every active scan.
+    Progress,
+    /// Active and recent scans.
+    Scans {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Cancel a queued or running scan.
+    Cancel { request_id: Uuid },
+    /// Full-text search (title, artist, album, album artist, genre; accents and case ignored).
+    Search {
+        query: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+    },
+    /// One track in full.
+    Track { id: i64 },
+    /// Tracks that sound like this one.
+    Similar {
+        id: i64,
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LibraryCommand {
+    /// Register a directory as a library and scan it.
+    Add { path: PathBuf },
+    /// Every library with track and failure counts and its last scan.
+    List,
+    /// Forget a library (files on disk are not touched).
+    Remove { library: String },
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn render_mode(json: bool) -> Render {
+    if json {
+        Render::Json
+    } else if std::io::stdout().is_terminal() {
+        Render::Bars
+    } else {
+        Render::Lines
+    }
+}
+
+/// Map an API error to a message without the JSON-RPC wrapping.
+fn describe(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(ClientError::Call(obj)) = cause.downcast_ref::<ClientError>() {
+            return obj.message().to_owned();
+        }
+    }
+    format!("{e:#}")
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(coral_proto::paths::default_socket_path);
+    let client = connect(&socket).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Status => {
+            let s = client.daemon_status().await?;
+            if json {
+                print_json(&s)?
+            } else {
+                output::status(&s)
+            }
+        }
+        Command::Library(LibraryCommand::Add { path }) => {
+            let abs = std::path::absolute(&path)
+                .with_context(|| format!("cannot resolve {}", path.display()))?;
+            let lib = client
+                .library_add(abs.to_string_lossy().into_owned())
+                .await?;
+            if json {
+                print_json(&lib)?
+            } else {
+                println!("added library {} at {}", lib.id, lib.path);
+                if let Some(scan) = &lib.last_scan {
+                    println!("scan queued: {}", scan.request_id);
+                }
+            }
+        }
+        Command::Library(LibraryCommand::List) => {
+            let libs = client.library_list().await?;
+            if json {
+                print_json(&libs)?
+            } else {
+                output::libraries(&libs)
+            }
+        }
+        Command::Library(LibraryCommand::Remove { library }) => {
+            let lib = client.library_remove(selector(&library)).await?;
+            if json {
+                print_json(&lib)?
+            } else {
+                println!("removed library {} ({})", lib.id, lib.path)
+            }
+        }
+        Command::Scan {
+            library,
+            path,
+            full,
+            wait,
+            follow,
+        } => {
+            let targets: Vec<LibrarySelector> = match library {
+                Some(l) => vec![selector(&l)],
+                None => client
+                    .library_list()
+                    .await?
+                    .into_iter()
+                    .map(|l| LibrarySelector::Id(l.id))
+                    .collect(),
+            };
+            if targets.is_empty() {
+                anyhow::bail!("no libraries to scan; add one with `coralctl library add PATH`");
+            }
+            let mut started = Vec::new();
+            for t in targets {
+                started.push(client.scan_start(t, path.clone(), Some(full)).await?);
+            }
+            if !wait && !follow {
+                if json {
+                    if started.len() == 1 {
+                        print_json(&started[0])?
+                    } else {
+                        print_json(&started)?
+                    }
+                } else {
+                    for s in &started {
+                        println!(
+                            "scan {} {} for library {}",
+                            s.request_id,
+                            if s.merged {
+                                "(merged into a queued scan)"
+                            } else {
+                                "queued"
+                            },
+                            s.library_id
+                        );
+                    }
+                }
+                return Ok(0);
+            }
+            let mode = if wait {
+                Render::Quiet
+            } else {
+                render_mode(json)
+            };
+            let mut code = 0;
+            for s in started {
+                let finals = follow::follow(&socket, Target::One(s.request_id), mode).await?;
+                for p in &finals {
+                    code = code.max(follow::exit_code(p));
+                    if wait {
+                        if json {
+                            print_json(p)?
+                        } else {
+                            println!("{}", output::scan_summary(p))
+                        }
+                    } else if mode == Render::Bars {
+                        println!("{}", output::scan_summary(p));
+                    }
+                }
+            }
+            return Ok(code);
+        }
+        Command::Progress => {
+            let finals = follow::follow(&socket, Target::AllActive, render_mode(json)).await?;
+            let code = finals.iter().map(follow::exit_code).max().unwrap_or(0);
+            if !json {
+                for p in &finals {
+                    println!("{}", output::scan_summary(p));
+                }
+            }
+            return Ok(code);
+        }
+        Command::Scans { limit } => {
+            let list: Vec<ScanProgress> = client.scan_list(Some(limit)).await?;
+            if json {
+                print_json(&list)?
+            } else {
+                output::scans(&list)
+            }
+        }
+        Command::Cancel { request_id } => {
+            let p = client.scan_cancel(request_id).await?;
+            if json {
+                print_json(&p)?
+            } else {
+                println!(
+                    "cancellation requested for scan {request_id} ({})",
+                    p.phase.as_str()
+                )
+            }
+        }
+        Command::Search {
+            query,
+            limit,
+            offset,
+        } => {
+            let hits = client
+                .track_search(query, Some(limit), Some(offset))
+                .await?;
+            if json {
+                print_json(&hits)?
+            } else {
+                output::tracks(&hits)
+            }
+        }
+        Command::Track { id } => {
+            let t = client.track_get(id).await?;
+            if json {
+                print_json(&t)?
+            } else {
+                output::track(&t)
+            }
+        }
+        Command::Similar { id, limit } => {
+            let list = client.track_similar(id, Some(limit)).await?;
+            if json {
+                print_json(&list)?
+            } else {
+                output::similar(&list)
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn selector(arg: &str) -> LibrarySelector {
+    match LibrarySelector::parse_arg(arg) {
+        LibrarySelector::Path(p) => LibrarySelector::Path(
+            std::path::absolute(&p)
+                .map(|a| a.to_string_lossy().into_owned())
+                .unwrap_or(p),
+        ),
+        id => id,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("coralctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("coralctl: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

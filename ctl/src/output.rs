@@ -1,0 +1,271 @@
+//! Human output: aligned tables and one-line summaries of the API's objects.
+
+use coral_proto::{DaemonStatus, Library, ScanProgress, SimilarTrack, Track};
+
+/// Print rows as a table whose columns are as wide as their widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(c);
+                out.push_str(&" ".repeat(w.saturating_sub(c.chars().count()) + 2));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string)
+}
+
+fn short_id(id: &uuid::Uuid) -> String {
+    id.to_string()
+}
+
+pub fn scan_summary(p: &ScanProgress) -> String {
+    let mut s = format!(
+        "{} {} {}: {} indexed, {} unchanged, {} removed, {} failed",
+        p.phase.as_str(),
+        p.mode.as_str(),
+        p.library_path,
+        p.tracks_indexed,
+        p.tracks_unchanged,
+        p.tracks_removed,
+        p.tracks_failed
+    );
+    if let Some(e) = p.embeddings_expected {
+        s.push_str(&format!(
+            "; embeddings {} done, {} skipped, {} failed of {e}",
+            p.embeddings_done, p.embeddings_skipped, p.embeddings_failed
+        ));
+    }
+    if let Some(err) = &p.error {
+        s.push_str(&format!(" ({err})"));
+    }
+    s
+}
+
+/// One line per progress update, for logs and pipes.
+pub fn progress_line(p: &ScanProgress) -> String {
+    let pct = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}%"));
+    let mut s = format!(
+        "{} {:<11} indexing {} ({}/{}) failed {}",
+        p.request_id,
+        p.phase.as_str(),
+        pct(p.indexing_percent),
+        p.tracks_indexed + p.tracks_unchanged + p.tracks_failed,
+        opt(&p.tracks_expected),
+        p.tracks_failed,
+    );
+    if p.embeddings_expected.is_some() {
+        s.push_str(&format!(
+            " embedding {} ({}/{})",
+            pct(p.embedding_percent),
+            p.embeddings_done + p.embeddings_skipped + p.embeddings_failed,
+            opt(&p.embeddings_expected)
+        ));
+    }
+    if let Some(eta) = p.eta_seconds {
+        s.push_str(&format!(" eta {eta:.0}s"));
+    }
+    if let Some(err) = &p.error {
+        s.push_str(&format!(" — {err}"));
+    }
+    s
+}
+
+pub fn status(s: &DaemonStatus) {
+    println!("corald {} (pid {})", s.version, s.pid);
+    println!("  socket     {}", s.socket);
+    println!("  state dir  {}", s.state_dir);
+    println!("  database   {}", s.database);
+    println!("  libraries  {}", s.libraries);
+    println!("  tracks     {}", s.tracks);
+    println!(
+        "  embedding  {}",
+        if s.embedding.enabled {
+            format!(
+                "{} on {} ({} tracks)",
+                opt(&s.embedding.model),
+                opt(&s.embedding.device),
+                s.embedding.tracks_embedded
+            )
+        } else {
+            "disabled".to_owned()
+        }
+    );
+    println!(
+        "  scans      {} active, {} queued",
+        s.active_scans.len(),
+        s.queued_scans
+    );
+    for p in &s.active_scans {
+        println!("    {}", progress_line(p));
+    }
+    for w in &s.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+pub fn libraries(libs: &[Library]) {
+    if libs.is_empty() {
+        println!("no libraries; add one with `coralctl library add PATH`");
+        return;
+    }
+    let rows: Vec<Vec<String>> = libs
+        .iter()
+        .map(|l| {
+            let last = l.last_scan.as_ref().map_or_else(
+                || "never".to_owned(),
+                |p| {
+                    format!(
+                        "{} {}",
+                        p.phase.as_str(),
+                        p.finished_at
+                            .unwrap_or(p.started_at)
+                            .format("%Y-%m-%d %H:%M:%S")
+                    )
+                },
+            );
+            vec![
+                l.id.to_string(),
+                l.track_count.to_string(),
+                l.failed_count.to_string(),
+                last,
+                l.path.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "TRACKS", "FAILED", "LAST SCAN", "PATH"], &rows);
+}
+
+pub fn scans(list: &[ScanProgress]) {
+    if list.is_empty() {
+        println!("no scans yet");
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            vec![
+                short_id(&p.request_id),
+                p.phase.as_str().to_owned(),
+                p.trigger.as_str().to_owned(),
+                p.indexing_percent
+                    .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}%")),
+                format!("{}", p.tracks_indexed),
+                format!("{}", p.tracks_failed),
+                p.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                match &p.path {
+                    Some(sub) => format!("{}/{}", p.library_path, sub),
+                    None => p.library_path.clone(),
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "REQUEST ID",
+            "PHASE",
+            "TRIGGER",
+            "INDEXED%",
+            "NEW",
+            "FAILED",
+            "STARTED",
+            "PATH",
+        ],
+        &rows,
+    );
+}
+
+pub fn tracks(list: &[Track]) {
+    if list.is_empty() {
+        println!("no tracks found");
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.to_string(),
+                opt(&t.artist),
+                opt(&t.album),
+                opt(&t.title),
+                format_duration(t.duration_seconds),
+                t.format.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "ARTIST", "ALBUM", "TITLE", "TIME", "FORMAT"], &rows);
+}
+
+pub fn similar(list: &[SimilarTrack]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                format!("{:.3}", s.score),
+                s.track.id.to_string(),
+                opt(&s.track.artist),
+                opt(&s.track.title),
+                s.track.path.clone(),
+            ]
+        })
+        .collect();
+    table(&["SCORE", "ID", "ARTIST", "TITLE", "PATH"], &rows);
+}
+
+pub fn track(t: &Track) {
+    let kv = |k: &str, v: String| println!("{k:<13} {v}");
+    kv("id", t.id.to_string());
+    kv("path", t.path.clone());
+    kv("title", opt(&t.title));
+    kv("artist", opt(&t.artist));
+    kv("album", opt(&t.album));
+    kv("album artist", opt(&t.album_artist));
+    kv("track", opt(&t.track_number));
+    kv("disc", opt(&t.disc_number));
+    kv("year", opt(&t.year));
+    kv("genre", opt(&t.genre));
+    kv("duration", format_duration(t.duration_seconds));
+    kv("format", format!("{} ({})", t.format, opt(&t.codec)));
+    kv("sample rate", opt(&t.sample_rate));
+    kv("channels", opt(&t.channels));
+    kv(
+        "bitrate",
+        t.bitrate_kbps
+            .map_or_else(|| "-".into(), |b| format!("{b} kb/s")),
+    );
+    kv("size", t.size.to_string());
+    kv(
+        "embedding",
+        if t.has_embedding { "yes" } else { "no" }.to_owned(),
+    );
+}
+
+pub fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
+}

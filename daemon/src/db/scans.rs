@@ -1,0 +1,225 @@
+//! The `scans` table: the persisted ScanReporter state of every scan, written at phase changes
+//! and every persist interval while running, so progress survives a restart and finished scans
+//! stay queryable.
+
+use chrono::{DateTime, Utc};
+use coral_proto::{ScanMode, ScanPhase, ScanProgress, ScanTrigger};
+use sqlx::{FromRow, PgExecutor};
+use uuid::Uuid;
+
+use crate::progress::counters::CounterValues;
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Insert or update a scan's persisted state.
+pub async fn upsert<'e>(db: impl PgExecutor<'e>, p: &ScanProgress) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO scans (request_id, library_id, subdir, trigger, mode, phase, started_at,
+            updated_at, finished_at, files_discovered, tracks_expected, tracks_indexed,
+            tracks_unchanged, tracks_removed, tracks_failed, embeddings_expected, embeddings_done,
+            embeddings_skipped, embeddings_failed, resumed, error)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)
+         ON CONFLICT (request_id) DO UPDATE SET mode = EXCLUDED.mode, phase = EXCLUDED.phase,
+            updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
+            files_discovered = EXCLUDED.files_discovered,
+            tracks_expected = EXCLUDED.tracks_expected, tracks_indexed = EXCLUDED.tracks_indexed,
+            tracks_unchanged = EXCLUDED.tracks_unchanged,
+            tracks_removed = EXCLUDED.tracks_removed, tracks_failed = EXCLUDED.tracks_failed,
+            embeddings_expected = EXCLUDED.embeddings_expected,
+            embeddings_done = EXCLUDED.embeddings_done,
+            embeddings_skipped = EXCLUDED.embeddings_skipped,
+            embeddings_failed = EXCLUDED.embeddings_failed, resumed = EXCLUDED.resumed,
+            error = EXCLUDED.error",
+    )
+    .bind(p.request_id)
+    .bind(p.library_id)
+    .bind(&p.path)
+    .bind(p.trigger.as_str())
+    .bind(p.mode.as_str())
+    .bind(p.phase.as_str())
+    .bind(p.started_at)
+    .bind(p.updated_at)
+    .bind(p.finished_at)
+    .bind(to_i64(p.files_discovered))
+    .bind(p.tracks_expected.map(to_i64))
+    .bind(to_i64(p.tracks_indexed))
+    .bind(to_i64(p.tracks_unchanged))
+    .bind(to_i64(p.tracks_removed))
+    .bind(to_i64(p.tracks_failed))
+    .bind(p.embeddings_expected.map(to_i64))
+    .bind(to_i64(p.embeddings_done))
+    .bind(to_i64(p.embeddings_skipped))
+    .bind(to_i64(p.embeddings_failed))
+    .bind(p.resumed)
+    .bind(&p.error)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ScanRow {
+    pub request_id: Uuid,
+    pub library_id: i64,
+    pub library_path: String,
+    pub subdir: Option<String>,
+    pub trigger: String,
+    pub mode: String,
+    pub phase: String,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub files_discovered: i64,
+    pub tracks_expected: Option<i64>,
+    pub tracks_indexed: i64,
+    pub tracks_unchanged: i64,
+    pub tracks_removed: i64,
+    pub tracks_failed: i64,
+    pub embeddings_expected: Option<i64>,
+    pub embeddings_done: i64,
+    pub embeddings_skipped: i64,
+    pub embeddings_failed: i64,
+    pub resumed: bool,
+    pub error: Option<String>,
+}
+
+impl ScanRow {
+    pub fn counters(&self) -> CounterValues {
+        CounterValues {
+            files_discovered: to_u64(self.files_discovered),
+            tracks_expected: self.tracks_expected.map(to_u64),
+            tracks_indexed: to_u64(self.tracks_indexed),
+            tracks_unchanged: to_u64(self.tracks_unchanged),
+            tracks_removed: to_u64(self.tracks_removed),
+            tracks_failed: to_u64(self.tracks_failed),
+            embeddings_expected: self.embeddings_expected.map(to_u64),
+            embeddings_done: to_u64(self.embeddings_done),
+            embeddings_skipped: to_u64(self.embeddings_skipped),
+            embeddings_failed: to_u64(self.embeddings_failed),
+        }
+    }
+
+    pub fn trigger(&self) -> ScanTrigger {
+        ScanTrigger::parse(&self.trigger).unwrap_or(ScanTrigger::Manual)
+    }
+
+    pub fn mode(&self) -> ScanMode {
+        ScanMode::parse(&self.mode).unwrap_or(ScanMode::Incremental)
+    }
+
+    pub fn phase(&self) -> ScanPhase {
+        ScanPhase::parse(&self.phase).unwrap_or(ScanPhase::Failed)
+    }
+
+    /// The progress object of a scan read back from the database (no live rates).
+    pub fn into_progress(self) -> ScanProgress {
+        let c = self.counters();
+        let phase = self.phase();
+        let pct = |settled: u64, expected: Option<u64>| {
+            expected.map(|e| {
+                if e == 0 {
+                    100.0
+                } else {
+                    ((settled.min(e) as f64 * 1000.0 / e as f64).floor() / 10.0).min(100.0)
+                }
+            })
+        };
+        let indexing_percent = match phase {
+            ScanPhase::Queued | ScanPhase::Discovering => None,
+            ScanPhase::Embedding | ScanPhase::Completed => Some(100.0),
+            _ => pct(c.tracks_settled(), c.tracks_expected),
+        };
+        let embedding_percent = match phase {
+            ScanPhase::Completed => c.embeddings_expected.map(|_| 100.0),
+            ScanPhase::Embedding | ScanPhase::Failed | ScanPhase::Cancelled => {
+                pct(c.embeddings_settled(), c.embeddings_expected)
+            }
+            _ => None,
+        };
+        ScanProgress {
+            request_id: self.request_id,
+            library_id: self.library_id,
+            trigger: self.trigger(),
+            mode: self.mode(),
+            phase,
+            library_path: self.library_path,
+            path: self.subdir,
+            started_at: self.started_at,
+            updated_at: self.updated_at,
+            finished_at: self.finished_at,
+            files_discovered: c.files_discovered,
+            tracks_expected: c.tracks_expected,
+            tracks_indexed: c.tracks_indexed,
+            tracks_unchanged: c.tracks_unchanged,
+            tracks_removed: c.tracks_removed,
+            tracks_failed: c.tracks_failed,
+            embeddings_expected: c.embeddings_expected,
+            embeddings_done: c.embeddings_done,
+            embeddings_skipped: c.embeddings_skipped,
+            embeddings_failed: c.embeddings_failed,
+            indexing_percent,
+            embedding_percent,
+            tracks_per_second: None,
+            embeddings_per_second: None,
+            eta_seconds: None,
+            resumed: self.resumed,
+            error: self.error,
+        }
+    }
+}
+
+macro_rules! scan_select {
+    () => {
+        "SELECT s.request_id, s.library_id, l.path AS library_path, s.subdir,
+    s.trigger, s.mode, s.phase, s.started_at, s.updated_at, s.finished_at, s.files_discovered,
+    s.tracks_expected, s.tracks_indexed, s.tracks_unchanged, s.tracks_removed, s.tracks_failed,
+    s.embeddings_expected, s.embeddings_done, s.embeddings_skipped, s.embeddings_failed,
+    s.resumed, s.error
+    FROM scans s JOIN libraries l ON l.id = s.library_id"
+    };
+}
+
+pub async fn get<'e>(db: impl PgExecutor<'e>, request_id: Uuid) -> sqlx::Result<Option<ScanRow>> {
+    sqlx::query_as(concat!(scan_select!(), " WHERE s.request_id = $1"))
+        .bind(request_id)
+        .fetch_optional(db)
+        .await
+}
+
+/// Scans that were queued or running when corald last stopped, oldest first.
+pub async fn unfinished<'e>(db: impl PgExecutor<'e>) -> sqlx::Result<Vec<ScanRow>> {
+    sqlx::query_as(concat!(
+        scan_select!(),
+        " WHERE s.finished_at IS NULL ORDER BY s.started_at"
+    ))
+    .fetch_all(db)
+    .await
+}
+
+/// The most recent scans, newest first.
+pub async fn recent<'e>(db: impl PgExecutor<'e>, limit: i64) -> sqlx::Result<Vec<ScanRow>> {
+    sqlx::query_as(concat!(
+        scan_select!(),
+        " ORDER BY s.started_at DESC LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// The latest scan of each library.
+pub async fn latest_per_library<'e>(db: impl PgExecutor<'e>) -> sqlx::Result<Vec<ScanRow>> {
+    sqlx::query_as(concat!(
+        "SELECT DISTINCT ON (s.library_id) * FROM (",
+        scan_select!(),
+        ") s ORDER BY s.library_id, s.started_at DESC"
+    ))
+    .fetch_all(db)
+    .await
+}

@@ -1,0 +1,11 @@
+//! corald: the Coral indexer daemon as a library, so tests and benches drive the same code the
+//! binary runs. `daemon` wires the pieces; each module owns one stage of the pipeline.
+
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod logging;
+pub mod progress;
+pub mod rpc;
+pub mod scan;
+pub mod text_fold;

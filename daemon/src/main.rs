@@ -1,0 +1,80 @@
+//! `corald`: the Coral indexer daemon. Parses flags, loads the configuration and runs the daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use corald::config::{Config, Overrides};
+use tokio_util::sync::CancellationToken;
+
+/// Coral indexer daemon: indexes music libraries into PostgreSQL and serves a JSON-RPC API on a
+/// Unix socket. Without a configuration file it uses built-in defaults, including its own
+/// private PostgreSQL under the state directory.
+#[derive(Debug, Parser)]
+#[command(name = "corald", version)]
+struct Args {
+    /// Configuration file (TOML). Default: /etc/coral/corald.toml if it exists.
+    #[arg(long, env = "CORAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Unix socket to listen on.
+    #[arg(long, env = "CORAL_SOCKET")]
+    socket: Option<PathBuf>,
+    /// State directory (the managed database lives here).
+    #[arg(long, env = "CORAL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// External PostgreSQL URL (needs the `vector` extension). Default: a managed cluster.
+    #[arg(long, env = "CORAL_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Check the configuration, print the settings in effect and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("corald: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    config.apply(Overrides {
+        socket: args.socket,
+        state_dir: args.state_dir,
+        database_url: args.database_url,
+    });
+    if args.check_config {
+        println!("configuration OK");
+        println!("socket    = {}", config.socket_path().display());
+        println!("state_dir = {}", config.state_dir().display());
+        println!(
+            "database  = {}",
+            if config.database.url.is_some() {
+                "external (database.url)"
+            } else {
+                "managed"
+            }
+        );
+        return ExitCode::SUCCESS;
+    }
+    corald::logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("corald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(corald::daemon::run(config, CancellationToken::new())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("corald: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

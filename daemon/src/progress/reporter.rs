@@ -1,0 +1,551 @@
+//! The ScanReporter: the registry of every scan's live state. The pipeline bumps counters and
+//! announces phase changes; the reporter turns them into `ScanProgress` snapshots with smoothed
+//! rates, an ETA and percentages that never go backwards, and publishes a snapshot when it
+//! changed — at once on phase changes, otherwise at most once per notify interval (the ticker).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use coral_proto::{ScanMode, ScanPhase, ScanProgress, ScanTrigger};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::counters::{CounterValues, ScanCounters};
+
+/// Weight of the newest sample in the smoothed rates.
+const RATE_SMOOTHING: f64 = 0.3;
+/// Rates and ETA need at least this much time in a phase before they mean anything.
+const MIN_RATE_WINDOW: Duration = Duration::from_millis(1000);
+/// Finished scans stay in memory this long so late subscribers and `scan.get` see them.
+const FINISHED_RETENTION: Duration = Duration::from_secs(120);
+
+/// What a scan is, fixed when it is registered.
+#[derive(Debug, Clone)]
+pub struct ScanInfo {
+    pub request_id: Uuid,
+    pub library_id: i64,
+    pub library_path: String,
+    pub path: Option<String>,
+    pub trigger: ScanTrigger,
+    pub mode: ScanMode,
+    pub started_at: DateTime<Utc>,
+    pub resumed: bool,
+}
+
+#[derive(Debug)]
+struct MutableState {
+    mode: ScanMode,
+    phase: ScanPhase,
+    phase_started: Instant,
+    finished_at: Option<DateTime<Utc>>,
+    finished_instant: Option<Instant>,
+    error: Option<String>,
+    // smoothed rates
+    last_sample: Instant,
+    last_tracks_settled: u64,
+    last_embeddings_settled: u64,
+    tracks_rate: Option<f64>,
+    embeddings_rate: Option<f64>,
+    // high-water marks so percentages never go backwards
+    indexing_percent: Option<f64>,
+    embedding_percent: Option<f64>,
+}
+
+/// One scan's live state, shared by the worker, the embedding stages and subscribers.
+#[derive(Debug)]
+pub struct ScanHandle {
+    info: ScanInfo,
+    counters: ScanCounters,
+    state: Mutex<MutableState>,
+    version: AtomicU64,
+    latest: Mutex<Arc<ScanProgress>>,
+    cancel: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short critical sections leaves plain data behind.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn floor_tenth(v: f64) -> f64 {
+    ((v * 10.0).floor() / 10.0).clamp(0.0, 100.0)
+}
+
+fn percent(settled: u64, expected: u64) -> f64 {
+    if expected == 0 {
+        100.0
+    } else {
+        // 99.95 % must not round up to 100 before the phase is really over.
+        floor_tenth(settled.min(expected) as f64 * 100.0 / expected as f64)
+    }
+}
+
+impl ScanHandle {
+    fn new(info: ScanInfo, phase: ScanPhase) -> Self {
+        let now = Instant::now();
+        let placeholder = ScanProgress {
+            request_id: info.request_id,
+            library_id: info.library_id,
+            library_path: info.library_path.clone(),
+            path: info.path.clone(),
+            trigger: info.trigger,
+            mode: info.mode,
+            phase,
+            started_at: info.started_at,
+            updated_at: Utc::now(),
+            finished_at: None,
+            files_discovered: 0,
+            tracks_expected: None,
+            tracks_indexed: 0,
+            tracks_unchanged: 0,
+            tracks_removed: 0,
+            tracks_failed: 0,
+            embeddings_expected: None,
+            embeddings_done: 0,
+            embeddings_skipped: 0,
+            embeddings_failed: 0,
+            indexing_percent: None,
+            embedding_percent: None,
+            tracks_per_second: None,
+            embeddings_per_second: None,
+            eta_seconds: None,
+            resumed: info.resumed,
+            error: None,
+        };
+        ScanHandle {
+            state: Mutex::new(MutableState {
+                mode: info.mode,
+                phase,
+                phase_started: now,
+                finished_at: None,
+                finished_instant: None,
+                error: None,
+                last_sample: now,
+                last_tracks_settled: 0,
+                last_embeddings_settled: 0,
+                tracks_rate: None,
+                embeddings_rate: None,
+                indexing_percent: None,
+                embedding_percent: None,
+            }),
+            info,
+            counters: ScanCounters::default(),
+            version: AtomicU64::new(0),
+            latest: Mutex::new(Arc::new(placeholder)),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    pub fn request_id(&self) -> Uuid {
+        self.info.request_id
+    }
+
+    pub fn info(&self) -> &ScanInfo {
+        &self.info
+    }
+
+    pub fn counters(&self) -> &ScanCounters {
+        &self.counters
+    }
+
+    /// Cancelled when someone asked this scan to stop.
+    pub fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    pub fn phase(&self) -> ScanPhase {
+        lock(&self.state).phase
+    }
+
+    pub fn mode(&self) -> ScanMode {
+        lock(&self.state).mode
+    }
+
+    /// A queued incremental job that a full request was merged into becomes full.
+    pub fn upgrade_mode(&self, mode: ScanMode) {
+        let mut s = lock(&self.state);
+        if mode == ScanMode::Full {
+            s.mode = ScanMode::Full;
+        }
+    }
+
+    pub fn set_error(&self, message: impl Into<String>) {
+        lock(&self.state).error = Some(message.into());
+    }
+
+    /// Version of the latest published snapshot; grows with every publish.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The latest published snapshot.
+    pub fn latest(&self) -> Arc<ScanProgress> {
+        Arc::clone(&lock(&self.latest))
+    }
+
+    fn finished_instant(&self) -> Option<Instant> {
+        lock(&self.state).finished_instant
+    }
+
+    /// Compute a fresh snapshot from the counters (updating rates and high-water marks).
+    fn compute(&self, now: Instant) -> ScanProgress {
+        let v: CounterValues = self.counters.values();
+        let mut s = lock(&self.state);
+        let phase = s.phase;
+
+        // Smoothed rates, sampled at most every 200 ms.
+        let dt = now.duration_since(s.last_sample).as_secs_f64();
+        if dt >= 0.2 {
+            let tracks = v.tracks_settled();
+            let embeds = v.embeddings_settled();
+            if phase == ScanPhase::Indexing {
+                let inst = tracks.saturating_sub(s.last_tracks_settled) as f64 / dt;
+                s.tracks_rate = Some(match s.tracks_rate {
+                    None => inst,
+                    Some(r) => RATE_SMOOTHING * inst + (1.0 - RATE_SMOOTHING) * r,
+                });
+            }
+            if phase == ScanPhase::Embedding {
+                let inst = embeds.saturating_sub(s.last_embeddings_settled) as f64 / dt;
+                s.embeddings_rate = Some(match s.embeddings_rate {
+                    None => inst,
+                    Some(r) => RATE_SMOOTHING * inst + (1.0 - RATE_SMOOTHING) * r,
+                });
+            }
+            s.last_sample = now;
+            s.last_tracks_settled = tracks;
+            s.last_embeddings_settled = embeds;
+        }
+
+        // Percentages: null until the phase's total is known, 100 once the phase is over.
+        let indexing_now = match phase {
+            ScanPhase::Queued | ScanPhase::Discovering => None,
+            ScanPhase::Indexing => v.tracks_expected.map(|e| percent(v.tracks_settled(), e)),
+            ScanPhase::Embedding | ScanPhase::Completed => Some(100.0),
+            ScanPhase::Failed | ScanPhase::Cancelled => {
+                v.tracks_expected.map(|e| percent(v.tracks_settled(), e))
+            }
+        };
+        let embedding_now = match phase {
+            ScanPhase::Embedding => v
+                .embeddings_expected
+                .map(|e| percent(v.embeddings_settled(), e)),
+            ScanPhase::Completed => v.embeddings_expected.map(|_| 100.0),
+            ScanPhase::Failed | ScanPhase::Cancelled => v
+                .embeddings_expected
+                .map(|e| percent(v.embeddings_settled(), e)),
+            _ => None,
+        };
+        s.indexing_percent = max_opt(s.indexing_percent, indexing_now);
+        s.embedding_percent = max_opt(s.embedding_percent, embedding_now);
+
+        let in_phase = now.duration_since(s.phase_started) >= MIN_RATE_WINDOW;
+        let eta = match phase {
+            ScanPhase::Indexing if in_phase => {
+                eta(v.tracks_expected, v.tracks_settled(), s.tracks_rate)
+            }
+            ScanPhase::Embedding if in_phase => eta(
+                v.embeddings_expected,
+                v.embeddings_settled(),
+                s.embeddings_rate,
+            ),
+            _ => None,
+        };
+        let terminal = phase.is_terminal();
+        ScanProgress {
+            request_id: self.info.request_id,
+            library_id: self.info.library_id,
+            library_path: self.info.library_path.clone(),
+            path: self.info.path.clone(),
+            trigger: self.info.trigger,
+            mode: s.mode,
+            phase,
+            started_at: self.info.started_at,
+            updated_at: Utc::now(),
+            finished_at: s.finished_at,
+            files_discovered: v.files_discovered,
+            tracks_expected: v.tracks_expected,
+            tracks_indexed: v.tracks_indexed,
+            tracks_unchanged: v.tracks_unchanged,
+            tracks_removed: v.tracks_removed,
+            tracks_failed: v.tracks_failed,
+            embeddings_expected: v.embeddings_expected,
+            embeddings_done: v.embeddings_done,
+            embeddings_skipped: v.embeddings_skipped,
+            embeddings_failed: v.embeddings_failed,
+            indexing_percent: s.indexing_percent,
+            embedding_percent: s.embedding_percent,
+            tracks_per_second: s.tracks_rate.filter(|_| !terminal).map(round2),
+            embeddings_per_second: s.embeddings_rate.filter(|_| !terminal).map(round2),
+            eta_seconds: eta.filter(|_| !terminal).map(round2),
+            resumed: self.info.resumed,
+            error: s.error.clone(),
+        }
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn eta(expected: Option<u64>, settled: u64, rate: Option<f64>) -> Option<f64> {
+    let remaining = expected?.saturating_sub(settled) as f64;
+    match rate {
+        Some(r) if r > 0.01 => Some(remaining / r),
+        _ => None,
+    }
+}
+
+/// Whether two snapshots differ in anything but their timestamp.
+fn same_content(a: &ScanProgress, b: &ScanProgress) -> bool {
+    let mut b = b.clone();
+    b.updated_at = a.updated_at;
+    *a == b
+}
+
+/// The registry of scans. One per daemon.
+#[derive(Debug)]
+pub struct ScanReporter {
+    scans: RwLock<HashMap<Uuid, Arc<ScanHandle>>>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for ScanReporter {
+    fn default() -> Self {
+        ScanReporter {
+            scans: RwLock::new(HashMap::new()),
+            generation: watch::Sender::new(0),
+        }
+    }
+}
+
+impl ScanReporter {
+    pub fn new() -> Arc<Self> {
+        Arc::new(ScanReporter::default())
+    }
+
+    /// Register a scan in `phase` (usually queued) and publish its first snapshot.
+    pub fn register(&self, info: ScanInfo, phase: ScanPhase) -> Arc<ScanHandle> {
+        let handle = Arc::new(ScanHandle::new(info, phase));
+        self.scans
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(handle.request_id(), Arc::clone(&handle));
+        self.publish(&handle);
+        handle
+    }
+
+    /// Register a resumed scan with its persisted counters.
+    pub fn register_restored(
+        &self,
+        info: ScanInfo,
+        phase: ScanPhase,
+        counters: &CounterValues,
+    ) -> Arc<ScanHandle> {
+        let handle = Arc::new(ScanHandle::new(info, phase));
+        handle.counters.restore(counters);
+        self.scans
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(handle.request_id(), Arc::clone(&handle));
+        self.publish(&handle);
+        handle
+    }
+
+    pub fn get(&self, request_id: Uuid) -> Option<Arc<ScanHandle>> {
+        self.read().get(&request_id).cloned()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Uuid, Arc<ScanHandle>>> {
+        self.scans
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every handle still in memory (active and recently finished).
+    pub fn handles(&self) -> Vec<Arc<ScanHandle>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Snapshots of every queued or running scan, oldest first.
+    pub fn active(&self) -> Vec<Arc<ScanProgress>> {
+        let mut v: Vec<_> = self
+            .read()
+            .values()
+            .map(|h| h.latest())
+            .filter(|p| !p.phase.is_terminal())
+            .collect();
+        v.sort_by_key(|p| p.started_at);
+        v
+    }
+
+    /// Move a scan to a new phase and publish at once.
+    pub fn set_phase(&self, handle: &ScanHandle, phase: ScanPhase) {
+        {
+            let mut s = lock(&handle.state);
+            if s.phase.is_terminal() || s.phase == phase {
+                return;
+            }
+            s.phase = phase;
+            s.phase_started = Instant::now();
+            s.last_sample = s.phase_started;
+            if phase.is_terminal() {
+                s.finished_at = Some(Utc::now());
+                s.finished_instant = Some(Instant::now());
+            }
+        }
+        self.publish(handle);
+    }
+
+    /// End a scan (completed, failed or cancelled), with an optional error or warning.
+    pub fn finish(&self, handle: &ScanHandle, phase: ScanPhase, error: Option<String>) {
+        if let Some(e) = error {
+            handle.set_error(e);
+        }
+        self.set_phase(handle, phase);
+    }
+
+    /// Publish the handle's current state if it changed. Returns whether it did.
+    pub fn publish(&self, handle: &ScanHandle) -> bool {
+        let fresh = handle.compute(Instant::now());
+        {
+            let mut latest = lock(&handle.latest);
+            if handle.version() > 0 && same_content(&latest, &fresh) {
+                return false;
+            }
+            *latest = Arc::new(fresh);
+            handle.version.fetch_add(1, Ordering::AcqRel);
+        }
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+        true
+    }
+
+    /// Publish every live scan whose counters moved, and forget scans finished long ago.
+    /// Call every notify interval.
+    pub fn tick(&self) {
+        let mut expired = Vec::new();
+        for h in self.handles() {
+            match h.finished_instant() {
+                Some(t) if t.elapsed() > FINISHED_RETENTION => expired.push(h.request_id()),
+                Some(_) => {}
+                None => {
+                    self.publish(&h);
+                }
+            }
+        }
+        if !expired.is_empty() {
+            let mut scans = self
+                .scans
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for id in expired {
+                scans.remove(&id);
+            }
+        }
+    }
+
+    /// Run `tick` every `interval` until `stop` is cancelled.
+    pub async fn run_ticker(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let mut timer = tokio::time::interval(interval.max(Duration::from_millis(10)));
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = timer.tick() => self.tick(),
+            }
+        }
+    }
+
+    /// A receiver that changes whenever any scan publishes.
+    pub fn generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ScanInfo {
+        ScanInfo {
+            request_id: Uuid::new_v4(),
+            library_id: 1,
+            library_path: "/music".into(),
+            path: None,
+            trigger: ScanTrigger::Manual,
+            mode: ScanMode::Incremental,
+            started_at: Utc::now(),
+            resumed: false,
+        }
+    }
+
+    #[test]
+    fn percentages_follow_the_rules() {
+        let r = ScanReporter::default();
+        let h = r.register(info(), ScanPhase::Queued);
+        assert_eq!(h.latest().indexing_percent, None);
+        r.set_phase(&h, ScanPhase::Discovering);
+        ScanCounters::add(&h.counters().files_discovered, 3);
+        r.publish(&h);
+        assert_eq!(
+            h.latest().indexing_percent,
+            None,
+            "no percent before the total"
+        );
+        h.counters().set_tracks_expected(3);
+        r.set_phase(&h, ScanPhase::Indexing);
+        assert_eq!(h.latest().indexing_percent, Some(0.0));
+        ScanCounters::add(&h.counters().tracks_indexed, 2);
+        r.publish(&h);
+        assert_eq!(h.latest().indexing_percent, Some(66.6));
+        ScanCounters::add(&h.counters().tracks_failed, 1);
+        r.publish(&h);
+        assert_eq!(h.latest().indexing_percent, Some(100.0));
+        r.finish(&h, ScanPhase::Completed, None);
+        let p = h.latest();
+        assert_eq!(p.phase, ScanPhase::Completed);
+        assert_eq!(p.indexing_percent, Some(100.0));
+        assert_eq!(p.embedding_percent, None);
+        assert!(p.finished_at.is_some());
+        assert!(r.active().is_empty());
+    }
+
+    #[test]
+    fn publish_only_on_change_and_terminal_is_final() {
+        let r = ScanReporter::default();
+        let h = r.register(info(), ScanPhase::Queued);
+        let v = h.version();
+        assert!(!r.publish(&h), "nothing changed");
+        assert_eq!(h.version(), v);
+        r.finish(
+            &h,
+            ScanPhase::Cancelled,
+            Some("cancelled by request".into()),
+        );
+        r.set_phase(&h, ScanPhase::Indexing);
+        assert_eq!(h.phase(), ScanPhase::Cancelled, "terminal phases are final");
+        assert_eq!(h.latest().error.as_deref(), Some("cancelled by request"));
+    }
+
+    #[test]
+    fn percent_never_rounds_up_to_100_early() {
+        assert_eq!(percent(9_999, 10_000), 99.9);
+        assert_eq!(percent(0, 0), 100.0);
+        assert_eq!(percent(5, 3), 100.0);
+    }
+}

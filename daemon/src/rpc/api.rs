@@ -1,0 +1,517 @@
+//! Implementation of the `coral-proto` API: validates parameters, talks to the database, the
+//! scan queue and the ScanReporter, and maps every failure to a JSON-RPC error with a stable
+//! code and a message a person can act on.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use coral_proto::{
+    CoralApiServer, DaemonStatus, EmbeddingStatus, Library, LibrarySelector, RpcResult, ScanFilter,
+    ScanMode, ScanPhase, ScanProgress, ScanStarted, ScanTrigger, SimilarTrack, Track, codes,
+    errors::error,
+};
+use jsonrpsee::core::{SubscriptionResult, async_trait};
+use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::{PendingSubscriptionSink, SubscriptionMessage};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::db::{libraries, scans, tracks};
+use crate::progress::ScanReporter;
+use crate::progress::fanout::ProgressSubscriber;
+use crate::scan::queue::{QueueError, ScanQueue, ScanRequest};
+use crate::text_fold;
+
+/// Everything the API needs, shared by all connections.
+pub struct RpcContext {
+    pub pool: PgPool,
+    pub reporter: Arc<ScanReporter>,
+    pub queue: Arc<ScanQueue>,
+    pub started_at: DateTime<Utc>,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub database: String,
+}
+
+/// The API object registered with the server.
+#[derive(Clone)]
+pub struct CoralRpc(pub Arc<RpcContext>);
+
+fn db_error(e: sqlx::Error) -> ErrorObjectOwned {
+    tracing::error!(error = %e, "database error in RPC");
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => error(
+            codes::DATABASE_UNAVAILABLE,
+            format!("the database cannot be reached right now: {e}"),
+        ),
+        e => error(codes::INTERNAL, format!("database error: {e}")),
+    }
+}
+
+fn queue_error(e: QueueError) -> ErrorObjectOwned {
+    match e {
+        QueueError::Full(_) => error(codes::QUEUE_FULL, e.to_string()),
+        QueueError::Closed => error(codes::INTERNAL, e.to_string()),
+    }
+}
+
+fn library_not_found(sel: &LibrarySelector) -> ErrorObjectOwned {
+    error(
+        codes::LIBRARY_NOT_FOUND,
+        format!("no library {sel}; `coralctl library list` shows the registered ones"),
+    )
+}
+
+fn to_library(row: libraries::LibraryRow, last_scan: Option<ScanProgress>) -> Library {
+    Library {
+        id: row.id,
+        path: row.path,
+        track_count: row.track_count,
+        failed_count: row.failed_count,
+        created_at: row.created_at,
+        last_scan,
+    }
+}
+
+/// Resolve a relative or absolute subdirectory to a clean path relative to `root`.
+fn resolve_subdir(root: &Path, path: &str) -> Result<Option<PathBuf>, ErrorObjectOwned> {
+    let p = Path::new(path);
+    let rel = if p.is_absolute() {
+        match p.strip_prefix(root) {
+            Ok(r) => r.to_owned(),
+            Err(_) => {
+                return Err(error(
+                    codes::PATH_OUTSIDE_LIBRARY,
+                    format!("{path} is not inside the library {}", root.display()),
+                ));
+            }
+        }
+    } else {
+        p.to_owned()
+    };
+    let mut clean = PathBuf::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => clean.push(n),
+            Component::CurDir => {}
+            _ => {
+                return Err(error(
+                    codes::PATH_OUTSIDE_LIBRARY,
+                    format!("{path} must stay inside the library (no `..`)"),
+                ));
+            }
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let abs = root.join(&clean);
+    if !abs.is_dir() {
+        return Err(error(
+            codes::PATH_NOT_DIRECTORY,
+            format!("{} is not a directory", abs.display()),
+        ));
+    }
+    Ok(Some(clean))
+}
+
+impl CoralRpc {
+    fn ctx(&self) -> &RpcContext {
+        &self.0
+    }
+
+    async fn find_library(&self, sel: &LibrarySelector) -> RpcResult<libraries::LibraryRow> {
+        let pool = &self.ctx().pool;
+        let row = match sel {
+            LibrarySelector::Id(id) => libraries::get(pool, *id).await.map_err(db_error)?,
+            LibrarySelector::Path(p) => {
+                let found = libraries::get_by_path(pool, p).await.map_err(db_error)?;
+                match found {
+                    Some(r) => Some(r),
+                    None => match std::fs::canonicalize(p) {
+                        Ok(c) => libraries::get_by_path(pool, &c.to_string_lossy())
+                            .await
+                            .map_err(db_error)?,
+                        Err(_) => None,
+                    },
+                }
+            }
+        };
+        row.ok_or_else(|| library_not_found(sel))
+    }
+
+    /// The live state of a scan if it is in memory, else what the database kept.
+    async fn progress_of(&self, request_id: Uuid) -> RpcResult<Option<ScanProgress>> {
+        if let Some(h) = self.ctx().reporter.get(request_id) {
+            return Ok(Some((*h.latest()).clone()));
+        }
+        Ok(scans::get(&self.ctx().pool, request_id)
+            .await
+            .map_err(db_error)?
+            .map(scans::ScanRow::into_progress))
+    }
+
+    async fn last_scans(&self) -> RpcResult<std::collections::HashMap<i64, ScanProgress>> {
+        let mut last: std::collections::HashMap<i64, ScanProgress> =
+            scans::latest_per_library(&self.ctx().pool)
+                .await
+                .map_err(db_error)?
+                .into_iter()
+                .map(|r| (r.library_id, r.into_progress()))
+                .collect();
+        for h in self.ctx().reporter.handles() {
+            let p = (*h.latest()).clone();
+            let newer = last
+                .get(&p.library_id)
+                .is_none_or(|q| q.request_id == p.request_id || q.started_at <= p.started_at);
+            if newer {
+                last.insert(p.library_id, p);
+            }
+        }
+        Ok(last)
+    }
+}
+
+#[async_trait]
+impl CoralApiServer for CoralRpc {
+    async fn daemon_status(&self) -> RpcResult<DaemonStatus> {
+        let ctx = self.ctx();
+        let libs = libraries::list(&ctx.pool).await.map_err(db_error)?;
+        let tracks = tracks::count(&ctx.pool).await.map_err(db_error)?;
+        Ok(DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            started_at: ctx.started_at,
+            socket: ctx.socket.to_string_lossy().into_owned(),
+            state_dir: ctx.state_dir.to_string_lossy().into_owned(),
+            database: ctx.database.clone(),
+            libraries: libs.len() as i64,
+            tracks,
+            active_scans: ctx
+                .reporter
+                .active()
+                .iter()
+                .map(|p| (**p).clone())
+                .collect(),
+            queued_scans: ctx.queue.waiting(),
+            embedding: EmbeddingStatus {
+                enabled: false,
+                model: None,
+                device: None,
+                tracks_embedded: 0,
+            },
+            warnings: Vec::new(),
+        })
+    }
+
+    async fn library_add(&self, path: String) -> RpcResult<Library> {
+        let ctx = self.ctx();
+        let p = Path::new(&path);
+        if !p.is_absolute() {
+            return Err(error(
+                codes::INVALID_ARGUMENT,
+                format!("library path {path} must be absolute"),
+            ));
+        }
+        let canonical = match std::fs::canonicalize(p) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(error(
+                    codes::PATH_NOT_DIRECTORY,
+                    format!("library path {path} does not exist"),
+                ));
+            }
+            Err(e) => {
+                return Err(error(
+                    codes::PATH_NOT_DIRECTORY,
+                    format!("library path {path} cannot be read: {e}"),
+                ));
+            }
+        };
+        if !canonical.is_dir() {
+            return Err(error(
+                codes::PATH_NOT_DIRECTORY,
+                format!("library path {path} is not a directory"),
+            ));
+        }
+        let Some(canonical_str) = canonical.to_str().map(str::to_owned) else {
+            return Err(error(
+                codes::INVALID_ARGUMENT,
+                format!("library path {} is not valid UTF-8", canonical.display()),
+            ));
+        };
+        for other in libraries::list(&ctx.pool).await.map_err(db_error)? {
+            let o = Path::new(&other.path);
+            if o == canonical {
+                return Err(error(
+                    codes::LIBRARY_EXISTS,
+                    format!("{canonical_str} is already library {}", other.id),
+                ));
+            }
+            if canonical.starts_with(o) || o.starts_with(&canonical) {
+                return Err(error(
+                    codes::LIBRARY_EXISTS,
+                    format!(
+                        "{canonical_str} overlaps library {} ({}); libraries may not nest",
+                        other.id, other.path
+                    ),
+                ));
+            }
+        }
+        let row = libraries::insert(&ctx.pool, &canonical_str)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| {
+                error(
+                    codes::LIBRARY_EXISTS,
+                    format!("{canonical_str} is already registered"),
+                )
+            })?;
+        tracing::info!(library = %canonical_str, id = row.id, "library added");
+        let (handle, _) = ctx
+            .queue
+            .submit(ScanRequest {
+                library_id: row.id,
+                library_root: canonical,
+                subdir: None,
+                mode: ScanMode::Incremental,
+                trigger: ScanTrigger::LibraryAdded,
+            })
+            .await
+            .map_err(queue_error)?;
+        Ok(to_library(row, Some((*handle.latest()).clone())))
+    }
+
+    async fn library_list(&self) -> RpcResult<Vec<Library>> {
+        let rows = libraries::list(&self.ctx().pool).await.map_err(db_error)?;
+        let mut last = self.last_scans().await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let l = last.remove(&r.id);
+                to_library(r, l)
+            })
+            .collect())
+    }
+
+    async fn library_remove(&self, library: LibrarySelector) -> RpcResult<Library> {
+        let row = self.find_library(&library).await?;
+        for h in self.ctx().reporter.handles() {
+            if h.info().library_id == row.id && !h.phase().is_terminal() {
+                h.cancel_token().cancel();
+            }
+        }
+        libraries::delete(&self.ctx().pool, row.id)
+            .await
+            .map_err(db_error)?;
+        tracing::info!(library = %row.path, id = row.id, "library removed");
+        Ok(to_library(row, None))
+    }
+
+    async fn scan_start(
+        &self,
+        library: LibrarySelector,
+        path: Option<String>,
+        full: Option<bool>,
+    ) -> RpcResult<ScanStarted> {
+        let row = self.find_library(&library).await?;
+        let root = PathBuf::from(&row.path);
+        let subdir = match path.as_deref() {
+            Some(p) => resolve_subdir(&root, p)?,
+            None => None,
+        };
+        let mode = if full.unwrap_or(false) {
+            ScanMode::Full
+        } else {
+            ScanMode::Incremental
+        };
+        let (handle, merged) = self
+            .ctx()
+            .queue
+            .submit(ScanRequest {
+                library_id: row.id,
+                library_root: root,
+                subdir,
+                mode,
+                trigger: ScanTrigger::Manual,
+            })
+            .await
+            .map_err(queue_error)?;
+        Ok(ScanStarted {
+            request_id: handle.request_id(),
+            library_id: row.id,
+            merged,
+        })
+    }
+
+    async fn scan_get(&self, request_id: Uuid) -> RpcResult<ScanProgress> {
+        self.progress_of(request_id).await?.ok_or_else(|| {
+            error(
+                codes::SCAN_NOT_FOUND,
+                format!("no scan has request id {request_id}"),
+            )
+        })
+    }
+
+    async fn scan_active(&self) -> RpcResult<Vec<ScanProgress>> {
+        Ok(self
+            .ctx()
+            .reporter
+            .active()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect())
+    }
+
+    async fn scan_list(&self, limit: Option<u32>) -> RpcResult<Vec<ScanProgress>> {
+        let limit = i64::from(limit.unwrap_or(20).clamp(1, 1000));
+        let mut out: Vec<ScanProgress> = self.scan_active().await?;
+        let mut seen: HashSet<Uuid> = out.iter().map(|p| p.request_id).collect();
+        for row in scans::recent(&self.ctx().pool, limit)
+            .await
+            .map_err(db_error)?
+        {
+            if seen.insert(row.request_id) {
+                let p = match self.ctx().reporter.get(row.request_id) {
+                    Some(h) => (*h.latest()).clone(),
+                    None => row.into_progress(),
+                };
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn scan_cancel(&self, request_id: Uuid) -> RpcResult<ScanProgress> {
+        let ctx = self.ctx();
+        let Some(h) = ctx.reporter.get(request_id) else {
+            return match self.progress_of(request_id).await? {
+                Some(p) if p.phase.is_terminal() => Err(error(
+                    codes::SCAN_FINISHED,
+                    format!("scan {request_id} already ended ({})", p.phase.as_str()),
+                )),
+                _ => Err(error(
+                    codes::SCAN_NOT_FOUND,
+                    format!("no scan has request id {request_id}"),
+                )),
+            };
+        };
+        let phase = h.phase();
+        if phase.is_terminal() {
+            return Err(error(
+                codes::SCAN_FINISHED,
+                format!("scan {request_id} already ended ({})", phase.as_str()),
+            ));
+        }
+        h.cancel_token().cancel();
+        if phase == ScanPhase::Queued {
+            ctx.queue.forget(request_id);
+            ctx.reporter.finish(
+                &h,
+                ScanPhase::Cancelled,
+                Some("cancelled by request".into()),
+            );
+            if let Err(e) = scans::upsert(&ctx.pool, &h.latest()).await {
+                tracing::warn!(error = %e, "could not persist cancelled scan");
+            }
+        }
+        tracing::info!(%request_id, "scan cancellation requested");
+        Ok((*h.latest()).clone())
+    }
+
+    async fn scan_subscribe(
+        &self,
+        pending: PendingSubscriptionSink,
+        filter: Option<ScanFilter>,
+    ) -> SubscriptionResult {
+        let sink = pending.accept().await?;
+        let mut sub =
+            ProgressSubscriber::new(Arc::clone(&self.ctx().reporter), filter.unwrap_or_default());
+        for p in sub.snapshot() {
+            sink.send(SubscriptionMessage::from(serde_json::value::to_raw_value(
+                &*p,
+            )?))
+            .await?;
+        }
+        loop {
+            tokio::select! {
+                _ = sink.closed() => break,
+                updates = sub.next_updates() => {
+                    let Some(updates) = updates else { break };
+                    for p in updates {
+                        sink.send(SubscriptionMessage::from(serde_json::value::to_raw_value(&*p)?))
+                            .await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn track_get(&self, id: i64) -> RpcResult<Track> {
+        tracks::get(&self.ctx().pool, id)
+            .await
+            .map_err(db_error)?
+            .map(Track::from)
+            .ok_or_else(|| error(codes::TRACK_NOT_FOUND, format!("no track has id {id}")))
+    }
+
+    async fn track_search(
+        &self,
+        query: String,
+        limit: Option<u32>,
+        offset: Option<u32>,
+    ) -> RpcResult<Vec<Track>> {
+        let Some(tsquery) = text_fold::prefix_tsquery(&query) else {
+            return Err(error(
+                codes::INVALID_ARGUMENT,
+                "the search query has no words to look for",
+            ));
+        };
+        let limit = i64::from(limit.unwrap_or(20).clamp(1, 1000));
+        let offset = i64::from(offset.unwrap_or(0));
+        Ok(tracks::search(&self.ctx().pool, &tsquery, limit, offset)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(Track::from)
+            .collect())
+    }
+
+    async fn track_similar(&self, id: i64, _limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
+        Err(error(
+            codes::EMBEDDING_UNAVAILABLE,
+            format!("similar tracks for {id}: embeddings are not available in this build"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subdirs_stay_inside_the_library() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("a/b")).expect("mkdir");
+        assert_eq!(
+            resolve_subdir(root, "a/./b").expect("relative"),
+            Some(PathBuf::from("a/b"))
+        );
+        let abs = root.join("a").to_string_lossy().into_owned();
+        assert_eq!(
+            resolve_subdir(root, &abs).expect("absolute"),
+            Some(PathBuf::from("a"))
+        );
+        assert_eq!(resolve_subdir(root, ".").expect("root"), None);
+        let e = resolve_subdir(root, "../etc").expect_err("escape");
+        assert_eq!(e.code(), codes::PATH_OUTSIDE_LIBRARY);
+        let e = resolve_subdir(root, "/etc").expect_err("outside");
+        assert_eq!(e.code(), codes::PATH_OUTSIDE_LIBRARY);
+        let e = resolve_subdir(root, "nope").expect_err("missing");
+        assert_eq!(e.code(), codes::PATH_NOT_DIRECTORY);
+    }
+}

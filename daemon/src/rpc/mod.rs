@@ -1,0 +1,5 @@
+//! The JSON-RPC API on a Unix socket: `server` owns the socket and connections, `api` implements
+//! the methods defined once in `coral-proto`.
+
+pub mod api;
+pub mod server;

@@ -1,0 +1,103 @@
+//! The Unix socket: binding it safely (a stale file from a crash is replaced, a live corald on
+//! the same path is never stolen from), and serving JSON-RPC over WebSocket or plain HTTP POST on
+//! each accepted connection until shutdown.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use jsonrpsee::server::{Methods, ServerConfig, serve_with_graceful_shutdown, stop_channel};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// Largest request accepted, in bytes.
+pub const MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("another corald is already answering on {0}; stop it first or choose another --socket")]
+    AlreadyRunning(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot create socket directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot bind {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Bind the API socket at `path` with mode 0660.
+pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(|source| SocketError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(SocketError::AlreadyRunning(path.to_owned()));
+            }
+            tracing::info!(socket = %path.display(), "replacing stale socket file");
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|source| SocketError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        SocketError::Bind {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Accept connections until `stop` is cancelled, then let open connections finish gracefully.
+pub async fn serve(listener: UnixListener, methods: impl Into<Methods>, stop: CancellationToken) {
+    let methods: Methods = methods.into();
+    let config = ServerConfig::builder()
+        .max_request_body_size(MAX_REQUEST_BYTES)
+        .max_connections(10_000)
+        .build();
+    let svc_builder = jsonrpsee::server::Server::builder()
+        .set_config(config)
+        .to_service_builder();
+    let (stop_handle, server_handle) = stop_channel();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let svc = svc_builder
+            .clone()
+            .build(methods.clone(), stop_handle.clone());
+        let stopped = stop_handle.clone().shutdown();
+        tokio::spawn(async move {
+            if let Err(e) = serve_with_graceful_shutdown(stream, svc, stopped).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    let _ = server_handle.stop();
+}

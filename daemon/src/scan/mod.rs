@@ -1,0 +1,8 @@
+//! Indexing: the scan channel and the worker that runs each job through its phases —
+//! walk the tree, probe changed files, store rows in bulk.
+
+pub mod phase_1_walk;
+pub mod phase_2_probe;
+pub mod phase_3_store;
+pub mod queue;
+pub mod worker;

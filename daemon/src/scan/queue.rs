@@ -1,0 +1,188 @@
+//! The scan channel: a bounded queue of `ScanJob`s fed by the RPC API, library registration and
+//! the watcher, drained by the ScanWorker. A job for a library and subtree that is already
+//! waiting (or covered by a waiting whole-library job) is merged into it instead of queued twice.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use coral_proto::{ScanMode, ScanPhase, ScanTrigger};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::progress::{ScanHandle, ScanInfo, ScanReporter};
+
+/// One unit of indexing work.
+#[derive(Debug, Clone)]
+pub struct ScanJob {
+    pub library_id: i64,
+    pub library_root: PathBuf,
+    /// Subtree of a path-targeted scan, relative to the root; `None` for the whole library.
+    pub subdir: Option<PathBuf>,
+    pub trigger: ScanTrigger,
+    pub handle: Arc<ScanHandle>,
+}
+
+impl ScanJob {
+    pub fn request_id(&self) -> Uuid {
+        self.handle.request_id()
+    }
+
+    pub fn mode(&self) -> ScanMode {
+        self.handle.mode()
+    }
+}
+
+/// What a caller asks for.
+#[derive(Debug, Clone)]
+pub struct ScanRequest {
+    pub library_id: i64,
+    pub library_root: PathBuf,
+    pub subdir: Option<PathBuf>,
+    pub mode: ScanMode,
+    pub trigger: ScanTrigger,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the scan queue is full ({0} jobs waiting); try again when some have run")]
+    Full(usize),
+    #[error("corald is shutting down")]
+    Closed,
+}
+
+type PendingKey = (i64, Option<PathBuf>);
+
+/// The sending side of the scan channel, shared by everything that queues scans.
+pub struct ScanQueue {
+    tx: mpsc::Sender<ScanJob>,
+    pending: Mutex<HashMap<PendingKey, Arc<ScanHandle>>>,
+    reporter: Arc<ScanReporter>,
+    pool: PgPool,
+    capacity: usize,
+}
+
+impl ScanQueue {
+    pub fn new(
+        capacity: usize,
+        reporter: Arc<ScanReporter>,
+        pool: PgPool,
+    ) -> (Arc<Self>, mpsc::Receiver<ScanJob>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let q = ScanQueue {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            reporter,
+            pool,
+            capacity,
+        };
+        (Arc::new(q), rx)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<PendingKey, Arc<ScanHandle>>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Jobs waiting to run.
+    pub fn waiting(&self) -> usize {
+        self.pending().len()
+    }
+
+    /// Queue a scan without waiting. Returns the job's handle and whether it was merged into a
+    /// job already waiting.
+    pub async fn submit(&self, req: ScanRequest) -> Result<(Arc<ScanHandle>, bool), QueueError> {
+        self.enqueue(req, Uuid::new_v4(), false).await
+    }
+
+    /// Queue a scan that was interrupted by a restart, keeping its request id. Never merged:
+    /// every interrupted scan runs to its own end.
+    pub async fn resume(
+        &self,
+        req: ScanRequest,
+        request_id: Uuid,
+    ) -> Result<Arc<ScanHandle>, QueueError> {
+        Ok(self.enqueue(req, request_id, true).await?.0)
+    }
+
+    async fn enqueue(
+        &self,
+        req: ScanRequest,
+        request_id: Uuid,
+        resumed: bool,
+    ) -> Result<(Arc<ScanHandle>, bool), QueueError> {
+        let handle = {
+            let mut pending = self.pending();
+            let key = (req.library_id, req.subdir.clone());
+            let whole = (req.library_id, None);
+            let existing = pending
+                .get(&key)
+                .or_else(|| pending.get(&whole))
+                .filter(|h| !resumed && !h.phase().is_terminal())
+                .cloned();
+            if let Some(h) = existing {
+                h.upgrade_mode(req.mode);
+                return Ok((h, true));
+            }
+            let info = ScanInfo {
+                request_id,
+                library_id: req.library_id,
+                library_path: req.library_root.to_string_lossy().into_owned(),
+                path: req
+                    .subdir
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+                trigger: req.trigger,
+                mode: req.mode,
+                started_at: Utc::now(),
+                resumed,
+            };
+            let job_handle = self.reporter.register(info, ScanPhase::Queued);
+            let job = ScanJob {
+                library_id: req.library_id,
+                library_root: req.library_root,
+                subdir: req.subdir,
+                trigger: req.trigger,
+                handle: Arc::clone(&job_handle),
+            };
+            match self.tx.try_send(job) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.reporter.finish(
+                        &job_handle,
+                        ScanPhase::Failed,
+                        Some("the scan queue was full".into()),
+                    );
+                    return Err(QueueError::Full(self.capacity));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(QueueError::Closed),
+            }
+            pending.insert(key, Arc::clone(&job_handle));
+            job_handle
+        };
+        if let Err(e) = crate::db::scans::upsert(&self.pool, &handle.latest()).await {
+            tracing::warn!(request_id = %handle.request_id(), error = %e, "could not persist queued scan");
+        }
+        Ok((handle, false))
+    }
+
+    /// The worker took this job: it no longer absorbs new requests.
+    pub fn started(&self, job: &ScanJob) {
+        let mut pending = self.pending();
+        let key = (job.library_id, job.subdir.clone());
+        if pending
+            .get(&key)
+            .is_some_and(|h| h.request_id() == job.request_id())
+        {
+            pending.remove(&key);
+        }
+    }
+
+    /// Drop a waiting job from the merge table (it was cancelled).
+    pub fn forget(&self, request_id: Uuid) {
+        self.pending().retain(|_, h| h.request_id() != request_id);
+    }
+}

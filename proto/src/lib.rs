@@ -1,0 +1,89 @@
+//! The Coral JSON-RPC API: the one definition of every method, notification and wire type that
+//! `corald`, `coralctl` and the WebSocket bridge share, so they cannot drift apart.
+//!
+//! Transport: JSON-RPC 2.0 over WebSocket framing on a Unix socket (plain HTTP POST works too).
+//! Field names are snake_case; `coralctl --json` prints these same objects.
+
+pub mod client;
+pub mod errors;
+pub mod paths;
+pub mod types;
+
+pub use errors::codes;
+pub use types::*;
+
+use jsonrpsee::core::SubscriptionResult;
+use jsonrpsee::proc_macros::rpc;
+use jsonrpsee::types::ErrorObjectOwned;
+use uuid::Uuid;
+
+/// Result type of every RPC method.
+pub type RpcResult<T> = Result<T, ErrorObjectOwned>;
+
+/// The daemon's API. Method names are namespaced with a dot (`library.add`, `scan.start` …).
+#[rpc(server, client)]
+pub trait CoralApi {
+    /// Daemon version, database, libraries and worker state.
+    #[method(name = "daemon.status")]
+    async fn daemon_status(&self) -> RpcResult<DaemonStatus>;
+
+    /// Register a library root (an existing directory). Queues a `library_added` scan.
+    #[method(name = "library.add")]
+    async fn library_add(&self, path: String) -> RpcResult<Library>;
+
+    /// Every library with its track count, failed-file count and last scan.
+    #[method(name = "library.list")]
+    async fn library_list(&self) -> RpcResult<Vec<Library>>;
+
+    /// Forget a library and its tracks (files on disk are never touched).
+    #[method(name = "library.remove")]
+    async fn library_remove(&self, library: LibrarySelector) -> RpcResult<Library>;
+
+    /// Queue a scan. `path` restricts it to a subdirectory (relative to the library root or an
+    /// absolute path inside it); `full` re-reads every file instead of skipping unchanged ones.
+    #[method(name = "scan.start")]
+    async fn scan_start(
+        &self,
+        library: LibrarySelector,
+        path: Option<String>,
+        full: Option<bool>,
+    ) -> RpcResult<ScanStarted>;
+
+    /// Progress of one scan, active or finished.
+    #[method(name = "scan.get")]
+    async fn scan_get(&self, request_id: Uuid) -> RpcResult<ScanProgress>;
+
+    /// Every scan that is queued or running (the reconnect snapshot).
+    #[method(name = "scan.active")]
+    async fn scan_active(&self) -> RpcResult<Vec<ScanProgress>>;
+
+    /// Active scans first, then the most recent finished ones (`limit`, default 20).
+    #[method(name = "scan.list")]
+    async fn scan_list(&self, limit: Option<u32>) -> RpcResult<Vec<ScanProgress>>;
+
+    /// Ask a queued or running scan to stop; returns its progress at the time of the request.
+    #[method(name = "scan.cancel")]
+    async fn scan_cancel(&self, request_id: Uuid) -> RpcResult<ScanProgress>;
+
+    /// Live progress: first a snapshot of every matching active scan, then coalesced updates.
+    #[subscription(name = "scan.subscribe" => "scan.progress", unsubscribe = "scan.unsubscribe", item = ScanProgress)]
+    async fn scan_subscribe(&self, filter: Option<ScanFilter>) -> SubscriptionResult;
+
+    /// One track by id.
+    #[method(name = "track.get")]
+    async fn track_get(&self, id: i64) -> RpcResult<Track>;
+
+    /// Full-text search over title, artist, album, album artist and genre; accent- and
+    /// case-insensitive, every word a prefix, best match first.
+    #[method(name = "track.search")]
+    async fn track_search(
+        &self,
+        query: String,
+        limit: Option<u32>,
+        offset: Option<u32>,
+    ) -> RpcResult<Vec<Track>>;
+
+    /// Tracks whose embeddings are nearest to this one's (cosine), best first.
+    #[method(name = "track.similar")]
+    async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>>;
+}

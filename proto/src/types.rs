@@ -1,0 +1,274 @@
+//! Wire types: every object that crosses the socket, serialised snake_case.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A library given either by id or by its root path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LibrarySelector {
+    Id(i64),
+    Path(String),
+}
+
+impl LibrarySelector {
+    /// Parse a command-line argument: all digits is an id, anything else a path.
+    pub fn parse_arg(arg: &str) -> Self {
+        match arg.parse::<i64>() {
+            Ok(id) if !arg.is_empty() => LibrarySelector::Id(id),
+            _ => LibrarySelector::Path(arg.to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for LibrarySelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LibrarySelector::Id(id) => write!(f, "{id}"),
+            LibrarySelector::Path(p) => f.write_str(p),
+        }
+    }
+}
+
+/// A registered library.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Library {
+    pub id: i64,
+    pub path: String,
+    pub track_count: i64,
+    pub failed_count: i64,
+    pub created_at: DateTime<Utc>,
+    pub last_scan: Option<ScanProgress>,
+}
+
+/// One indexed track. `path` is absolute; `relative_path` is below the library root.
+/// Non-UTF-8 file names are shown with U+FFFD in place of the bad bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Track {
+    pub id: i64,
+    pub library_id: i64,
+    pub path: String,
+    pub relative_path: String,
+    pub size: i64,
+    pub modified_at: DateTime<Utc>,
+    pub format: String,
+    pub codec: Option<String>,
+    pub duration_seconds: f64,
+    pub sample_rate: Option<i32>,
+    pub channels: Option<i32>,
+    pub bit_depth: Option<i32>,
+    pub bitrate_kbps: Option<i32>,
+    pub title: Option<String>,
+    pub artist: Option<String>,
+    pub album: Option<String>,
+    pub album_artist: Option<String>,
+    pub track_number: Option<i32>,
+    pub disc_number: Option<i32>,
+    pub year: Option<i32>,
+    pub genre: Option<String>,
+    pub has_embedding: bool,
+    pub indexed_at: DateTime<Utc>,
+}
+
+/// A neighbour returned by `track.similar`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimilarTrack {
+    /// Cosine similarity in [-1, 1]; higher is closer.
+    pub score: f64,
+    pub track: Track,
+}
+
+/// What asked for a scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanTrigger {
+    Manual,
+    FileSystemEvent,
+    LibraryAdded,
+    Startup,
+}
+
+/// Full re-reads every file; incremental skips files whose size and mtime are unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanMode {
+    Full,
+    Incremental,
+}
+
+/// Where a scan is. Terminal phases: completed, failed, cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanPhase {
+    Queued,
+    Discovering,
+    Indexing,
+    Embedding,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl ScanPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            ScanPhase::Completed | ScanPhase::Failed | ScanPhase::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScanPhase::Queued => "queued",
+            ScanPhase::Discovering => "discovering",
+            ScanPhase::Indexing => "indexing",
+            ScanPhase::Embedding => "embedding",
+            ScanPhase::Completed => "completed",
+            ScanPhase::Failed => "failed",
+            ScanPhase::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => ScanPhase::Queued,
+            "discovering" => ScanPhase::Discovering,
+            "indexing" => ScanPhase::Indexing,
+            "embedding" => ScanPhase::Embedding,
+            "completed" => ScanPhase::Completed,
+            "failed" => ScanPhase::Failed,
+            "cancelled" => ScanPhase::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+impl ScanTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScanTrigger::Manual => "manual",
+            ScanTrigger::FileSystemEvent => "file_system_event",
+            ScanTrigger::LibraryAdded => "library_added",
+            ScanTrigger::Startup => "startup",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "manual" => ScanTrigger::Manual,
+            "file_system_event" => ScanTrigger::FileSystemEvent,
+            "library_added" => ScanTrigger::LibraryAdded,
+            "startup" => ScanTrigger::Startup,
+            _ => return None,
+        })
+    }
+}
+
+impl ScanMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScanMode::Full => "full",
+            ScanMode::Incremental => "incremental",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "full" => ScanMode::Full,
+            "incremental" => ScanMode::Incremental,
+            _ => return None,
+        })
+    }
+}
+
+/// The progress of one scan: the object behind `scan.get`, `scan.active`, `scan.progress`
+/// notifications and `coralctl --json`.
+///
+/// Invariants: `tracks_indexed + tracks_unchanged + tracks_failed <= tracks_expected`;
+/// percentages are null until the phase's total is known, never go backwards within a phase,
+/// never exceed 100 and are exactly 100 once the phase is over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanProgress {
+    pub request_id: Uuid,
+    pub library_id: i64,
+    pub library_path: String,
+    /// Subdirectory of a path-targeted scan, relative to the library root.
+    pub path: Option<String>,
+    pub trigger: ScanTrigger,
+    pub mode: ScanMode,
+    pub phase: ScanPhase,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub files_discovered: u64,
+    pub tracks_expected: Option<u64>,
+    pub tracks_indexed: u64,
+    pub tracks_unchanged: u64,
+    pub tracks_removed: u64,
+    pub tracks_failed: u64,
+    pub embeddings_expected: Option<u64>,
+    pub embeddings_done: u64,
+    pub embeddings_skipped: u64,
+    pub embeddings_failed: u64,
+    pub indexing_percent: Option<f64>,
+    pub embedding_percent: Option<f64>,
+    pub tracks_per_second: Option<f64>,
+    pub embeddings_per_second: Option<f64>,
+    pub eta_seconds: Option<f64>,
+    pub resumed: bool,
+    /// Why the scan failed, or a warning it ended with (e.g. "library root is empty: nothing
+    /// was deleted").
+    pub error: Option<String>,
+}
+
+/// Returned by `scan.start`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanStarted {
+    pub request_id: Uuid,
+    pub library_id: i64,
+    /// True when an identical job was already queued and this request joined it.
+    pub merged: bool,
+}
+
+/// Optional filter of `scan.subscribe`: one scan, or one library's scans.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScanFilter {
+    pub request_id: Option<Uuid>,
+    pub library_id: Option<i64>,
+}
+
+impl ScanFilter {
+    pub fn matches(&self, p: &ScanProgress) -> bool {
+        self.request_id.is_none_or(|r| r == p.request_id)
+            && self.library_id.is_none_or(|l| l == p.library_id)
+    }
+}
+
+/// Returned by `daemon.status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub pid: u32,
+    pub started_at: DateTime<Utc>,
+    pub socket: String,
+    pub state_dir: String,
+    /// "managed" (a private cluster under the state directory) or "external".
+    pub database: String,
+    pub libraries: i64,
+    pub tracks: i64,
+    pub active_scans: Vec<ScanProgress>,
+    pub queued_scans: usize,
+    pub embedding: EmbeddingStatus,
+    pub warnings: Vec<String>,
+}
+
+/// State of the embedding pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingStatus {
+    pub enabled: bool,
+    pub model: Option<String>,
+    pub device: Option<String>,
+    pub tracks_embedded: i64,
+}
