@@ -24,7 +24,11 @@ pub fn fold(text: &str) -> String {
                 push_word_char(&mut out, &mut pending_space, 'o');
                 'e'
             }
-            'đ' | 'Đ' => 'd',
+            'đ' | 'Đ' | 'ð' | 'Ð' => 'd',
+            'þ' | 'Þ' => {
+                push_word_char(&mut out, &mut pending_space, 't');
+                'h'
+            }
             'ł' | 'Ł' => 'l',
             'ı' => 'i',
             c => c,
@@ -94,6 +98,7 @@ mod tests {
             "sigur ros agaetis byrjun"
         );
         assert_eq!(fold("AC/DC"), "ac dc");
+        assert_eq!(fold("Þór Fjörður"), "thor fjordur");
         assert_eq!(fold("!!!"), "");
     }
 

@@ -1,3 +1,4 @@
 //! Test harness shared by the integration tests.
 
+pub mod daemon;
 pub mod fixtures;

@@ -440,9 +440,9 @@ fn resolve_runner(run_as: Option<&str>, data_dir: &Path) -> Result<Runner> {
 
 /// (uid, gid) owning an existing, non-root-owned cluster in `data_dir`.
 fn existing_cluster_owner(data_dir: &Path) -> Option<(u32, u32)> {
-    let meta = std::fs::metadata(data_dir.join("PG_VERSION")).ok()?;
+    std::fs::metadata(data_dir.join("PG_VERSION")).ok()?;
     let dir = std::fs::metadata(data_dir).ok()?;
-    (dir.uid() != 0).then_some((dir.uid(), meta.gid()))
+    (dir.uid() != 0).then_some((dir.uid(), dir.gid()))
 }
 
 impl Runner {
@@ -669,6 +669,27 @@ fn is_postmaster_of(pid: i32, data_dir: &Path) -> bool {
     }
 }
 
+/// Removes a `postmaster.pid` left by a dead server (PostgreSQL refuses to start over one
+/// whose pid now belongs to another process of its user, or that holds garbage). An unreadable
+/// one younger than a few seconds may be a server writing it right now: left alone.
+fn remove_stale_lock(data_dir: &Path, pid: i32) -> Result<()> {
+    let lock = data_dir.join("postmaster.pid");
+    if pid <= 0 {
+        let age = std::fs::metadata(&lock)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_none_or(|a| a < Duration::from_secs(5)) {
+            return Ok(());
+        }
+    }
+    tracing::warn!(pid, lock = %lock.display(), "removing the lock file of a PostgreSQL server that is gone");
+    match std::fs::remove_file(&lock) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("remove", &lock)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// The socket file path for a socket directory.
 fn socket_file(dir: &Path) -> PathBuf {
     dir.join(format!(".s.PGSQL.{PORT}"))
@@ -876,9 +897,7 @@ impl ManagedPostgres {
             pg.socket_dir = prepare_socket_dir(&data_dir, &pg.runner)?;
             write_settings(&data_dir, &pg.socket_dir, &pg.runner)?;
             if let Postmaster::Stale { pid } = read_postmaster(&data_dir) {
-                tracing::warn!(pid, "removing stale postmaster.pid");
-                let lock = data_dir.join("postmaster.pid");
-                std::fs::remove_file(&lock).map_err(io_err("remove", &lock))?;
+                remove_stale_lock(&data_dir, pid)?;
             }
             if log.exists() {
                 pg.runner.own(&log)?;
@@ -1329,6 +1348,27 @@ mod tests {
             .expect("start over a stale pid file");
         assert!(vector_version(&pg).await.starts_with("0.8"));
         pg.stop().await.expect("stop");
+    }
+
+    #[tokio::test]
+    async fn start_failure_quotes_the_server_log() {
+        let tmp = temp_dir();
+        let data = tmp.path().join("pg");
+        let mut pg = ManagedPostgres::start(config(data.clone()))
+            .await
+            .expect("start");
+        pg.stop().await.expect("stop");
+        let auto = pg.data_dir().join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).expect("read auto conf");
+        text.push_str("shared_buffers = 'plenty'\n");
+        std::fs::write(&auto, text).expect("write auto conf");
+        let err = ManagedPostgres::start(config(data))
+            .await
+            .expect_err("bad setting must fail the start");
+        let msg = err.to_string();
+        assert!(matches!(err, ManagedPostgresError::Failed { .. }), "{msg}");
+        assert!(msg.contains("postgres.log"), "{msg}");
+        assert!(msg.contains("shared_buffers"), "{msg}");
     }
 
     #[tokio::test]

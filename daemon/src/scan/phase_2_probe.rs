@@ -1164,24 +1164,22 @@ fn check_mp4_atoms(src: &Source<'_>) -> Result<(), ProbeError> {
             break;
         }
         let h = src.bytes(pos, 16)?;
-        if h.len() < 8 {
-            return Err(ProbeError::Truncated {
-                format: mp4,
-                reason: "the file ends inside an atom header".into(),
-            });
+        let kind = h.get(4..8).unwrap_or_default();
+        // Bytes after the last atom that are no atom (a few stray bytes, an ID3v1 tag that
+        // some taggers append, junk): not audio, so not a truncation. A missing `moov` is
+        // still caught below.
+        let is_atom_type =
+            kind.len() == 4 && kind.iter().all(|c| (0x20..=0x7E).contains(c) || *c == 0xA9);
+        let id3v1 = src.len - pos == 128 && h.starts_with(b"TAG");
+        if !is_atom_type || id3v1 {
+            break;
         }
-        let kind = &h[4..8];
         let name = String::from_utf8_lossy(kind).into_owned();
         let size = match be_u32(&h, 0).unwrap_or(0) {
             0 => src.len - pos, // extends to end of file
             1 => match be_u64(&h, 8) {
                 Some(s) => s,
-                None => {
-                    return Err(ProbeError::Truncated {
-                        format: mp4,
-                        reason: "the file ends inside an atom header".into(),
-                    });
-                }
+                None => break,
             },
             s => u64::from(s),
         };

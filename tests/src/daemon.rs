@@ -1,0 +1,276 @@
+//! A real corald for tests: its own state directory (so its own managed PostgreSQL), its own
+//! socket, started from the built binary and stopped (SIGTERM, then SIGKILL) on drop.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use jsonrpsee::async_client::Client;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+
+/// Directory holding the workspace's built binaries (next to the test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn corald_bin() -> PathBuf {
+    bin_dir().join("corald")
+}
+
+pub fn coralctl_bin() -> PathBuf {
+    bin_dir().join("coralctl")
+}
+
+/// A temporary directory an unprivileged PostgreSQL user can traverse (tests run as root in CI).
+pub fn traversable_tempdir() -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix("coral-test-").tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
+}
+
+/// A running corald.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl Daemon {
+    /// Start corald in a fresh temporary state directory and wait until it answers.
+    pub async fn start() -> Result<Daemon> {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
+        let dir = traversable_tempdir()?;
+        let socket = dir.path().join("corald.sock");
+        let state_dir = dir.path().join("state");
+        let log = dir.path().join("corald.log");
+        let mut d = Daemon {
+            dir,
+            socket,
+            state_dir,
+            log,
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn().await?;
+        Ok(d)
+    }
+
+    /// (Re)start the process on the same state directory and socket.
+    pub async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(corald_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,corald=debug")
+            .env_remove("CORAL_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", corald_bin().display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(c) = coral_proto::client::connect(&self.socket).await {
+                use coral_proto::CoralApiClient;
+                if c.daemon_status().await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "corald exited with {status} during start-up:\n{}",
+                    self.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("corald did not answer within 90 s:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        Ok(coral_proto::client::connect(&self.socket).await?)
+    }
+
+    /// SIGKILL the daemon (its PostgreSQL keeps running, as after a crash).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else {
+            bail!("corald is not running");
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("corald did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A direct connection to the daemon's managed database (for assertions on rows).
+    pub async fn db(&self) -> Result<PgConnection> {
+        let pid_file = self.state_dir.join("postgres/postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("reading {}", pid_file.display()))?;
+        let socket_dir = text
+            .lines()
+            .nth(4)
+            .context("postmaster.pid has no socket directory line")?;
+        let opts = PgConnectOptions::new()
+            .socket(socket_dir)
+            .username("coral")
+            .database("coral");
+        Ok(PgConnection::connect_with(&opts).await?)
+    }
+
+    /// Run coralctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(coralctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("CORAL_SOCKET")
+            .output()?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.terminate();
+        }
+        // A SIGKILLed daemon leaves its PostgreSQL running: stop it so temp dirs can go.
+        let data = self.state_dir.join("postgres");
+        if data.join("postmaster.pid").exists() {
+            if let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid"))
+                && let Some(pid) = text
+                    .lines()
+                    .next()
+                    .and_then(|l| l.trim().parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGQUIT,
+                );
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while data.join("postmaster.pid").exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// Poll `f` until it returns `Some`, or fail after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until scan `id` reaches a terminal phase; returns its final progress.
+pub async fn wait_scan(client: &Client, id: uuid::Uuid) -> Result<coral_proto::ScanProgress> {
+    use coral_proto::CoralApiClient;
+    eventually(Duration::from_secs(180), "the scan to end", || async {
+        client
+            .scan_get(id)
+            .await
+            .ok()
+            .filter(|p| p.phase.is_terminal())
+    })
+    .await
+}
+
+/// Add a library and wait for its first (library_added) scan to end.
+pub async fn add_and_scan(
+    client: &Client,
+    root: &Path,
+) -> Result<(i64, coral_proto::ScanProgress)> {
+    use coral_proto::CoralApiClient;
+    let lib = client
+        .library_add(root.to_string_lossy().into_owned())
+        .await?;
+    let id = lib
+        .last_scan
+        .as_ref()
+        .map(|s| s.request_id)
+        .context("library.add queued no scan")?;
+    Ok((lib.id, wait_scan(client, id).await?))
+}
+
+/// Start a scan and wait for it.
+pub async fn scan(
+    client: &Client,
+    library_id: i64,
+    path: Option<&str>,
+    full: bool,
+) -> Result<coral_proto::ScanProgress> {
+    use coral_proto::{CoralApiClient, LibrarySelector};
+    let started = client
+        .scan_start(
+            LibrarySelector::Id(library_id),
+            path.map(str::to_owned),
+            Some(full),
+        )
+        .await?;
+    wait_scan(client, started.request_id).await
+}
