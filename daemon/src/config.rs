@@ -21,6 +21,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub scan: ScanConfig,
     pub progress: ProgressConfig,
+    pub embed: crate::embed::EmbedConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -67,6 +68,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             scan: ScanConfig::default(),
             progress: ProgressConfig::default(),
+            embed: crate::embed::EmbedConfig::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod embed;
 pub mod logging;
 pub mod progress;
 pub mod rpc;

@@ -22,12 +22,19 @@
 //! | MP4/M4A | every top-level atom (`mdat` included) must end inside the file, and a `moov` atom must exist (with `moov` written last, a cut file loses it) |
 //! | Ogg Vorbis/Opus/Speex | the last Ogg page (header, segment table and body) must be complete |
 //!
-//! Not detectable cheaply: an MP3 without a Xing/VBRI header cut at a frame boundary (it is
-//! simply a shorter CBR stream); an MP3 or WAV missing less than the tolerance (10 % of the
-//! Xing byte count, 0.1 % of the WAV/AIFF data size); an Ogg stream cut exactly at a page
-//! boundary (indistinguishable from a stream capture without an end-of-stream page); a FLAC
-//! file cut inside its very last frame; raw ADTS AAC, APE, WavPack and Musepack files (no
+//! Not detected (cheaply, or at all): an MP3 without a Xing/VBRI header cut at a frame
+//! boundary (it is simply a shorter CBR stream, and lofty's duration is then computed from
+//! the size, so it is honest); an MP3 missing less than 10 % of its Xing byte count (some
+//! encoders count their ID3v2 tag in it); WAV/AIFF missing less than 0.1 % of the data size;
+//! an Ogg stream cut exactly at a page boundary (indistinguishable from a stream capture
+//! without an end-of-stream page; its duration comes from the last page, so it is honest);
+//! a FLAC file cut inside its very last frame, or one whose STREAMINFO leaves the total
+//! sample count at 0 (written to a pipe); raw ADTS AAC, APE, WavPack and Musepack files (no
 //! declared length is checked).
+//!
+//! WAV/AIFF files written to a pipe (data size left at 0 or 0xFFFFFFFF) are reported as
+//! unsupported: lofty cannot read them. When lofty fails on a file's tags but reads its audio
+//! properties, the file is kept without tags and a warning is logged.
 
 use std::borrow::Cow;
 use std::fmt;
