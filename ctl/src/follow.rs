@@ -184,11 +184,12 @@ pub async fn follow(socket: &Path, target: Target, mode: Render) -> Result<Vec<S
                     return Ok(Vec::new());
                 }
                 for id in tracked.clone() {
-                    if !active.iter().any(|p| p.request_id == id) && !finals.contains_key(&id) {
-                        if let Ok(p) = client.scan_get(id).await {
-                            r.show(&p);
-                            finals.insert(id, p);
-                        }
+                    if !active.iter().any(|p| p.request_id == id)
+                        && !finals.contains_key(&id)
+                        && let Ok(p) = client.scan_get(id).await
+                    {
+                        r.show(&p);
+                        finals.insert(id, p);
                     }
                 }
                 tracked.extend(active.iter().map(|p| p.request_id));

@@ -1,6 +1,8 @@
 //! Logging: `tracing` with a `RUST_LOG`-style filter, to journald when stderr is the journal
 //! (systemd sets `JOURNAL_STREAM`), else human-readable lines on stderr.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -36,6 +38,10 @@ pub fn init(default_filter: &str) {
     }
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .try_init();
 }

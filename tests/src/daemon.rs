@@ -189,21 +189,19 @@ impl Drop for Daemon {
         }
         // A SIGKILLed daemon leaves its PostgreSQL running: stop it so temp dirs can go.
         let data = self.state_dir.join("postgres");
-        if data.join("postmaster.pid").exists() {
-            if let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid"))
-                && let Some(pid) = text
-                    .lines()
-                    .next()
-                    .and_then(|l| l.trim().parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGQUIT,
-                );
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while data.join("postmaster.pid").exists() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+        if let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid"))
+            && let Some(pid) = text
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGQUIT,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while data.join("postmaster.pid").exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
     }

@@ -17,9 +17,9 @@
 //! |---|---|
 //! | MP3 (MPEG audio) | audio bytes (file size minus the leading ID3v2 tag) must be ≥ duration × the smallest bitrate the stream's MPEG version/layer allows (8–32 kbit/s), and ≥ 90 % of the byte count in a Xing/Info or VBRI header when one is present |
 //! | FLAC | every metadata block must lie inside the file; audio bytes ≥ ⌈total samples ÷ max block size⌉ × min frame size (STREAMINFO); and the last frame header found near the end of the file (confirmed by its predecessor, CRC-8 checked, consistent with STREAMINFO) must end at the total sample count |
-//! | WAV | the `data` chunk's declared size must fit in the file (a 0 or 0xFFFFFFFF size — written by streaming encoders — is accepted as "until end of file") |
+//! | WAV | the `data` chunk's declared size must fit in the file |
 //! | AIFF/AIFC | the `SSND` chunk's declared size must fit in the file, and for PCM the frame count in `COMM` must fit in the bytes present |
-//! | MP4/M4A | every top-level atom (`mdat` included) must end inside the file, and a `moov` atom must exist (with `moov` written last, a cut file loses it) |
+//! | MP4/M4A | every top-level atom (`mdat` included) must end inside the file, and a `moov` atom must exist (with `moov` written last, a cut file loses it); non-atom bytes after the last atom (an appended ID3v1 tag) end the walk |
 //! | Ogg Vorbis/Opus/Speex | the last Ogg page (header, segment table and body) must be complete |
 //!
 //! Not detected (cheaply, or at all): an MP3 without a Xing/VBRI header cut at a frame
