@@ -478,3 +478,24 @@ pub fn replicate_template(template: &Path, root: &Path, copies: usize) -> Result
     }
     Ok(files)
 }
+
+/// A library of `files` real audio files under `root` (a 10-file template of mp3/flac/ogg/wav
+/// tracks replicated with hard links), for tests that need scans long enough to interrupt.
+pub fn big_library(root: &Path, files: usize) -> Result<usize> {
+    let template = root.join(".template");
+    let formats = ["mp3", "flac", "ogg_vorbis", "wav", "mp3"];
+    let tracks: Vec<FixtureTrack> = (0..10)
+        .map(|i| {
+            let f = formats[i % formats.len()];
+            let ext = if f == "ogg_vorbis" { "ogg" } else { f };
+            let mut t =
+                FixtureTrack::simple(format!("t{i:02}.{ext}"), f, &format!("Bulk Track {i}"));
+            t.duration_s = 1.0;
+            t
+        })
+        .collect();
+    make_tracks(&template, &tracks)?;
+    let copies = files.div_ceil(tracks.len());
+    let made = replicate_template(&template, root, copies)?;
+    Ok(made)
+}

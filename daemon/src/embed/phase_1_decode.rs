@@ -1,0 +1,490 @@
+//! Stage 1, decode: open a file with symphonia and decode only the stretches of audio the
+//! embedding windows need, seeking from one to the next (a few seconds per window instead of
+//! the whole track). Streams that cannot seek fall back to reading the whole file, still
+//! decoding only the packets near a window. Output: one mono (channel mean) `f32` buffer per
+//! requested region, at the file's own sample rate.
+//!
+//! Never panics on input: damaged packets are skipped (up to a limit), a file that ends long
+//! before its header says is reported as truncated, and codecs without a decoder (Opus: symphonia
+//! 0.6 has none) are reported as unsupported so the caller can count the track as skipped.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::path::Path;
+
+use symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS;
+use symphonia::core::codecs::audio::{AudioCodecId, AudioDecoder, AudioDecoderOptions};
+use symphonia::core::errors::Error as SymError;
+use symphonia::core::formats::probe::Hint;
+use symphonia::core::formats::{FormatOptions, FormatReader, SeekMode, SeekTo, TrackType};
+use symphonia::core::io::MediaSourceStream;
+use symphonia::core::meta::MetadataOptions;
+use symphonia::core::units::{TimeBase, Timestamp};
+
+/// Seek instead of decoding through when the next region starts this far ahead.
+const SEEK_GAP_S: f64 = 3.0;
+/// Decode this much before a region after a seek or a skip, so decoders with state (MP3's bit
+/// reservoir, Vorbis/AAC overlap) have settled when the region starts.
+const WARMUP_S: f64 = 0.5;
+/// Damaged packets tolerated per file before giving up.
+const MAX_DAMAGED_PACKETS: u64 = 200;
+/// A region needs at least this share of real audio; less means the file is truncated.
+const MIN_REGION_COVERAGE: f64 = 0.5;
+
+/// A stretch of audio to decode, in seconds from the start of the track. May start before 0
+/// (that part is silence).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Region {
+    pub start_s: f64,
+    pub len_s: f64,
+}
+
+/// How to reach the regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeekPolicy {
+    /// Seek to each region when the stream allows it (the default).
+    Seek,
+    /// Read the stream from the start (what happens anyway when seeking fails).
+    Sequential,
+}
+
+/// The decoded regions, mono, at `sample_rate`, in the order requested.
+#[derive(Debug, Clone)]
+pub struct DecodedRegions {
+    pub sample_rate: u32,
+    pub regions: Vec<Vec<f32>>,
+    /// Seeks performed.
+    pub seeks: u32,
+    /// Frames that went through the decoder (for throughput figures).
+    pub decoded_frames: u64,
+    /// Damaged packets skipped.
+    pub damaged_packets: u64,
+}
+
+/// Why a file could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("cannot open: {0}")]
+    Open(std::io::Error),
+    #[error("unrecognised or unsupported container: {0}")]
+    Format(String),
+    #[error("no audio track")]
+    NoAudioTrack,
+    #[error("no decoder for {0}")]
+    NoDecoder(String),
+    #[error("the stream does not state its sample rate")]
+    NoSampleRate,
+    #[error("cannot decode: {0}")]
+    Stream(String),
+    #[error("too many damaged packets ({0})")]
+    Damaged(u64),
+    #[error("the audio ends at {ends_s:.1} s but a window needs {needed_s:.1} s (truncated file?)")]
+    Truncated { ends_s: f64, needed_s: f64 },
+    #[error("invalid window request: {0}")]
+    Request(String),
+}
+
+impl DecodeError {
+    /// True when the file is fine but corald cannot decode its codec: the track is skipped,
+    /// not failed.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, DecodeError::NoDecoder(_))
+    }
+}
+
+fn codec_name(id: AudioCodecId) -> String {
+    if id == CODEC_ID_OPUS {
+        "opus".to_owned()
+    } else {
+        format!("codec {id}")
+    }
+}
+
+/// Conversions between a track's timestamps and frame indices.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    rate: u32,
+    time_base: Option<TimeBase>,
+}
+
+impl Clock {
+    fn ts_to_frame(&self, ts: i64) -> i64 {
+        match self.time_base {
+            None => ts,
+            Some(tb) => {
+                let v = i128::from(ts) * i128::from(tb.numer.get()) * i128::from(self.rate)
+                    / i128::from(tb.denom.get());
+                i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+            }
+        }
+    }
+
+    fn frame_to_ts(&self, frame: i64) -> i64 {
+        match self.time_base {
+            None => frame,
+            Some(tb) => {
+                let den = i128::from(tb.numer.get()) * i128::from(self.rate);
+                let v = i128::from(frame) * i128::from(tb.denom.get()) / den.max(1);
+                i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+            }
+        }
+    }
+}
+
+/// One region being filled.
+struct Want {
+    /// First frame (may be negative: that part stays silent).
+    start: i64,
+    buf: Vec<f32>,
+    /// Frames of real audio written (contiguous from the region start or from frame 0).
+    written: usize,
+}
+
+impl Want {
+    fn end(&self) -> i64 {
+        self.start + self.buf.len() as i64
+    }
+    /// Frames before the start of the track, which can never be written.
+    fn silent_prefix(&self) -> usize {
+        usize::try_from(-self.start.min(0))
+            .unwrap_or(0)
+            .min(self.buf.len())
+    }
+    fn complete(&self) -> bool {
+        self.silent_prefix() + self.written >= self.buf.len()
+    }
+}
+
+/// Open, probe and set up a decoder for the default audio track.
+fn open(path: &Path) -> Result<(Box<dyn FormatReader>, Box<dyn AudioDecoder>, u32, Clock), DecodeError> {
+    let file = File::open(path).map_err(DecodeError::Open)?;
+    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let mut hint = Hint::new();
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        hint.with_extension(ext);
+    }
+    let format = symphonia::default::get_probe()
+        .probe(
+            &hint,
+            mss,
+            FormatOptions::default(),
+            MetadataOptions::default(),
+        )
+        .map_err(|e| DecodeError::Format(e.to_string()))?;
+    let track = format
+        .default_track(TrackType::Audio)
+        .ok_or(DecodeError::NoAudioTrack)?;
+    let track_id = track.id;
+    let params = track
+        .codec_params
+        .as_ref()
+        .and_then(|p| p.audio())
+        .ok_or(DecodeError::NoAudioTrack)?
+        .clone();
+    let rate = params.sample_rate.ok_or(DecodeError::NoSampleRate)?;
+    if rate == 0 {
+        return Err(DecodeError::NoSampleRate);
+    }
+    let clock = Clock {
+        rate,
+        time_base: track.time_base,
+    };
+    let registry = symphonia::default::get_codecs();
+    if registry.get_audio_decoder(params.codec).is_none() {
+        return Err(DecodeError::NoDecoder(codec_name(params.codec)));
+    }
+    let decoder = registry
+        .make_audio_decoder(&params, &AudioDecoderOptions::default())
+        .map_err(|e| match e {
+            SymError::Unsupported(_) => DecodeError::NoDecoder(codec_name(params.codec)),
+            other => DecodeError::Stream(other.to_string()),
+        })?;
+    Ok((format, decoder, track_id, clock))
+}
+
+/// Decode `regions` (sorted by start or not) of the file at `path`.
+pub fn decode_regions(
+    path: &Path,
+    regions: &[Region],
+    policy: SeekPolicy,
+) -> Result<DecodedRegions, DecodeError> {
+    for r in regions {
+        if !(r.start_s.is_finite() && r.len_s.is_finite() && r.len_s > 0.0 && r.len_s < 3600.0) {
+            return Err(DecodeError::Request(format!("{r:?}")));
+        }
+    }
+    let (mut format, mut decoder, track_id, clock) = open(path)?;
+    let rate = f64::from(clock.rate);
+
+    // Fill regions in order of their start; report them in the order asked.
+    let mut order: Vec<usize> = (0..regions.len()).collect();
+    order.sort_by(|&a, &b| regions[a].start_s.total_cmp(&regions[b].start_s));
+    let mut wants: Vec<Want> = order
+        .iter()
+        .map(|&i| Want {
+            start: (regions[i].start_s * rate).round() as i64,
+            buf: vec![0.0; (regions[i].len_s * rate).ceil() as usize],
+            written: 0,
+        })
+        .collect();
+
+    let seek_gap = (SEEK_GAP_S * rate) as i64;
+    let warmup = (WARMUP_S * rate) as i64;
+    let mut can_seek = policy == SeekPolicy::Seek;
+    let mut pos: Option<i64> = None; // frame after the last decoded packet
+    let mut first = 0usize; // first region not complete
+    let mut needs_reset = false;
+    let mut seeks = 0u32;
+    let mut decoded_frames = 0u64;
+    let mut damaged = 0u64;
+    let mut last_frame_seen = 0i64;
+    let mut planes: Vec<Vec<f32>> = Vec::new();
+    let mut mono: Vec<f32> = Vec::new();
+
+    loop {
+        while first < wants.len() && wants[first].complete() {
+            first += 1;
+        }
+        let Some(next) = wants.get(first) else { break };
+        let target = next.start.saturating_add(next.written as i64) - warmup;
+        if can_seek && target > pos.unwrap_or(0) + seek_gap {
+            let ts = clock.frame_to_ts(target.max(0));
+            match format.seek(
+                SeekMode::Accurate,
+                SeekTo::Timestamp {
+                    ts: Timestamp::new(ts),
+                    track_id,
+                },
+            ) {
+                Ok(_) => {
+                    decoder.reset();
+                    needs_reset = false;
+                    seeks += 1;
+                    pos = Some(target.max(0));
+                }
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "seek failed: reading on");
+                    can_seek = false;
+                }
+            }
+        }
+
+        let packet = match format.next_packet() {
+            Ok(Some(p)) => p,
+            Ok(None) => break,
+            Err(SymError::IoError(e)) if e.kind() == ErrorKind::UnexpectedEof => break,
+            Err(SymError::ResetRequired) => break, // a chained stream: the first part is enough
+            Err(SymError::DecodeError(_)) | Err(SymError::IoError(_)) => {
+                damaged += 1;
+                if damaged > MAX_DAMAGED_PACKETS {
+                    return Err(DecodeError::Damaged(damaged));
+                }
+                continue;
+            }
+            Err(e) => return Err(DecodeError::Stream(e.to_string())),
+        };
+        if packet.track_id != track_id {
+            continue;
+        }
+        let p0 = clock.ts_to_frame(packet.pts.get().saturating_add(packet.trim_start.get() as i64));
+        let p_len = clock.ts_to_frame(packet.dur.get().min(i64::MAX as u64) as i64);
+        // Far before the next region: demux only (no decode), and reset the decoder before
+        // decoding again, as after a seek.
+        if p0.saturating_add(p_len) < wants[first].start.saturating_add(wants[first].written as i64) - warmup {
+            needs_reset = true;
+            pos = Some(p0.saturating_add(p_len));
+            continue;
+        }
+        if needs_reset {
+            decoder.reset();
+            needs_reset = false;
+        }
+        let buf = match decoder.decode(&packet) {
+            Ok(b) => b,
+            Err(SymError::DecodeError(_)) | Err(SymError::IoError(_)) => {
+                damaged += 1;
+                if damaged > MAX_DAMAGED_PACKETS {
+                    return Err(DecodeError::Damaged(damaged));
+                }
+                continue;
+            }
+            Err(SymError::ResetRequired) => {
+                decoder.reset();
+                continue;
+            }
+            Err(e) => return Err(DecodeError::Stream(e.to_string())),
+        };
+        let frames = buf.frames();
+        if frames == 0 {
+            continue;
+        }
+        if buf.spec().rate() != clock.rate {
+            return Err(DecodeError::Stream(format!(
+                "sample rate changes mid-stream ({} → {} Hz)",
+                clock.rate,
+                buf.spec().rate()
+            )));
+        }
+        decoded_frames += frames as u64;
+        buf.copy_to_vecs_planar::<f32>(&mut planes);
+        let channels = planes.len().max(1);
+        mono.clear();
+        mono.resize(frames, 0.0);
+        for plane in &planes {
+            for (m, s) in mono.iter_mut().zip(plane.iter()) {
+                *m += *s;
+            }
+        }
+        let scale = 1.0 / channels as f32;
+        for m in &mut mono {
+            *m = if m.is_finite() { *m * scale } else { 0.0 };
+        }
+        let p_end = p0 + frames as i64;
+        pos = Some(p_end);
+        last_frame_seen = last_frame_seen.max(p_end);
+
+        for w in wants.iter_mut().skip(first) {
+            if w.start >= p_end {
+                break;
+            }
+            let from = p0.max(w.start).max(0);
+            let to = p_end.min(w.end());
+            if from >= to {
+                continue;
+            }
+            let src = usize::try_from(from - p0).unwrap_or(0);
+            let dst = usize::try_from(from - w.start).unwrap_or(0);
+            let n = usize::try_from(to - from).unwrap_or(0);
+            w.buf[dst..dst + n].copy_from_slice(&mono[src..src + n]);
+            let filled_to = dst + n - w.silent_prefix();
+            w.written = w.written.max(filled_to);
+        }
+    }
+
+    // Regions the stream did not reach.
+    for w in &wants {
+        let have = w.silent_prefix() + w.written;
+        if (have as f64) < w.buf.len() as f64 * MIN_REGION_COVERAGE {
+            return Err(DecodeError::Truncated {
+                ends_s: last_frame_seen as f64 / rate,
+                needed_s: w.end() as f64 / rate,
+            });
+        }
+    }
+
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); regions.len()];
+    for (w, &i) in wants.into_iter().zip(order.iter()) {
+        out[i] = w.buf;
+    }
+    Ok(DecodedRegions {
+        sample_rate: clock.rate,
+        regions: out,
+        seeks,
+        decoded_frames,
+        damaged_packets: damaged,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_is_an_open_error() {
+        let e = decode_regions(
+            Path::new("/nonexistent/a.flac"),
+            &[Region {
+                start_s: 0.0,
+                len_s: 1.0,
+            }],
+            SeekPolicy::Seek,
+        )
+        .unwrap_err();
+        assert!(matches!(e, DecodeError::Open(_)), "{e}");
+    }
+
+    #[test]
+    fn garbage_is_a_format_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("x.mp3");
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(&p, bytes).expect("write");
+        let r = decode_regions(
+            &p,
+            &[Region {
+                start_s: 0.0,
+                len_s: 1.0,
+            }],
+            SeekPolicy::Seek,
+        );
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn bad_requests_are_rejected() {
+        let e = decode_regions(
+            Path::new("/nonexistent"),
+            &[Region {
+                start_s: f64::NAN,
+                len_s: 1.0,
+            }],
+            SeekPolicy::Seek,
+        )
+        .unwrap_err();
+        assert!(matches!(e, DecodeError::Request(_)), "{e}");
+    }
+
+    #[test]
+    fn wav_regions_are_exact() {
+        // A 16-bit mono WAV at 8 kHz with a ramp, written by hand.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("ramp.wav");
+        let rate = 8000u32;
+        let n = rate * 20;
+        let mut data = Vec::new();
+        for i in 0..n {
+            let v = ((i % 30000) as i16).to_le_bytes();
+            data.extend_from_slice(&v);
+        }
+        let mut f = Vec::new();
+        f.extend_from_slice(b"RIFF");
+        f.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+        f.extend_from_slice(b"WAVEfmt ");
+        f.extend_from_slice(&16u32.to_le_bytes());
+        f.extend_from_slice(&1u16.to_le_bytes());
+        f.extend_from_slice(&1u16.to_le_bytes());
+        f.extend_from_slice(&rate.to_le_bytes());
+        f.extend_from_slice(&(rate * 2).to_le_bytes());
+        f.extend_from_slice(&2u16.to_le_bytes());
+        f.extend_from_slice(&16u16.to_le_bytes());
+        f.extend_from_slice(b"data");
+        f.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        f.extend_from_slice(&data);
+        std::fs::write(&p, f).expect("write");
+
+        let regions = [
+            Region { start_s: 12.0, len_s: 0.5 },
+            Region { start_s: 1.0, len_s: 0.5 },
+            Region { start_s: -0.25, len_s: 0.5 },
+        ];
+        for policy in [SeekPolicy::Seek, SeekPolicy::Sequential] {
+            let d = decode_regions(&p, &regions, policy).expect("decodes");
+            assert_eq!(d.sample_rate, rate);
+            for (r, got) in regions.iter().zip(&d.regions) {
+                assert_eq!(got.len(), 4000);
+                for (k, v) in got.iter().enumerate() {
+                    let frame = (r.start_s * f64::from(rate)).round() as i64 + k as i64;
+                    let expected = if frame < 0 {
+                        0.0
+                    } else {
+                        f32::from((frame % 30000) as i16) / 32768.0
+                    };
+                    assert!((v - expected).abs() < 1e-6, "{policy:?} {r:?} frame {frame}: {v} vs {expected}");
+                }
+            }
+        }
+        let e = decode_regions(&p, &[Region { start_s: 19.9, len_s: 2.0 }], SeekPolicy::Seek)
+            .unwrap_err();
+        assert!(matches!(e, DecodeError::Truncated { .. }), "{e}");
+    }
+}
