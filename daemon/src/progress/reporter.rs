@@ -548,4 +548,72 @@ mod tests {
         assert_eq!(percent(0, 0), 100.0);
         assert_eq!(percent(5, 3), 100.0);
     }
+
+    /// Property: whatever the interleaving of reports from many threads, every published
+    /// snapshot keeps the invariants (done ≤ total, percentages within 0..=100, never
+    /// backwards within a phase, none before the total is known, exactly 100 at the end).
+    #[test]
+    fn invariants_hold_over_random_interleavings() {
+        for seed in 1..=20u64 {
+            let r = Arc::new(ScanReporter::default());
+            let h = r.register(info(), ScanPhase::Queued);
+            r.set_phase(&h, ScanPhase::Discovering);
+            let total = 2_000 + seed * 37;
+            h.counters().set_tracks_expected(total);
+            r.set_phase(&h, ScanPhase::Indexing);
+            let workers: Vec<_> = (0..4u64)
+                .map(|w| {
+                    let h = Arc::clone(&h);
+                    std::thread::spawn(move || {
+                        let mut x = seed * 0x9E37_79B9 + w * 0x85EB_CA6B + 1;
+                        let share = total / 4 + u64::from(w < total % 4);
+                        for _ in 0..share {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let c = h.counters();
+                            match x % 3 {
+                                0 => ScanCounters::add(&c.tracks_indexed, 1),
+                                1 => ScanCounters::add(&c.tracks_unchanged, 1),
+                                _ => ScanCounters::add(&c.tracks_failed, 1),
+                            }
+                            if x % 97 == 0 {
+                                std::thread::yield_now();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut seen: Vec<Arc<ScanProgress>> = Vec::new();
+            while workers.iter().any(|w| !w.is_finished()) {
+                r.publish(&h);
+                seen.push(h.latest());
+            }
+            for w in workers {
+                w.join().expect("worker panicked");
+            }
+            r.publish(&h);
+            seen.push(h.latest());
+            r.finish(&h, ScanPhase::Completed, None);
+            seen.push(h.latest());
+            let mut last_pct = 0.0;
+            for p in &seen {
+                let settled = p.tracks_indexed + p.tracks_unchanged + p.tracks_failed;
+                assert!(settled <= total, "seed {seed}: {settled} > {total}");
+                let pct = p.indexing_percent.expect("total known");
+                assert!((0.0..=100.0).contains(&pct));
+                assert!(pct >= last_pct, "seed {seed}: {last_pct} -> {pct}");
+                if pct == 100.0 && p.phase == ScanPhase::Indexing {
+                    assert_eq!(settled, total, "100 % only when everything is settled");
+                }
+                last_pct = pct;
+            }
+            let end = seen.last().expect("final snapshot");
+            assert_eq!(end.indexing_percent, Some(100.0));
+            assert_eq!(
+                end.tracks_indexed + end.tracks_unchanged + end.tracks_failed,
+                total
+            );
+        }
+    }
 }
