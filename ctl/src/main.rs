@@ -111,7 +111,11 @@ fn render_mode(json: bool) -> Render {
 fn describe(e: &anyhow::Error) -> String {
     for cause in e.chain() {
         if let Some(ClientError::Call(obj)) = cause.downcast_ref::<ClientError>() {
-            return obj.message().to_owned();
+            // Invalid-params errors carry the decoding problem in `data`.
+            return match obj.data() {
+                Some(data) => format!("{}: {}", obj.message(), data.get().trim_matches('"')),
+                None => obj.message().to_owned(),
+            };
         }
     }
     format!("{e:#}")
