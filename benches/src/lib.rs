@@ -123,11 +123,19 @@ pub fn template_tracks() -> Vec<FixtureTrack> {
         .collect()
 }
 
+/// Whether `CORAL_BENCH_DISTINCT=1` asks for a library of distinct files (copies) instead of
+/// hard links to the template.
+pub fn distinct_files() -> bool {
+    std::env::var("CORAL_BENCH_DISTINCT").is_ok_and(|v| v == "1")
+}
+
 /// A library of `files` real audio files under `target/bench-library/`, generated once and
-/// reused by later runs: the [`template_tracks`] encoded by ffmpeg, then hard-linked
-/// `files / 20` times into `copy_NNNN/` directories (all copies share the template's inodes,
-/// so their content and mtimes are identical and the page cache stays warm).
-pub fn bench_library(files: usize) -> Result<PathBuf> {
+/// reused by later runs: the [`template_tracks`] encoded by ffmpeg, then replicated
+/// `files / 20` times into `copy_NNNN/` directories. By default the copies are hard links
+/// (all share the template's 20 inodes: identical content and mtimes, a tiny page-cache
+/// footprint); with `distinct` they are real copies (20,000 files ≈ 1.8 GB), so every file has
+/// its own inode and pages.
+pub fn bench_library(files: usize, distinct: bool) -> Result<PathBuf> {
     let base = target_dir().join("bench-library");
     let template = base.join("template-v1");
     let template_done = base.join("template-v1.complete");
@@ -139,12 +147,26 @@ pub fn bench_library(files: usize) -> Result<PathBuf> {
         fixtures::make_tracks(&template, &template_tracks())?;
         std::fs::write(&template_done, b"")?;
     }
-    let root = base.join(format!("library-{files}-v1"));
-    let done = base.join(format!("library-{files}-v1.complete"));
+    let name = if distinct {
+        format!("library-{files}-distinct-v1")
+    } else {
+        format!("library-{files}-v1")
+    };
+    let root = base.join(&name);
+    let done = base.join(format!("{name}.complete"));
     if !done.exists() {
         let _ = std::fs::remove_dir_all(&root);
         let started = Instant::now();
-        let n = fixtures::replicate_template(&template, &root, files / TEMPLATE_FILES)?;
+        let copies = files / TEMPLATE_FILES;
+        let n = if distinct {
+            let mut n = 0;
+            for i in 0..copies {
+                n += copy_tree(&template, &root.join(format!("copy_{i:04}")))?;
+            }
+            n
+        } else {
+            fixtures::replicate_template(&template, &root, copies)?
+        };
         ensure!(n == files, "replicated {n} files, expected {files}");
         std::fs::write(&done, b"")?;
         eprintln!(
@@ -154,6 +176,24 @@ pub fn bench_library(files: usize) -> Result<PathBuf> {
         );
     }
     Ok(root)
+}
+
+/// Copy the tree `src` to `dst` file by file (new inodes); returns the number of files.
+fn copy_tree(src: &Path, dst: &Path) -> Result<usize> {
+    std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+    let mut files = 0;
+    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let entry = entry?;
+        let to = dst.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            files += copy_tree(&entry.path(), &to)?;
+        } else {
+            std::fs::copy(entry.path(), &to)
+                .with_context(|| format!("copying to {}", to.display()))?;
+            files += 1;
+        }
+    }
+    Ok(files)
 }
 
 /// How a scan went, seen from the client.
@@ -167,6 +207,8 @@ pub struct ScanRun {
     pub phases: Vec<(ScanPhase, Duration)>,
     /// Notifications the waiting subscription received for this scan.
     pub notifications: usize,
+    /// Delivery latency of each of them (receive time minus `updated_at`), in ms.
+    pub latencies_ms: Vec<f64>,
     pub last: ScanProgress,
 }
 
@@ -178,6 +220,13 @@ impl ScanRun {
         let end = self.phases.get(i + 1).map_or(self.wall, |(_, t)| *t);
         Some(end.saturating_sub(start))
     }
+}
+
+/// How old a notification's snapshot is now, in ms (same machine clock on both ends).
+pub fn latency_ms(p: &ScanProgress) -> f64 {
+    (Utc::now() - p.updated_at)
+        .num_microseconds()
+        .map_or(f64::NAN, |us| us as f64 / 1000.0)
 }
 
 fn elapsed_between(a: DateTime<Utc>, b: Option<DateTime<Utc>>) -> Duration {
@@ -200,6 +249,7 @@ where
     let id = start().await?;
     let mut phases: Vec<(ScanPhase, Duration)> = Vec::new();
     let mut notifications = 0;
+    let mut latencies_ms = Vec::new();
     let deadline = t0 + Duration::from_secs(1800);
     let last = loop {
         ensure!(Instant::now() < deadline, "scan {id} did not end in 30 min");
@@ -210,6 +260,7 @@ where
                     continue;
                 }
                 notifications += 1;
+                latencies_ms.push(latency_ms(&p));
                 p
             }
             Ok(None) => bail!("the scan.progress subscription closed"),
@@ -235,6 +286,7 @@ where
         daemon: elapsed_between(last.started_at, last.finished_at),
         phases,
         notifications,
+        latencies_ms,
         last,
     })
 }

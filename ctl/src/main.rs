@@ -1,7 +1,9 @@
 //! `coralctl`: the command-line client of corald. Every command is one or a few JSON-RPC calls;
 //! `--json` prints the API's own objects (snake_case), one per line when following progress.
 
+mod bridge;
 mod follow;
+mod generate;
 mod output;
 
 use std::io::IsTerminal;
@@ -80,6 +82,11 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         limit: u32,
     },
+    /// Serve the live progress page and JSON-RPC over WebSocket to browsers (see `--help`).
+    Bridge(bridge::BridgeArgs),
+    /// Write shell completions or man pages into DIR (used when packaging).
+    #[command(hide = true)]
+    Generate { what: generate::What, dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +133,15 @@ async fn run(cli: Cli) -> Result<u8> {
         .socket
         .clone()
         .unwrap_or_else(coral_proto::paths::default_socket_path);
+    if let Command::Generate { what, dir } = &cli.command {
+        generate::write(*what, dir)?;
+        return Ok(0);
+    }
+    if let Command::Bridge(args) = cli.command {
+        // Runs (and reconnects) whether or not corald is up.
+        bridge::run(args, socket).await?;
+        return Ok(0);
+    }
     let client = connect(&socket).await?;
     let json = cli.json;
     match cli.command {
@@ -296,6 +312,8 @@ async fn run(cli: Cli) -> Result<u8> {
                 output::similar(&list)
             }
         }
+        // Served above, before connecting.
+        Command::Bridge(_) | Command::Generate { .. } => {}
     }
     Ok(0)
 }

@@ -120,8 +120,42 @@ pub fn status(s: &DaemonStatus) {
     for p in &s.active_scans {
         println!("    {}", progress_line(p));
     }
+    watch_lines(&s.watch, &s.warnings);
     for w in &s.warnings {
         println!("  warning: {w}");
+    }
+}
+
+/// One line per library: how it is watched, watches held, pending changes, last event, and
+/// why it is polled or paused (unless that is already one of the `warnings`).
+fn watch_lines(watch: &[coral_proto::LibraryWatch], warnings: &[String]) {
+    if watch.is_empty() {
+        return;
+    }
+    println!("  watching");
+    for w in watch {
+        let mut line = format!("    {:<8} {}", w.mode.as_str(), w.path);
+        match w.mode {
+            coral_proto::WatchMode::Inotify => line.push_str(&format!(
+                ": {} watches, {} pending, {} open for writing",
+                w.watches, w.pending_paths, w.open_files
+            )),
+            coral_proto::WatchMode::Polling => {
+                if let Some(s) = w.poll_interval_seconds {
+                    line.push_str(&format!(": every {s} s"));
+                }
+            }
+            _ => {}
+        }
+        if let Some(t) = w.last_event_at {
+            line.push_str(&format!(", last change {}", t.format("%Y-%m-%d %H:%M:%S")));
+        }
+        println!("{line}");
+        if let Some(msg) = &w.warning
+            && !warnings.iter().any(|g| g.ends_with(msg.as_str()))
+        {
+            println!("             {msg}");
+        }
     }
 }
 

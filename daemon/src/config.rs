@@ -18,10 +18,30 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Log filter in `RUST_LOG` syntax (the `RUST_LOG` variable wins when set).
     pub log: String,
+    /// Library roots registered at start and on reload (SIGHUP): a path listed here and not yet
+    /// registered is added and scanned. A path removed from the list is forgotten at the next
+    /// reload (its index entries are dropped; files are never touched); a restart never removes
+    /// libraries. Libraries added with `coralctl library add` are not affected.
+    pub libraries: Vec<PathBuf>,
+    pub rpc: RpcConfig,
     pub database: DatabaseConfig,
     pub scan: ScanConfig,
     pub progress: ProgressConfig,
     pub embed: crate::embed::EmbedConfig,
+    pub watch: crate::watch::WatchConfig,
+}
+
+/// The `[rpc]` section: who may use the API socket.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpcConfig {
+    /// Group that owns the socket and whose members may connect (besides root and corald's own
+    /// user). When the group does not exist, the socket keeps corald's own group. Empty: no
+    /// group is configured; corald's own group applies.
+    pub group: String,
+    /// Permission bits of the socket file, in octal (a socket socket-activated by systemd keeps
+    /// the unit's `SocketMode=`).
+    pub socket_mode: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -65,12 +85,59 @@ impl Default for Config {
             socket: None,
             state_dir: None,
             log: "info".to_owned(),
+            libraries: Vec::new(),
+            rpc: RpcConfig::default(),
             database: DatabaseConfig::default(),
             scan: ScanConfig::default(),
             progress: ProgressConfig::default(),
             embed: crate::embed::EmbedConfig::default(),
+            watch: crate::watch::WatchConfig::default(),
         }
     }
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            group: "coral".to_owned(),
+            socket_mode: "0660".to_owned(),
+        }
+    }
+}
+
+impl RpcConfig {
+    /// `socket_mode` as permission bits (validated by [`Config::from_toml`]).
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        let problem = |p: &str| ConfigError::Invalid {
+            key: "rpc.socket_mode",
+            problem: format!("{p} (got \"{}\")", self.socket_mode),
+        };
+        let digits = self.socket_mode.trim();
+        let digits = digits.strip_prefix("0o").unwrap_or(digits);
+        if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+            return Err(problem("must be octal permission bits such as \"0660\""));
+        }
+        let bits = u32::from_str_radix(digits, 8)
+            .map_err(|_| problem("must be octal permission bits such as \"0660\""))?;
+        if bits > 0o777 {
+            return Err(problem(
+                "must be at most 0777 (no setuid, setgid or sticky bits)",
+            ));
+        }
+        if bits & 0o600 != 0o600 {
+            return Err(problem("must give the owner read and write (0600)"));
+        }
+        Ok(bits)
+    }
+}
+
+/// Whether `name` can be a Unix group name (no separator, whitespace or path characters).
+fn valid_group_name(name: &str) -> bool {
+    name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'$'))
 }
 
 impl Default for DatabaseConfig {
@@ -202,6 +269,22 @@ impl Config {
                 "must start with postgres:// or postgresql://",
             );
         }
+        self.rpc.socket_mode_bits()?;
+        if !valid_group_name(&self.rpc.group) {
+            return invalid(
+                "rpc.group",
+                "must be a group name (letters, digits, `_`, `-`, `.`; at most 32 characters)",
+            );
+        }
+        for lib in &self.libraries {
+            if !lib.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key: "libraries",
+                    problem: format!("entries must be absolute paths (got {})", lib.display()),
+                });
+            }
+        }
+        self.watch.validate()?;
         if let Err(e) = self.log.parse::<tracing_subscriber::EnvFilter>() {
             return Err(ConfigError::Invalid {
                 key: "log",

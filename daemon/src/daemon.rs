@@ -1,5 +1,10 @@
 //! Wiring: start the database, the ScanReporter, the scan channel and worker, resume scans a
 //! restart interrupted, serve the API, and shut everything down in order on SIGTERM/SIGINT.
+//!
+//! Under systemd (see [`crate::systemd`]): `READY=1` once migrations ran and the socket accepts,
+//! `STATUS=` kept current, watchdog pings while the workers live, `STOPPING=1` on shutdown, and
+//! SIGHUP reloads the configuration (`RELOADING=1` … `READY=1`): the log filter and the
+//! `libraries` list apply at once; other changed settings are reported as needing a restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,14 +13,16 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::db::{self, Database, DbError, scans};
 use crate::progress::ScanReporter;
 use crate::rpc::api::{CoralRpc, RpcContext};
+use crate::rpc::auth::AccessPolicy;
 use crate::rpc::server::{self, SocketError};
 use crate::scan::queue::{ScanQueue, ScanRequest};
 use crate::scan::worker::ScanWorker;
-use coral_proto::CoralApiServer;
+use crate::systemd::{Liveness, Notifier, SystemdEnv};
+use coral_proto::{CoralApiServer, LibrarySelector, codes};
 
 /// Why corald could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -33,10 +40,42 @@ pub enum DaemonError {
     Threads(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// How corald was started, beyond its configuration: where the configuration came from (to
+/// re-read it on SIGHUP, with the same flag overrides) and what systemd passed.
+#[derive(Debug, Default)]
+pub struct Service {
+    /// The `--config` file, if one was named (else the system file is looked up again).
+    pub config_path: Option<PathBuf>,
+    /// Flag and environment overrides, applied again after a reload.
+    pub overrides: Overrides,
+    pub systemd: SystemdEnv,
 }
 
 /// Run the daemon until SIGTERM/SIGINT (or until `stop` is cancelled).
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonError> {
+    run_service(config, Service::default(), stop).await
+}
+
+/// [`run`], with systemd integration and configuration reloads.
+pub async fn run_service(
+    mut config: Config,
+    mut service: Service,
+    stop: CancellationToken,
+) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed first: until then SIGHUP would kill the process.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let notifier = service.systemd.notifier();
+    let activated = service.systemd.take_listener();
+    let socket_activated = activated.is_some();
+    let socket_mode = config.rpc.socket_mode_bits()?;
+
     let state_dir = config.state_dir();
     let socket = config.socket_path();
     std::fs::create_dir_all(&state_dir).map_err(|source| DaemonError::StateDir {
@@ -44,10 +83,12 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         source,
     })?;
     // Refuse early if another corald answers on the socket, before touching the database.
-    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+    // (A socket passed by systemd answers by design: it is ours.)
+    if activated.is_none() && tokio::net::UnixStream::connect(&socket).await.is_ok() {
         return Err(SocketError::AlreadyRunning(socket).into());
     }
 
+    notifier.status("starting: opening the database");
     let database = Database::open(&config.database, &state_dir).await?;
     let pool = database.pool.clone();
     tracing::info!(database = database.description(), state_dir = %state_dir.display(), "database ready");
@@ -63,12 +104,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         .thread_name(|i| format!("coral-scan-{i}"))
         .build()
         .map_err(|e| DaemonError::Threads(e.to_string()))?;
+    let liveness = Liveness::new(service.systemd.watchdog);
     let worker = ScanWorker {
         pool: pool.clone(),
         reporter: Arc::clone(&reporter),
         queue: Arc::clone(&queue),
         threads: Arc::new(threads),
         batch_size: config.scan.batch_size,
+        heartbeat: liveness.register("scan worker"),
+        idle_beat: liveness.beat_interval(),
     };
 
     resume_interrupted(&pool, &queue).await;
@@ -85,8 +129,40 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         stop.clone(),
     ));
     tasks.spawn(worker.run(jobs, stop.clone()));
+    // The filesystem watcher feeds the same scan channel; it stops with `stop`.
+    let (fs_watcher, watch_task) = crate::watch::Watcher::new(
+        config.watch.clone(),
+        pool.clone(),
+        Arc::clone(&queue),
+        Arc::clone(&reporter),
+    );
+    tasks.spawn(watch_task.run(stop.clone()));
 
-    let listener = server::bind(&socket).await?;
+    let policy = AccessPolicy::from_config(&config.rpc);
+    if let Some(missing) = &policy.missing_group {
+        tracing::info!(
+            group = %missing,
+            fallback = %policy.group_name,
+            "socket group `{missing}` does not exist; the socket keeps corald's own group `{}` (gid {}), whose members may connect",
+            policy.group_name,
+            policy.group_gid
+        );
+    }
+    let (listener, socket) = match activated {
+        Some(l) => {
+            let path = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+                .unwrap_or(socket);
+            tracing::info!(socket = %path.display(), "using the socket passed by systemd (socket activation)");
+            (server::from_activated(l)?, path)
+        }
+        None => {
+            let gid = policy.missing_group.is_none().then_some(policy.group_gid);
+            (server::bind_with(&socket, socket_mode, gid).await?, socket)
+        }
+    };
     let rpc = CoralRpc(Arc::new(RpcContext {
         pool: pool.clone(),
         reporter: Arc::clone(&reporter),
@@ -95,16 +171,56 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         socket: socket.clone(),
         state_dir: state_dir.clone(),
         database: database.description().to_owned(),
+        watcher: fs_watcher,
     }));
-    tasks.spawn(server::serve(listener, rpc.into_rpc(), stop.clone()));
+    let api = rpc.clone();
+    tasks.spawn(server::serve(
+        listener,
+        rpc.into_rpc(),
+        policy,
+        stop.clone(),
+    ));
     tracing::info!(socket = %socket.display(), pid = std::process::id(), "corald ready");
 
-    let signals = wait_for_signal(stop.clone());
-    tokio::select! {
-        r = signals => r.map_err(DaemonError::Signals)?,
-        _ = stop.cancelled() => {}
+    // Migrations ran (Database::open) and the socket accepts: ready.
+    let status = StatusReporter {
+        notifier: notifier.clone(),
+        reporter: Arc::clone(&reporter),
+        pool: pool.clone(),
+    };
+    notifier.ready(&status.line(true).await);
+    if notifier.enabled() {
+        tasks.spawn(status.clone().run(stop.clone()));
+    }
+    if let Some(interval) = service.systemd.watchdog {
+        tracing::info!(
+            interval_ms = interval.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
+        tasks.spawn(crate::systemd::watchdog_loop(
+            notifier.clone(),
+            Arc::clone(&liveness),
+            interval,
+            stop.clone(),
+        ));
+    }
+    sync_libraries(&api, &[], &config.libraries, false).await;
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break }
+            _ = sigint.recv() => { tracing::info!("SIGINT received"); break }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                notifier.reloading();
+                reload(&mut config, &service, &api).await;
+                notifier.ready(&status.line(true).await);
+            }
+            _ = stop.cancelled() => break,
+        }
     }
     tracing::info!("shutting down");
+    notifier.stopping();
     stop.cancel();
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(20), drain)
@@ -122,22 +238,176 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
             }
         }
     }
-    let _ = std::fs::remove_file(&socket);
+    // A socket passed by systemd stays: systemd keeps listening on it for the next start.
+    if !socket_activated {
+        let _ = std::fs::remove_file(&socket);
+    }
     database.close().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal(stop: CancellationToken) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-        _ = stop.cancelled() => {}
+/// Keeps `STATUS=` current: at once when a scan changes phase, at most every 250 ms while
+/// scans run, and every 30 s when idle (the track count can change through `library.remove`).
+#[derive(Clone)]
+struct StatusReporter {
+    notifier: Notifier,
+    reporter: Arc<ScanReporter>,
+    pool: sqlx::PgPool,
+}
+
+impl StatusReporter {
+    /// The current line; `count` re-counts the tracks (an idle line needs the count).
+    async fn line(&self, count: bool) -> String {
+        let active = self.reporter.active();
+        let tracks = if count
+            && active
+                .iter()
+                .all(|p| p.phase == coral_proto::ScanPhase::Queued)
+        {
+            db::tracks::count(&self.pool).await.ok()
+        } else {
+            None
+        };
+        crate::systemd::status_line(&active, tracks)
     }
-    Ok(())
+
+    async fn run(self, stop: CancellationToken) {
+        let mut generation = self.reporter.generation();
+        let mut last = String::new();
+        let mut last_count = std::time::Instant::now();
+        let mut was_busy = true; // count once at the start
+        loop {
+            let busy = self
+                .reporter
+                .active()
+                .iter()
+                .any(|p| p.phase != coral_proto::ScanPhase::Queued);
+            // Count the tracks when a scan just ended and every 30 s while idle; otherwise keep
+            // the idle line's previous count.
+            let recount = !busy && (was_busy || last_count.elapsed() >= Duration::from_secs(30));
+            let line = if busy || recount {
+                if recount {
+                    last_count = std::time::Instant::now();
+                }
+                self.line(true).await
+            } else {
+                last.clone()
+            };
+            was_busy = busy;
+            if line != last {
+                self.notifier.status(&line);
+                last = line;
+            }
+            let wait = if busy {
+                Duration::from_millis(250)
+            } else {
+                Duration::from_secs(30)
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = generation.changed() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// Make the registered libraries follow the configuration's `libraries` list: add each path of
+/// `new` not yet registered; when `remove` (a reload), forget the paths of `old` no longer in
+/// `new`. Problems are logged; they never stop the daemon.
+async fn sync_libraries(api: &CoralRpc, old: &[PathBuf], new: &[PathBuf], remove: bool) {
+    for path in new.iter().filter(|p| !old.contains(p)) {
+        let text = path.to_string_lossy().into_owned();
+        match api.library_add(text.clone()).await {
+            Ok(lib) => {
+                tracing::info!(library = %lib.path, id = lib.id, "library from the configuration added")
+            }
+            Err(e) if e.code() == codes::LIBRARY_EXISTS && e.message().contains("already") => {
+                tracing::debug!(library = %text, "configured library already registered")
+            }
+            Err(e) => {
+                tracing::warn!(library = %text, error = %e.message(), "cannot add the configured library")
+            }
+        }
+    }
+    if !remove {
+        return;
+    }
+    for path in old.iter().filter(|p| !new.contains(p)) {
+        let text = path.to_string_lossy().into_owned();
+        match api
+            .library_remove(LibrarySelector::Path(text.clone()))
+            .await
+        {
+            Ok(lib) => tracing::info!(
+                library = %lib.path,
+                id = lib.id,
+                "library no longer in the configuration: removed from the index (files untouched)"
+            ),
+            Err(e) if e.code() == codes::LIBRARY_NOT_FOUND => {
+                tracing::debug!(library = %text, "library dropped from the configuration was not registered")
+            }
+            Err(e) => {
+                tracing::warn!(library = %text, error = %e.message(), "cannot remove the library dropped from the configuration")
+            }
+        }
+    }
+}
+
+/// SIGHUP: read the configuration again and apply what can change while running (the log
+/// filter, the `libraries` list). Settings that need a restart are kept as they are, with a
+/// warning naming them. A configuration that does not load changes nothing.
+async fn reload(config: &mut Config, service: &Service, api: &CoralRpc) {
+    let mut new = match Config::load(service.config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            return;
+        }
+    };
+    new.apply(service.overrides.clone());
+    if new.log != config.log {
+        match crate::logging::set_filter(&new.log) {
+            Ok(()) => tracing::info!(filter = %new.log, "log filter changed"),
+            Err(e) => tracing::warn!(error = %e, "log filter not changed"),
+        }
+    }
+    sync_libraries(api, &config.libraries, &new.libraries, true).await;
+    let mut needs_restart = Vec::new();
+    if new.socket_path() != config.socket_path() {
+        needs_restart.push("socket");
+    }
+    if new.state_dir() != config.state_dir() {
+        needs_restart.push("state_dir");
+    }
+    if new.database != config.database {
+        needs_restart.push("[database]");
+    }
+    if new.scan != config.scan {
+        needs_restart.push("[scan]");
+    }
+    if new.progress != config.progress {
+        needs_restart.push("[progress]");
+    }
+    if new.rpc != config.rpc {
+        needs_restart.push("[rpc]");
+    }
+    if new.embed != config.embed {
+        needs_restart.push("[embed]");
+    }
+    if !needs_restart.is_empty() {
+        tracing::warn!(
+            settings = %needs_restart.join(", "),
+            "changed settings need a restart to apply (systemctl restart corald)"
+        );
+    }
+    // What runs now: the live settings from the new file, the rest as started.
+    config.log = new.log;
+    config.libraries = new.libraries;
+    tracing::info!("configuration reloaded");
 }
 
 /// Queue again every scan that was queued or running when corald last stopped, with the same

@@ -9,4 +9,6 @@ pub mod logging;
 pub mod progress;
 pub mod rpc;
 pub mod scan;
+pub mod systemd;
 pub mod text_fold;
+pub mod watch;

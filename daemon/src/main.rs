@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use corald::config::{Config, Overrides};
+use corald::daemon::Service;
+use corald::systemd::SystemdEnv;
 use tokio_util::sync::CancellationToken;
 
 /// Coral indexer daemon: indexes music libraries into PostgreSQL and serves a JSON-RPC API on a
@@ -31,6 +33,14 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main, before any thread exists.
+    let systemd = match unsafe { SystemdEnv::take() } {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("corald: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let args = Args::parse();
     let mut config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
@@ -39,11 +49,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    config.apply(Overrides {
+    let overrides = Overrides {
         socket: args.socket,
         state_dir: args.state_dir,
         database_url: args.database_url,
-    });
+    };
+    config.apply(overrides.clone());
     if args.check_config {
         println!("configuration OK");
         println!("socket    = {}", config.socket_path().display());
@@ -69,7 +80,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(corald::daemon::run(config, CancellationToken::new())) {
+    let service = Service {
+        config_path: args.config,
+        overrides,
+        systemd,
+    };
+    match runtime.block_on(corald::daemon::run_service(
+        config,
+        service,
+        CancellationToken::new(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -262,6 +262,56 @@ pub struct DaemonStatus {
     pub queued_scans: usize,
     pub embedding: EmbeddingStatus,
     pub warnings: Vec<String>,
+    /// How each library is watched for changes (absent from daemons that predate it).
+    #[serde(default)]
+    pub watch: Vec<LibraryWatch>,
+}
+
+/// How corald notices changes in a library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchMode {
+    /// inotify watches on every directory; changes are scanned after a quiet period.
+    Inotify,
+    /// Periodic incremental scans (network/FUSE filesystem, or the watch limit was reached).
+    Polling,
+    /// The library root is missing or unmounted: nothing is scanned or deleted until it is back.
+    Paused,
+    /// Not watched (`watch.enabled = false` or `watch.exclude_libraries`).
+    Disabled,
+}
+
+impl WatchMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchMode::Inotify => "inotify",
+            WatchMode::Polling => "polling",
+            WatchMode::Paused => "paused",
+            WatchMode::Disabled => "disabled",
+        }
+    }
+}
+
+/// The watcher's state for one library (`daemon.status` → `watch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LibraryWatch {
+    pub library_id: i64,
+    pub path: String,
+    pub mode: WatchMode,
+    /// inotify watches held for this library (one per directory).
+    pub watches: u64,
+    /// When the last relevant change was seen.
+    pub last_event_at: Option<DateTime<Utc>>,
+    /// Directories with changes waiting for the quiet period.
+    pub pending_paths: u64,
+    /// Files seen open for writing; they hold their directory back until closed.
+    pub open_files: u64,
+    /// Seconds between incremental scans while polling.
+    pub poll_interval_seconds: Option<u64>,
+    /// Filesystem type of the library root, from the mount table.
+    pub filesystem: Option<String>,
+    /// Why the library is polled, paused or disabled, or what limit it hit.
+    pub warning: Option<String>,
 }
 
 /// State of the embedding pipeline.

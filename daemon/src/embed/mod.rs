@@ -1,7 +1,51 @@
-//! Embeddings: decode → mono + resample → windows batched across tracks → libtorch inference →
-//! pgvector, for "similar tracks". (Being built; see the embedding issue.)
+//! Embeddings for "similar tracks": decode → mono + resample → windows batched across tracks →
+//! libtorch inference → pgvector.
+//!
+//! ```text
+//!  embed_for_scan ─► decode queue ─► decode threads ─► infer queue ─► inference thread ─► store task
+//!  (skip rules,      (bounded)       (symphonia: seek   (bounded)      (owns the model;   (one INSERT
+//!   no repeated                       to the windows;                   batches windows    per batch)
+//!   work)                             rubato → model rate)              of many tracks)
+//! ```
+//!
+//! Every eligible track gets exactly one report — done, skipped or failed — on the scan's
+//! counters. A track already embedded for the active model (same model name, version and window
+//! choice) from its current file (size and mtime) counts as done without work; a track whose
+//! file changed is embedded again and its vector replaced. Damaged files and files without a
+//! decoder (Opus: symphonia 0.6 has no Opus decoder) are recorded, so they are not decoded again
+//! until they change.
+//!
+//! Without the `embed` cargo feature there is no libtorch: [`Embedder::start`] says so and the
+//! daemon runs without embeddings.
+
+pub mod model;
+pub mod phase_1_decode;
+pub mod phase_2_resample;
+pub mod phase_3_batch;
+pub mod phase_4_infer;
+pub mod phase_5_store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::progress::{ScanCounters, ScanHandle};
+use model::{ModelError, ModelManifest};
+use phase_2_resample::{WindowMaker, WindowPlan};
+use phase_3_batch::Finished;
+use phase_4_infer::{DeviceChoice, InferError, InferInput, InferOutput, InferStats, LoopConfig};
+use phase_5_store::{NewEmbedding, NewIssue, RegisteredModel};
+/// The token `Embedder::start` and `Embedder::embed` take (re-exported for callers).
+pub use tokio_util::sync::CancellationToken;
 
 /// The `[embed]` section of the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -9,10 +53,1106 @@ use serde::Deserialize;
 pub struct EmbedConfig {
     /// Compute embeddings for new and changed tracks.
     pub enabled: bool,
+    /// The TorchScript model (`.pt`; its manifest is the same name with `.json`). Default: the
+    /// bundled musicnn model, searched next to the binary, in /usr/share/coral/models and in
+    /// `${XDG_DATA_HOME:-~/.local/share}/coral/models`.
+    pub model: Option<PathBuf>,
+    /// `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// CPU threads for inference (0: one per CPU).
+    pub threads: usize,
+    /// Threads that decode and resample audio (0: a quarter of the CPUs, at least 1).
+    pub decode_threads: usize,
+    /// Windows per forward pass (0: 8 on CPU, 32 on CUDA).
+    pub batch_size: usize,
+    /// Run a partial batch when its oldest window has waited this long.
+    pub batch_timeout_ms: u64,
+    /// Windows per track, at the centres of equal slices of the track.
+    pub windows: usize,
+    /// Length of each window in model windows (musicnn: 1 ≈ 3 s).
+    pub window_patches: usize,
+    /// Tracks shorter than this are skipped (seconds).
+    pub min_duration_s: f64,
+    /// Tracks longer than this are skipped (seconds).
+    pub max_duration_s: f64,
 }
 
 impl Default for EmbedConfig {
     fn default() -> Self {
-        EmbedConfig { enabled: true }
+        EmbedConfig {
+            enabled: true,
+            model: None,
+            device: "auto".to_owned(),
+            threads: 0,
+            decode_threads: 0,
+            batch_size: 0,
+            batch_timeout_ms: 50,
+            windows: 8,
+            window_patches: 1,
+            min_duration_s: 60.0,
+            max_duration_s: 900.0,
+        }
+    }
+}
+
+impl EmbedConfig {
+    /// Check the values; the error names the key (`embed.…`) and what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        self.validate_key()
+            .map_err(|(key, problem)| format!("`{key}` {problem}"))
+    }
+
+    /// Like [`validate`](Self::validate), as (key, problem).
+    pub fn validate_key(&self) -> Result<(), (&'static str, String)> {
+        if DeviceChoice::parse(&self.device).is_none() {
+            return Err((
+                "embed.device",
+                format!("must be auto, cpu, cuda or cuda:N (got {:?})", self.device),
+            ));
+        }
+        if self.threads > 1024 {
+            return Err((
+                "embed.threads",
+                format!("must be at most 1024 (got {})", self.threads),
+            ));
+        }
+        if self.decode_threads > 256 {
+            return Err((
+                "embed.decode_threads",
+                format!("must be at most 256 (got {})", self.decode_threads),
+            ));
+        }
+        if self.batch_size > 4096 {
+            return Err((
+                "embed.batch_size",
+                format!("must be at most 4096 (got {})", self.batch_size),
+            ));
+        }
+        if self.batch_timeout_ms > 60_000 {
+            return Err((
+                "embed.batch_timeout_ms",
+                format!("must be at most 60000 (got {})", self.batch_timeout_ms),
+            ));
+        }
+        if !(1..=64).contains(&self.windows) {
+            return Err((
+                "embed.windows",
+                format!("must be between 1 and 64 (got {})", self.windows),
+            ));
+        }
+        if !(1..=32).contains(&self.window_patches) {
+            return Err((
+                "embed.window_patches",
+                format!("must be between 1 and 32 (got {})", self.window_patches),
+            ));
+        }
+        if !(self.min_duration_s.is_finite() && self.min_duration_s >= 0.0) {
+            return Err((
+                "embed.min_duration_s",
+                format!("must be a number ≥ 0 (got {})", self.min_duration_s),
+            ));
+        }
+        if !(self.max_duration_s.is_finite() && self.max_duration_s > self.min_duration_s) {
+            return Err((
+                "embed.max_duration_s",
+                format!(
+                    "must be a number greater than embed.min_duration_s ({}) (got {})",
+                    self.min_duration_s, self.max_duration_s
+                ),
+            ));
+        }
+        if let Some(m) = &self.model
+            && m.as_os_str().is_empty()
+        {
+            return Err(("embed.model", "must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    fn cores() -> usize {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+
+    /// Inference threads on CPU.
+    pub fn inference_threads(&self) -> usize {
+        if self.threads == 0 {
+            Self::cores()
+        } else {
+            self.threads
+        }
+    }
+
+    /// Decode threads.
+    pub fn decoder_threads(&self) -> usize {
+        if self.decode_threads == 0 {
+            (Self::cores() / 4).max(1)
+        } else {
+            self.decode_threads
+        }
+    }
+
+    /// The window choice, as stored with the model (a change means new vectors).
+    pub fn window_params(&self) -> String {
+        format!("windows={},patches={}", self.windows, self.window_patches)
+    }
+}
+
+/// Why embeddings are unavailable or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("track {0} has no embedding (not embedded yet, skipped, or failed)")]
+    NoEmbedding(i64),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the embedding pipeline is shutting down")]
+    Stopped,
+    #[error("the embedding pipeline stopped: {0}")]
+    Broken(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A track to embed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbedTarget {
+    pub track_id: i64,
+    pub path: PathBuf,
+    pub duration_ms: i64,
+}
+
+/// What a run settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EmbedSummary {
+    /// Embedded now.
+    pub embedded: u64,
+    /// Already embedded from the same file: counted done without work.
+    pub unchanged: u64,
+    pub skipped: u64,
+    pub failed: u64,
+}
+
+impl EmbedSummary {
+    pub fn done(&self) -> u64 {
+        self.embedded + self.unchanged
+    }
+}
+
+/// Live figures of the pipeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EmbedStats {
+    /// Tracks waiting for a decode thread.
+    pub decode_queue: u64,
+    /// Decoded tracks waiting for the inference thread.
+    pub infer_queue: u64,
+    pub tracks_decoded: u64,
+    /// Seconds of audio decoded (windows plus margins).
+    pub audio_seconds_decoded: f64,
+    pub windows_inferred: u64,
+    pub batches: u64,
+    /// Seconds the inference thread spent in forward passes.
+    pub inference_seconds: f64,
+    pub tracks_stored: u64,
+}
+
+/// How a track ended.
+#[derive(Debug)]
+enum Outcome {
+    Done(i64),
+    Skipped {
+        track_id: i64,
+        reason: String,
+        record: bool,
+    },
+    Failed {
+        track_id: i64,
+        reason: String,
+        record: bool,
+    },
+}
+
+/// One `embed` call: its cancel token and where its outcomes go.
+struct JobCtx {
+    request_id: Uuid,
+    cancel: CancellationToken,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+}
+
+/// A track travelling through the stages.
+struct WorkItem {
+    job: Arc<JobCtx>,
+    track_id: i64,
+    path: PathBuf,
+    duration_ms: i64,
+    file_size: i64,
+    file_mtime_ns: i64,
+}
+
+/// State the stages share (counters, and whether a stage died).
+#[derive(Default)]
+struct Shared {
+    decode_queue: AtomicU64,
+    tracks_decoded: AtomicU64,
+    decoded_ms: AtomicU64,
+    tracks_stored: AtomicU64,
+    embedded: AtomicI64,
+    infer: InferStats,
+    /// Set once `start` has succeeded.
+    running: std::sync::atomic::AtomicBool,
+    broken: CancellationToken,
+    broken_reason: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn mark_broken(&self, stop: &CancellationToken, reason: String) {
+        if stop.is_cancelled() || !self.running.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::error!(reason = %reason, "embedding pipeline stopped");
+        lock(&self.broken_reason).get_or_insert(reason);
+        self.broken.cancel();
+    }
+}
+
+struct Inner {
+    pool: PgPool,
+    model: RegisteredModel,
+    manifest: ModelManifest,
+    model_path: PathBuf,
+    device: String,
+    min_ms: i64,
+    max_ms: i64,
+    decode_tx: Mutex<Option<mpsc::Sender<WorkItem>>>,
+    stop: CancellationToken,
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The stages wind down now; that is not a failure.
+        self.shared.running.store(false, Ordering::Release);
+    }
+}
+
+impl Inner {
+    fn broken_error(&self) -> EmbedError {
+        EmbedError::Broken(
+            lock(&self.shared.broken_reason)
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
+        )
+    }
+}
+
+/// The embedding service: cheap to clone.
+#[derive(Clone)]
+pub struct Embedder {
+    inner: Arc<Inner>,
+}
+
+/// Tracks the issues table is written in batches of.
+const ISSUE_BATCH: usize = 64;
+/// Tracks per store statement at most.
+const STORE_BATCH: usize = 64;
+/// Ids per pre-check query.
+const PRECHECK_CHUNK: usize = 5000;
+
+impl Embedder {
+    /// Load the model (or explain why embeddings are unavailable: feature off, model missing or
+    /// damaged, libtorch failure, device) and start the decode threads, the inference thread
+    /// and the store task. The threads end when `stop` is cancelled.
+    pub async fn start(
+        cfg: &EmbedConfig,
+        pool: PgPool,
+        stop: CancellationToken,
+    ) -> Result<Embedder, EmbedError> {
+        cfg.validate().map_err(EmbedError::Config)?;
+        if !phase_4_infer::available() {
+            return Err(InferError::FeatureDisabled.into());
+        }
+        let choice = DeviceChoice::parse(&cfg.device)
+            .ok_or_else(|| EmbedError::Config(format!("bad device {:?}", cfg.device)))?;
+        let path = model::locate(cfg.model.as_deref())?;
+        let files = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || model::load(&path))
+                .await
+                .map_err(|e| EmbedError::Internal(format!("model loading task: {e}")))??
+        };
+        let manifest = files.manifest.clone();
+        let plan = WindowPlan {
+            count: cfg.windows,
+            window_samples: manifest.window_samples * cfg.window_patches,
+            sample_rate: manifest.sample_rate,
+        };
+        let row_len = plan.window_samples;
+        let threads = cfg.inference_threads();
+        let decode_threads = cfg.decoder_threads();
+        let guess_rows = if cfg.batch_size == 0 {
+            8
+        } else {
+            cfg.batch_size
+        };
+        let infer_capacity = (2 * guess_rows).div_ceil(cfg.windows).max(2) + decode_threads;
+
+        // The inference thread loads the model itself (libtorch's CPU threads are per thread).
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (infer_tx, infer_rx) = std_mpsc::sync_channel::<InferInput<WorkItem>>(infer_capacity);
+        let (store_tx, store_rx) = mpsc::channel::<Finished<WorkItem>>(4 * STORE_BATCH);
+        let shared = Arc::new(Shared::default());
+        let loop_cfg = (cfg.batch_size, Duration::from_millis(cfg.batch_timeout_ms));
+        {
+            let stop = stop.clone();
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("coral-infer".into())
+                .spawn(move || {
+                    inference_thread(
+                        files, choice, threads, row_len, loop_cfg, ready_tx, infer_rx, store_tx,
+                        stop, shared,
+                    )
+                })
+                .map_err(|e| {
+                    EmbedError::Internal(format!("cannot start the inference thread: {e}"))
+                })?;
+        }
+        let (device, _accelerator) = ready_rx.await.map_err(|_| {
+            EmbedError::Internal("the inference thread ended while loading".into())
+        })??;
+
+        let registered =
+            phase_5_store::register_model(&pool, &manifest, &cfg.window_params()).await?;
+        let embedded = phase_5_store::count_embedded(&pool, registered.id).await?;
+        shared.embedded.store(embedded, Ordering::Relaxed);
+        let (decode_tx, decode_rx) = mpsc::channel::<WorkItem>(2 * decode_threads + 2);
+
+        let inner = Arc::new(Inner {
+            pool: pool.clone(),
+            model: registered,
+            manifest: manifest.clone(),
+            model_path: path.clone(),
+            device: device.clone(),
+            min_ms: (cfg.min_duration_s * 1000.0).round() as i64,
+            max_ms: (cfg.max_duration_s * 1000.0).round() as i64,
+            decode_tx: Mutex::new(Some(decode_tx)),
+            stop: stop.clone(),
+            shared: Arc::clone(&shared),
+        });
+
+        let decode_rx = Arc::new(Mutex::new(decode_rx));
+        for i in 0..decode_threads {
+            let rx = Arc::clone(&decode_rx);
+            let tx = infer_tx.clone();
+            let shared = Arc::clone(&shared);
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("coral-decode-{i}"))
+                .spawn(move || decode_thread(rx, tx, plan, shared, stop))
+                .map_err(|e| EmbedError::Internal(format!("cannot start a decode thread: {e}")))?;
+        }
+        drop(infer_tx);
+        tokio::spawn(store_task(
+            Arc::clone(&shared),
+            pool.clone(),
+            registered,
+            store_rx,
+        ));
+        tokio::spawn(housekeeping(Arc::downgrade(&inner), stop.clone()));
+        shared.running.store(true, Ordering::Release);
+
+        tracing::info!(
+            model = %manifest.name,
+            version = %manifest.version,
+            path = %path.display(),
+            device = %device,
+            threads,
+            decode_threads,
+            windows = cfg.windows,
+            embedded,
+            "embeddings ready"
+        );
+        Ok(Embedder { inner })
+    }
+
+    /// Enabled, model, device and the number of tracks embedded for the active model.
+    pub fn status(&self) -> coral_proto::EmbeddingStatus {
+        let i = &self.inner;
+        coral_proto::EmbeddingStatus {
+            enabled: true,
+            model: Some(format!("{} v{}", i.manifest.name, i.manifest.version)),
+            device: Some(i.device.clone()),
+            tracks_embedded: i.shared.embedded.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queue depths and throughput counters.
+    pub fn stats(&self) -> EmbedStats {
+        let s = &self.inner.shared;
+        let f = &self.inner.shared.infer;
+        EmbedStats {
+            decode_queue: s.decode_queue.load(Ordering::Relaxed),
+            infer_queue: f.queued_tracks.load(Ordering::Relaxed),
+            tracks_decoded: s.tracks_decoded.load(Ordering::Relaxed),
+            audio_seconds_decoded: s.decoded_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            windows_inferred: f.windows.load(Ordering::Relaxed),
+            batches: f.batches.load(Ordering::Relaxed),
+            inference_seconds: f.busy_us.load(Ordering::Relaxed) as f64 / 1e6,
+            tracks_stored: s.tracks_stored.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The active model's manifest.
+    pub fn manifest(&self) -> &ModelManifest {
+        &self.inner.manifest
+    }
+
+    /// Where the model was loaded from.
+    pub fn model_path(&self) -> &std::path::Path {
+        &self.inner.model_path
+    }
+
+    /// The model's id in the `models` table.
+    pub fn model_id(&self) -> i64 {
+        self.inner.model.id
+    }
+
+    /// Embed these tracks for a scan, reporting each on the scan's counters (expected first,
+    /// then done / skipped / failed). Resolves when every target is settled, or early with
+    /// `Cancelled` when the scan is cancelled (queued work of the scan is dropped; vectors
+    /// already computed are stored, which keeps the database consistent).
+    pub async fn embed_for_scan(
+        &self,
+        handle: Arc<ScanHandle>,
+        targets: Vec<EmbedTarget>,
+    ) -> Result<(), EmbedError> {
+        let span = tracing::info_span!("embed", request_id = %handle.request_id());
+        let cancel = handle.cancel_token().clone();
+        self.run(
+            handle.request_id(),
+            cancel,
+            targets,
+            Some(handle.counters()),
+        )
+        .instrument(span)
+        .await
+        .map(|_| ())
+    }
+
+    /// Embed tracks outside a scan (start-up sweep, tools): like `embed_for_scan`, returning the
+    /// tally instead of reporting it.
+    pub async fn embed(
+        &self,
+        request_id: Uuid,
+        targets: Vec<EmbedTarget>,
+        cancel: CancellationToken,
+    ) -> Result<EmbedSummary, EmbedError> {
+        let span = tracing::info_span!("embed", request_id = %request_id);
+        self.run(request_id, cancel, targets, None)
+            .instrument(span)
+            .await
+    }
+
+    /// Tracks lacking an embedding of their current file for the active model, within the
+    /// duration limits, and without a recorded failure for that file.
+    pub async fn missing_targets(&self) -> Result<Vec<EmbedTarget>, EmbedError> {
+        let i = &self.inner;
+        Ok(
+            phase_5_store::missing(&i.pool, i.model.id, i.min_ms, i.max_ms)
+                .await?
+                .into_iter()
+                .map(|m| EmbedTarget {
+                    track_id: m.id,
+                    path: m.path,
+                    duration_ms: m.duration_ms,
+                })
+                .collect(),
+        )
+    }
+
+    /// Nearest neighbours by cosine distance (HNSW index), excluding the track itself:
+    /// `(track_id, cosine similarity)`, best first.
+    pub async fn similar(&self, track_id: i64, limit: u32) -> Result<Vec<(i64, f64)>, EmbedError> {
+        let i = &self.inner;
+        let v = phase_5_store::embedding_of(&i.pool, i.model.id, track_id)
+            .await?
+            .ok_or(EmbedError::NoEmbedding(track_id))?;
+        Ok(phase_5_store::nearest(&i.pool, i.model, &v, track_id, limit).await?)
+    }
+
+    async fn run(
+        &self,
+        request_id: Uuid,
+        cancel: CancellationToken,
+        targets: Vec<EmbedTarget>,
+        counters: Option<&ScanCounters>,
+    ) -> Result<EmbedSummary, EmbedError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        // One report per distinct track.
+        let mut seen = std::collections::HashSet::with_capacity(targets.len());
+        let targets: Vec<EmbedTarget> = targets
+            .into_iter()
+            .filter(|t| seen.insert(t.track_id))
+            .collect();
+        if let Some(c) = counters {
+            c.set_embeddings_expected(targets.len() as u64);
+        }
+        let mut summary = EmbedSummary::default();
+        if targets.is_empty() {
+            return Ok(summary);
+        }
+        let report = |o: &Outcome, summary: &mut EmbedSummary, fresh: bool| {
+            let counter = match o {
+                Outcome::Done(_) => {
+                    if fresh {
+                        summary.embedded += 1;
+                    } else {
+                        summary.unchanged += 1;
+                    }
+                    counters.map(|c| &c.embeddings_done)
+                }
+                Outcome::Skipped { .. } => {
+                    summary.skipped += 1;
+                    counters.map(|c| &c.embeddings_skipped)
+                }
+                Outcome::Failed { .. } => {
+                    summary.failed += 1;
+                    counters.map(|c| &c.embeddings_failed)
+                }
+            };
+            if let Some(counter) = counter {
+                ScanCounters::add(counter, 1);
+            }
+        };
+
+        // What the database already knows.
+        let ids: Vec<i64> = targets.iter().map(|t| t.track_id).collect();
+        let mut states = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(PRECHECK_CHUNK) {
+            if cancel.is_cancelled() {
+                return Err(EmbedError::Cancelled);
+            }
+            for s in phase_5_store::target_states(&inner.pool, inner.model.id, chunk).await? {
+                states.insert(s.id, s);
+            }
+        }
+        let mut work = Vec::new();
+        let mut stale_skipped = Vec::new();
+        let min_s = inner.min_ms as f64 / 1000.0;
+        let max_s = inner.max_ms as f64 / 1000.0;
+        for t in targets {
+            let Some(s) = states.get(&t.track_id) else {
+                let o = Outcome::Skipped {
+                    track_id: t.track_id,
+                    reason: "no longer indexed".into(),
+                    record: false,
+                };
+                report(&o, &mut summary, false);
+                continue;
+            };
+            let duration_s = t.duration_ms as f64 / 1000.0;
+            let too = if t.duration_ms < inner.min_ms {
+                Some(format!("shorter than {min_s} s ({duration_s:.1} s)"))
+            } else if t.duration_ms > inner.max_ms {
+                Some(format!("longer than {max_s} s ({duration_s:.1} s)"))
+            } else {
+                None
+            };
+            if let Some(reason) = too {
+                if s.stale_embedding {
+                    stale_skipped.push(t.track_id);
+                }
+                tracing::debug!(track_id = t.track_id, %reason, "embedding skipped");
+                report(
+                    &Outcome::Skipped {
+                        track_id: t.track_id,
+                        reason,
+                        record: false,
+                    },
+                    &mut summary,
+                    false,
+                );
+                continue;
+            }
+            if s.embedded {
+                report(&Outcome::Done(t.track_id), &mut summary, false);
+                continue;
+            }
+            match s.issue_outcome.as_deref() {
+                Some("skipped") => {
+                    report(
+                        &Outcome::Skipped {
+                            track_id: t.track_id,
+                            reason: s.issue_reason.clone().unwrap_or_default(),
+                            record: false,
+                        },
+                        &mut summary,
+                        false,
+                    );
+                    continue;
+                }
+                Some(_) => {
+                    report(
+                        &Outcome::Failed {
+                            track_id: t.track_id,
+                            reason: s.issue_reason.clone().unwrap_or_default(),
+                            record: false,
+                        },
+                        &mut summary,
+                        false,
+                    );
+                    continue;
+                }
+                None => {}
+            }
+            work.push((t, s.size, s.mtime_ns));
+        }
+        if !stale_skipped.is_empty() {
+            phase_5_store::delete_embeddings(&inner.pool, inner.model.id, &stale_skipped).await?;
+        }
+        tracing::debug!(
+            queued = work.len(),
+            unchanged = summary.unchanged,
+            skipped = summary.skipped,
+            failed = summary.failed,
+            "embedding"
+        );
+        if work.is_empty() {
+            return Ok(summary);
+        }
+
+        let Some(decode_tx) = lock(&inner.decode_tx).clone() else {
+            return Err(EmbedError::Stopped);
+        };
+        let job_cancel = cancel.child_token();
+        // Dropping this future (or returning early) drops the job's queued work.
+        let _guard = job_cancel.clone().drop_guard();
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let job = Arc::new(JobCtx {
+            request_id,
+            cancel: job_cancel,
+            outcomes: out_tx,
+        });
+        let info: HashMap<i64, (PathBuf, i64, i64)> = work
+            .iter()
+            .map(|(t, size, mtime)| (t.track_id, (t.path.clone(), *size, *mtime)))
+            .collect();
+        let total = work.len();
+        let mut queue = work.into_iter();
+        let mut settled = 0usize;
+        let mut issues: Vec<NewIssue> = Vec::new();
+        let mut next = queue.next();
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Err(EmbedError::Cancelled),
+                _ = inner.stop.cancelled() => break Err(EmbedError::Stopped),
+                _ = inner.shared.broken.cancelled() => break Err(inner.broken_error()),
+                o = out_rx.recv() => {
+                    let Some(o) = o else {
+                        break Err(EmbedError::Internal("outcome channel closed".into()));
+                    };
+                    settled += 1;
+                    let (track_id, path) = match &o {
+                        Outcome::Done(id) | Outcome::Skipped { track_id: id, .. }
+                        | Outcome::Failed { track_id: id, .. } => (*id, info.get(id).map(|i| i.0.display().to_string()).unwrap_or_default()),
+                    };
+                    match &o {
+                        Outcome::Done(_) => {}
+                        Outcome::Skipped { reason, record, .. } | Outcome::Failed { reason, record, .. } => {
+                            let failed = matches!(o, Outcome::Failed { .. });
+                            if failed {
+                                tracing::warn!(track_id, path = %path, reason = %reason, "track not embedded");
+                            } else {
+                                tracing::info!(track_id, path = %path, reason = %reason, "track skipped for embedding");
+                            }
+                            if *record && let Some((_, size, mtime)) = info.get(&track_id) {
+                                issues.push(NewIssue {
+                                    track_id,
+                                    file_size: *size,
+                                    file_mtime_ns: *mtime,
+                                    outcome: if failed { "failed" } else { "skipped" },
+                                    reason: reason.clone(),
+                                });
+                            }
+                        }
+                    }
+                    report(&o, &mut summary, true);
+                    if issues.len() >= ISSUE_BATCH {
+                        flush_issues(inner, request_id, &mut issues).await;
+                    }
+                    if settled == total {
+                        break Ok(());
+                    }
+                }
+                permit = decode_tx.reserve(), if next.is_some() => {
+                    let Ok(permit) = permit else {
+                        break Err(EmbedError::Stopped);
+                    };
+                    if let Some((t, size, mtime)) = next.take() {
+                        inner.shared.decode_queue.fetch_add(1, Ordering::Relaxed);
+                        permit.send(WorkItem {
+                            job: Arc::clone(&job),
+                            track_id: t.track_id,
+                            path: t.path,
+                            duration_ms: t.duration_ms,
+                            file_size: size,
+                            file_mtime_ns: mtime,
+                        });
+                    }
+                    next = queue.next();
+                }
+            }
+        };
+        flush_issues(inner, request_id, &mut issues).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        tracing::info!(
+            embedded = summary.embedded,
+            unchanged = summary.unchanged,
+            skipped = summary.skipped,
+            failed = summary.failed,
+            seconds = format!("{elapsed:.1}"),
+            outcome = match &result {
+                Ok(()) => "completed".to_owned(),
+                Err(e) => e.to_string(),
+            },
+            "embedding finished"
+        );
+        result.map(|()| summary)
+    }
+}
+
+async fn flush_issues(inner: &Inner, request_id: Uuid, issues: &mut Vec<NewIssue>) {
+    if issues.is_empty() {
+        return;
+    }
+    if let Err(e) =
+        phase_5_store::record_issues(&inner.pool, inner.model.id, Some(request_id), issues).await
+    {
+        tracing::warn!(error = %e, "could not record embedding issues; they will be retried");
+    }
+    issues.clear();
+}
+
+/// Decode thread: work items → model-rate windows → inference queue.
+fn decode_thread(
+    rx: Arc<Mutex<mpsc::Receiver<WorkItem>>>,
+    tx: std_mpsc::SyncSender<InferInput<WorkItem>>,
+    plan: WindowPlan,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut maker = WindowMaker::new(plan);
+    loop {
+        let item = lock(&rx).blocking_recv();
+        let Some(item) = item else { return };
+        shared.decode_queue.fetch_sub(1, Ordering::Relaxed);
+        if stop.is_cancelled() {
+            return;
+        }
+        if item.job.cancel.is_cancelled() {
+            continue;
+        }
+        let duration_s = item.duration_ms as f64 / 1000.0;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            maker.make(&item.path, duration_s)
+        }));
+        let outcome = match result {
+            Ok(Ok(w)) => {
+                shared.tracks_decoded.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .decoded_ms
+                    .fetch_add((w.decoded_seconds * 1000.0) as u64, Ordering::Relaxed);
+                shared.infer.queued_tracks.fetch_add(1, Ordering::Relaxed);
+                if tx
+                    .send(InferInput {
+                        meta: item,
+                        samples: w.samples,
+                        windows: w.count,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            Ok(Err(e)) if e.is_unsupported() => Outcome::Skipped {
+                track_id: item.track_id,
+                reason: e.to_string(),
+                record: true,
+            },
+            Ok(Err(e)) => Outcome::Failed {
+                track_id: item.track_id,
+                reason: e.to_string(),
+                record: true,
+            },
+            Err(panic) => {
+                maker = WindowMaker::new(plan);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(request_id = %item.job.request_id, path = %item.path.display(), panic = %what, "decoder panicked on this file");
+                Outcome::Failed {
+                    track_id: item.track_id,
+                    reason: format!("the decoder crashed on this file ({what})"),
+                    record: true,
+                }
+            }
+        };
+        let _ = item.job.outcomes.send(outcome);
+    }
+}
+
+/// The inference thread: loads the model, reports readiness, runs the batching loop.
+#[allow(clippy::too_many_arguments)]
+fn inference_thread(
+    files: model::ModelFiles,
+    choice: DeviceChoice,
+    threads: usize,
+    row_len: usize,
+    (batch_size, flush_after): (usize, Duration),
+    ready: oneshot::Sender<Result<(String, bool), EmbedError>>,
+    rx: std_mpsc::Receiver<InferInput<WorkItem>>,
+    store_tx: mpsc::Sender<Finished<WorkItem>>,
+    stop: CancellationToken,
+    shared: Arc<Shared>,
+) {
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        phase_4_infer::load_model(&files, choice, threads, row_len)
+    }));
+    drop(files);
+    let mut model = match loaded {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
+        Err(_) => {
+            let _ = ready.send(Err(EmbedError::Internal(
+                "libtorch panicked while loading the model".into(),
+            )));
+            return;
+        }
+    };
+    let accelerator = model.is_accelerator();
+    let max_rows = match batch_size {
+        0 if accelerator => 32,
+        0 => 8,
+        n => n,
+    };
+    if ready.send(Ok((model.device_label(), accelerator))).is_err() {
+        return;
+    }
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        phase_4_infer::run_loop(
+            model.as_mut(),
+            rx,
+            |out| match out {
+                InferOutput::Done(f) => store_tx.blocking_send(f).is_ok(),
+                InferOutput::Failed(f) => {
+                    let _ = f.meta.job.outcomes.send(Outcome::Failed {
+                        track_id: f.meta.track_id,
+                        reason: f.reason,
+                        record: false,
+                    });
+                    true
+                }
+            },
+            |item: &WorkItem| !item.job.cancel.is_cancelled(),
+            LoopConfig {
+                max_rows,
+                flush_after,
+            },
+            &stop,
+            &shared.infer,
+        );
+    }));
+    let why = match run {
+        Ok(()) => "the inference thread ended",
+        Err(_) => "the inference thread panicked (libtorch error)",
+    };
+    shared.mark_broken(&stop, why.to_owned());
+}
+
+/// Store task: finished tracks → `track_embeddings`, batched; reports each track.
+async fn store_task(
+    shared: Arc<Shared>,
+    pool: PgPool,
+    model: RegisteredModel,
+    mut rx: mpsc::Receiver<Finished<WorkItem>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < STORE_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<NewEmbedding> = batch
+            .iter()
+            .map(|f| NewEmbedding {
+                track_id: f.meta.track_id,
+                embedding: f.embedding.clone(),
+                file_size: f.meta.file_size,
+                file_mtime_ns: f.meta.file_mtime_ns,
+                windows: i32::try_from(f.windows).unwrap_or(i32::MAX),
+            })
+            .collect();
+        let results: Vec<Result<bool, String>> = match phase_5_store::store_embeddings(
+            &pool, model.id, &rows,
+        )
+        .await
+        {
+            Ok(stored) => {
+                let stored: std::collections::HashSet<i64> = stored.into_iter().collect();
+                rows.iter()
+                    .map(|r| Ok(stored.contains(&r.track_id)))
+                    .collect()
+            }
+            Err(e) => {
+                // Find the row at fault: store one by one.
+                tracing::warn!(error = %e, rows = rows.len(), "batch insert failed: storing one by one");
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    out.push(
+                        phase_5_store::store_embeddings(&pool, model.id, std::slice::from_ref(r))
+                            .await
+                            .map(|s| !s.is_empty())
+                            .map_err(|e| format!("database error: {e}")),
+                    );
+                }
+                out
+            }
+        };
+        let mut stored_now = 0u64;
+        for (f, r) in batch.into_iter().zip(results) {
+            let o = match r {
+                Ok(true) => {
+                    stored_now += 1;
+                    Outcome::Done(f.meta.track_id)
+                }
+                Ok(false) => Outcome::Skipped {
+                    track_id: f.meta.track_id,
+                    reason: "removed from the index while it was embedded".into(),
+                    record: false,
+                },
+                Err(reason) => Outcome::Failed {
+                    track_id: f.meta.track_id,
+                    reason,
+                    record: false,
+                },
+            };
+            let _ = f.meta.job.outcomes.send(o);
+        }
+        shared
+            .tracks_stored
+            .fetch_add(stored_now, Ordering::Relaxed);
+        if let Ok(n) = phase_5_store::count_embedded(&pool, model.id).await {
+            shared.embedded.store(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Closes the decode queue on shutdown and keeps the embedded-tracks count fresh (scans
+/// delete tracks, and their vectors with them).
+async fn housekeeping(inner: Weak<Inner>, stop: CancellationToken) {
+    let mut timer = tokio::time::interval(Duration::from_secs(30));
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                if let Some(inner) = inner.upgrade() {
+                    lock(&inner.decode_tx).take();
+                }
+                return;
+            }
+            _ = timer.tick() => {
+                let Some(inner) = inner.upgrade() else { return };
+                if let Ok(n) = phase_5_store::count_embedded(&inner.pool, inner.model.id).await {
+                    inner.shared.embedded.store(n, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = EmbedConfig::default();
+        c.validate().expect("defaults are valid");
+        assert_eq!(c.windows, 8);
+        assert_eq!(c.min_duration_s, 60.0);
+        assert_eq!(c.max_duration_s, 900.0);
+        assert_eq!(c.window_params(), "windows=8,patches=1");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let bad = |f: &dyn Fn(&mut EmbedConfig)| {
+            let mut c = EmbedConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert!(bad(&|c| c.device = "gpu".into()).contains("embed.device"));
+        assert!(bad(&|c| c.windows = 0).contains("embed.windows"));
+        assert!(bad(&|c| c.window_patches = 0).contains("embed.window_patches"));
+        assert!(bad(&|c| c.min_duration_s = -1.0).contains("embed.min_duration_s"));
+        assert!(bad(&|c| c.max_duration_s = 10.0).contains("embed.max_duration_s"));
+        assert!(bad(&|c| c.batch_size = 100_000).contains("embed.batch_size"));
+        let (key, _) = {
+            let c = EmbedConfig {
+                device: "cuda:x".into(),
+                ..EmbedConfig::default()
+            };
+            c.validate_key().unwrap_err()
+        };
+        assert_eq!(key, "embed.device");
+    }
+
+    #[test]
+    fn parses_from_toml_and_rejects_unknown_keys() {
+        let c: EmbedConfig = toml::from_str(
+            "device = \"cuda:1\"\nwindows = 4\nmin_duration_s = 30\nmodel = \"/m/x.pt\"",
+        )
+        .expect("parses");
+        assert_eq!(c.device, "cuda:1");
+        assert_eq!(c.windows, 4);
+        assert_eq!(c.min_duration_s, 30.0);
+        assert!(c.enabled);
+        assert!(toml::from_str::<EmbedConfig>("window = 4").is_err());
+    }
+
+    #[cfg(not(feature = "embed"))]
+    #[tokio::test]
+    async fn without_the_feature_start_explains_why() {
+        // A pool that is never used: start fails before touching the database.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@localhost/none")
+            .expect("lazy pool");
+        let e = Embedder::start(&EmbedConfig::default(), pool, CancellationToken::new())
+            .await
+            .err()
+            .expect("no libtorch in this build");
+        assert!(e.to_string().contains("embed"), "{e}");
     }
 }

@@ -252,7 +252,8 @@ mod tests {
 
     #[test]
     fn manifest_errors_name_the_field() {
-        let text = manifest_json(&"a".repeat(64)).replace("\"embedding_dim\": 4", "\"embedding_dim\": 0");
+        let text =
+            manifest_json(&"a".repeat(64)).replace("\"embedding_dim\": 4", "\"embedding_dim\": 0");
         let e = ModelManifest::parse(&text, Path::new("m.json")).unwrap_err();
         assert!(e.to_string().contains("embedding_dim"), "{e}");
         let e = ModelManifest::parse("{", Path::new("m.json")).unwrap_err();

@@ -155,8 +155,16 @@ impl Want {
     }
 }
 
+/// A file ready to decode.
+struct Opened {
+    format: Box<dyn FormatReader>,
+    decoder: Box<dyn AudioDecoder>,
+    track_id: u32,
+    clock: Clock,
+}
+
 /// Open, probe and set up a decoder for the default audio track.
-fn open(path: &Path) -> Result<(Box<dyn FormatReader>, Box<dyn AudioDecoder>, u32, Clock), DecodeError> {
+fn open(path: &Path) -> Result<Opened, DecodeError> {
     let file = File::open(path).map_err(DecodeError::Open)?;
     let mss = MediaSourceStream::new(Box::new(file), Default::default());
     let mut hint = Hint::new();
@@ -199,7 +207,12 @@ fn open(path: &Path) -> Result<(Box<dyn FormatReader>, Box<dyn AudioDecoder>, u3
             SymError::Unsupported(_) => DecodeError::NoDecoder(codec_name(params.codec)),
             other => DecodeError::Stream(other.to_string()),
         })?;
-    Ok((format, decoder, track_id, clock))
+    Ok(Opened {
+        format,
+        decoder,
+        track_id,
+        clock,
+    })
 }
 
 /// Decode `regions` (sorted by start or not) of the file at `path`.
@@ -213,7 +226,12 @@ pub fn decode_regions(
             return Err(DecodeError::Request(format!("{r:?}")));
         }
     }
-    let (mut format, mut decoder, track_id, clock) = open(path)?;
+    let Opened {
+        mut format,
+        mut decoder,
+        track_id,
+        clock,
+    } = open(path)?;
     let rate = f64::from(clock.rate);
 
     // Fill regions in order of their start; report them in the order asked.
@@ -286,11 +304,21 @@ pub fn decode_regions(
         if packet.track_id != track_id {
             continue;
         }
-        let p0 = clock.ts_to_frame(packet.pts.get().saturating_add(packet.trim_start.get() as i64));
+        let p0 = clock.ts_to_frame(
+            packet
+                .pts
+                .get()
+                .saturating_add(packet.trim_start.get() as i64),
+        );
         let p_len = clock.ts_to_frame(packet.dur.get().min(i64::MAX as u64) as i64);
         // Far before the next region: demux only (no decode), and reset the decoder before
         // decoding again, as after a seek.
-        if p0.saturating_add(p_len) < wants[first].start.saturating_add(wants[first].written as i64) - warmup {
+        if p0.saturating_add(p_len)
+            < wants[first]
+                .start
+                .saturating_add(wants[first].written as i64)
+                - warmup
+        {
             needs_reset = true;
             pos = Some(p0.saturating_add(p_len));
             continue;
@@ -407,7 +435,9 @@ mod tests {
     fn garbage_is_a_format_error_not_a_panic() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("x.mp3");
-        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let bytes: Vec<u8> = (0..20_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         std::fs::write(&p, bytes).expect("write");
         let r = decode_regions(
             &p,
@@ -463,9 +493,18 @@ mod tests {
         std::fs::write(&p, f).expect("write");
 
         let regions = [
-            Region { start_s: 12.0, len_s: 0.5 },
-            Region { start_s: 1.0, len_s: 0.5 },
-            Region { start_s: -0.25, len_s: 0.5 },
+            Region {
+                start_s: 12.0,
+                len_s: 0.5,
+            },
+            Region {
+                start_s: 1.0,
+                len_s: 0.5,
+            },
+            Region {
+                start_s: -0.25,
+                len_s: 0.5,
+            },
         ];
         for policy in [SeekPolicy::Seek, SeekPolicy::Sequential] {
             let d = decode_regions(&p, &regions, policy).expect("decodes");
@@ -479,12 +518,22 @@ mod tests {
                     } else {
                         f32::from((frame % 30000) as i16) / 32768.0
                     };
-                    assert!((v - expected).abs() < 1e-6, "{policy:?} {r:?} frame {frame}: {v} vs {expected}");
+                    assert!(
+                        (v - expected).abs() < 1e-6,
+                        "{policy:?} {r:?} frame {frame}: {v} vs {expected}"
+                    );
                 }
             }
         }
-        let e = decode_regions(&p, &[Region { start_s: 19.9, len_s: 2.0 }], SeekPolicy::Seek)
-            .unwrap_err();
+        let e = decode_regions(
+            &p,
+            &[Region {
+                start_s: 19.9,
+                len_s: 2.0,
+            }],
+            SeekPolicy::Seek,
+        )
+        .unwrap_err();
         assert!(matches!(e, DecodeError::Truncated { .. }), "{e}");
     }
 }

@@ -178,11 +178,7 @@ impl<T> Batcher<T> {
     }
 
     /// Take the model's output for `batch` (`rows × dim`) and return the tracks it settled.
-    pub fn complete(
-        &mut self,
-        batch: Batch,
-        output: &[f32],
-    ) -> (Vec<Finished<T>>, Vec<Failed<T>>) {
+    pub fn complete(&mut self, batch: Batch, output: &[f32]) -> (Vec<Finished<T>>, Vec<Failed<T>>) {
         let mut finished = Vec::new();
         let mut failed = Vec::new();
         if output.len() != batch.rows * self.dim {

@@ -10,8 +10,8 @@
 //! references it directly), and loading it only where a driver exists keeps CPU machines free
 //! of the CUDA libraries it needs.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,9 @@ impl DeviceChoice {
 /// Why the model cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
-    #[error("corald was built without the `embed` feature (libtorch); rebuild with `--features corald/embed`")]
+    #[error(
+        "corald was built without the `embed` feature (libtorch); rebuild with `--features corald/embed`"
+    )]
     FeatureDisabled,
     #[error("device {device}: {message}")]
     Device { device: String, message: String },
@@ -229,7 +231,9 @@ pub fn load_model(
     threads: usize,
     row_len: usize,
 ) -> Result<Box<dyn Forward + Send>, InferError> {
-    Ok(Box::new(torch::TorchModel::load(files, choice, threads, row_len)?))
+    Ok(Box::new(torch::TorchModel::load(
+        files, choice, threads, row_len,
+    )?))
 }
 
 /// Without the `embed` feature there is no libtorch: embeddings are unavailable.
@@ -317,7 +321,9 @@ mod torch {
                 match load_cuda_backend() {
                     Ok(()) if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
                     Ok(()) => {
-                        tracing::info!("NVIDIA driver present but CUDA reports no device: using CPU");
+                        tracing::info!(
+                            "NVIDIA driver present but CUDA reports no device: using CPU"
+                        );
                         Ok(Device::Cpu)
                     }
                     Err(e) => {
@@ -398,12 +404,10 @@ mod torch {
             };
             // One forward pass checks the contract (and warms libtorch up).
             let probe = vec![0.0f32; row_len];
-            model
-                .forward(&probe, 1)
-                .map_err(|e| InferError::Contract {
-                    path,
-                    message: e.to_string(),
-                })?;
+            model.forward(&probe, 1).map_err(|e| InferError::Contract {
+                path,
+                message: e.to_string(),
+            })?;
             Ok(model)
         }
 
@@ -477,7 +481,9 @@ mod tests {
         fn forward(&mut self, input: &[f32], rows: usize) -> Result<Vec<f32>, ForwardError> {
             self.calls.push(rows);
             if rows > self.limit {
-                return Err(ForwardError::OutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB".into()));
+                return Err(ForwardError::OutOfMemory(
+                    "CUDA out of memory. Tried to allocate 2.00 GiB".into(),
+                ));
             }
             Ok(input.chunks(2).map(|w| w[0] * 2.0).collect())
         }

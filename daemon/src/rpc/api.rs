@@ -33,6 +33,8 @@ pub struct RpcContext {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub database: String,
+    /// The filesystem watcher: told about added and removed libraries, reports its state.
+    pub watcher: Arc<crate::watch::Watcher>,
 }
 
 /// The API object registered with the server.
@@ -202,7 +204,8 @@ impl CoralApiServer for CoralRpc {
                 device: None,
                 tracks_embedded: 0,
             },
-            warnings: Vec::new(),
+            warnings: ctx.watcher.warnings(),
+            watch: ctx.watcher.status(),
         })
     }
 
@@ -270,6 +273,8 @@ impl CoralApiServer for CoralRpc {
                 )
             })?;
         tracing::info!(library = %canonical_str, id = row.id, "library added");
+        // Watches first, so the scan below cannot miss a file written in between.
+        ctx.watcher.add_library(row.id, &canonical).await;
         let (handle, _) = ctx
             .queue
             .submit(ScanRequest {
@@ -303,6 +308,7 @@ impl CoralApiServer for CoralRpc {
                 h.cancel_token().cancel();
             }
         }
+        self.ctx().watcher.remove_library(row.id);
         libraries::delete(&self.ctx().pool, row.id)
             .await
             .map_err(db_error)?;

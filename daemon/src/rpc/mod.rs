@@ -1,5 +1,6 @@
-//! The JSON-RPC API on a Unix socket: `server` owns the socket and connections, `api` implements
-//! the methods defined once in `coral-proto`.
+//! The JSON-RPC API on a Unix socket: `server` owns the socket and connections, `auth` decides
+//! who may connect, `api` implements the methods defined once in `coral-proto`.
 
 pub mod api;
+pub mod auth;
 pub mod server;

@@ -1,6 +1,8 @@
 //! The Unix socket: binding it safely (a stale file from a crash is replaced, a live corald on
 //! the same path is never stolen from), and serving JSON-RPC over WebSocket or plain HTTP POST on
-//! each accepted connection until shutdown.
+//! each accepted connection until shutdown. Every accepted connection passes the peer
+//! credential check of [`super::auth`] first. Under socket activation the listener comes from
+//! systemd instead of [`bind`].
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -8,6 +10,8 @@ use std::path::{Path, PathBuf};
 use jsonrpsee::server::{Methods, ServerConfig, serve_with_graceful_shutdown, stop_channel};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+
+use super::auth::{self, AccessPolicy};
 
 /// Largest request accepted, in bytes.
 pub const MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
@@ -28,10 +32,32 @@ pub enum SocketError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot use the socket passed by systemd: {0}")]
+    Activated(std::io::Error),
 }
 
 /// Bind the API socket at `path` with mode 0660.
 pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    bind_with(path, 0o660, None).await
+}
+
+/// Use a listening socket passed by systemd (socket activation).
+pub fn from_activated(
+    listener: std::os::unix::net::UnixListener,
+) -> Result<UnixListener, SocketError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(SocketError::Activated)?;
+    UnixListener::from_std(listener).map_err(SocketError::Activated)
+}
+
+/// Bind the API socket at `path` with permission bits `mode`, and give it to group `gid` when
+/// set (a failure to change the group is logged, not fatal: the mode still applies).
+pub async fn bind_with(
+    path: &Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<UnixListener, SocketError> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
@@ -56,7 +82,12 @@ pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         path: path.to_owned(),
         source,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+    if let Some(gid) = gid
+        && let Err(e) = nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+    {
+        tracing::warn!(socket = %path.display(), gid, error = %e, "cannot give the socket to its group; only corald's own group can connect");
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
         SocketError::Bind {
             path: path.to_owned(),
             source,
@@ -66,7 +97,14 @@ pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 }
 
 /// Accept connections until `stop` is cancelled, then let open connections finish gracefully.
-pub async fn serve(listener: UnixListener, methods: impl Into<Methods>, stop: CancellationToken) {
+/// Each connection is admitted by `policy` first (refused peers get a 403 and are closed).
+pub async fn serve(
+    listener: UnixListener,
+    methods: impl Into<Methods>,
+    policy: AccessPolicy,
+    stop: CancellationToken,
+) {
+    let policy = std::sync::Arc::new(policy);
     let methods: Methods = methods.into();
     let config = ServerConfig::builder()
         .max_request_body_size(MAX_REQUEST_BYTES)
@@ -93,7 +131,11 @@ pub async fn serve(listener: UnixListener, methods: impl Into<Methods>, stop: Ca
             .clone()
             .build(methods.clone(), stop_handle.clone());
         let stopped = stop_handle.clone().shutdown();
+        let policy = std::sync::Arc::clone(&policy);
         tokio::spawn(async move {
+            let Some(stream) = auth::admit(&policy, stream).await else {
+                return;
+            };
             if let Err(e) = serve_with_graceful_shutdown(stream, svc, stopped).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }

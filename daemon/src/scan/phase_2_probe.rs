@@ -1434,7 +1434,7 @@ fn parse_with_lofty(path: &Path, file: &File, s: &Sniffed) -> Result<Parsed, Pro
     };
     match lofty_attempt(file, format, false) {
         Ok(parsed) => {
-            tracing::warn!(path = %path.display(), error = %first_error, "tags unreadable; indexing the file without them");
+            tracing::warn!(track_path = %path.display(), error = %first_error, "tags unreadable; indexing the file without them");
             Ok(parsed)
         }
         Err(_) => Err(first_error),

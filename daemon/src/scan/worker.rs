@@ -25,6 +25,7 @@ use super::queue::{ScanJob, ScanQueue};
 use crate::db::scan_errors::ErrorRow;
 use crate::db::{scan_errors, scans, tracks};
 use crate::progress::{ScanCounters, ScanHandle, ScanReporter};
+use crate::systemd::Heartbeat;
 
 /// Why a scan did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -53,13 +54,18 @@ pub struct ScanWorker {
     pub queue: Arc<ScanQueue>,
     pub threads: Arc<rayon::ThreadPool>,
     pub batch_size: usize,
+    /// Bumped while waiting for jobs (every `idle_beat`) and on every unit of progress; the
+    /// systemd watchdog stops pinging when it goes quiet.
+    pub heartbeat: Arc<Heartbeat>,
+    pub idle_beat: std::time::Duration,
 }
 
-struct Observer<'a>(&'a ScanHandle);
+struct Observer<'a>(&'a ScanHandle, &'a Heartbeat);
 
 impl WalkObserver for Observer<'_> {
     fn discovered(&self, n: u64) {
         ScanCounters::add(&self.0.counters().files_discovered, n);
+        self.1.beat();
     }
     fn cancelled(&self) -> bool {
         self.0.is_cancelled()
@@ -69,11 +75,22 @@ impl WalkObserver for Observer<'_> {
 impl ScanWorker {
     /// Take jobs until `stop` is cancelled or the channel closes.
     pub async fn run(self, mut rx: mpsc::Receiver<ScanJob>, stop: CancellationToken) {
+        let mut idle = tokio::time::interval(self.idle_beat);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.heartbeat.beat();
             let job = tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = idle.tick() => continue,
                 job = rx.recv() => match job { Some(j) => j, None => break },
             };
+            if crate::systemd::test_wedge_requested(&job.library_root) {
+                // Debug builds only: a worker stuck on a job, for the watchdog test. It makes
+                // no progress and no heartbeats until shutdown.
+                tracing::warn!(library = %job.library_root.display(), "CORALD_TEST_WEDGE_WORKER: wedging the scan worker");
+                stop.cancelled().await;
+                break;
+            }
             self.queue.started(&job);
             if job.handle.phase().is_terminal() {
                 continue; // cancelled while it waited
@@ -138,6 +155,8 @@ impl ScanWorker {
     }
 
     async fn set_phase(&self, h: &ScanHandle, phase: ScanPhase) {
+        self.heartbeat.beat();
+        tracing::debug!(phase = phase.as_str(), "scan phase");
         self.reporter.set_phase(h, phase);
         self.persist(h).await;
     }
@@ -178,8 +197,11 @@ impl ScanWorker {
             let subdir = job.subdir.clone();
             let handle = Arc::clone(h);
             let threads = Arc::clone(&self.threads);
+            let hb = Arc::clone(&self.heartbeat);
             tokio::task::spawn_blocking(move || {
-                threads.install(|| phase_1_walk::walk(&root, subdir.as_deref(), &Observer(&handle)))
+                threads.install(|| {
+                    phase_1_walk::walk(&root, subdir.as_deref(), &Observer(&handle, &hb))
+                })
             })
             .await
             .map_err(|e| ScanFailure::Internal(format!("walk task failed: {e}")))?
@@ -337,6 +359,7 @@ impl ScanWorker {
         let root = job.library_root.clone();
         let batch_size = self.batch_size;
         let threads = Arc::clone(&self.threads);
+        let hb = Arc::clone(&self.heartbeat);
         let (tx, mut rx) = mpsc::channel::<(Vec<tracks::TrackRow>, Vec<ErrorRow>)>(2);
         let producer = tokio::task::spawn_blocking(move || {
             for chunk in files.chunks(batch_size) {
@@ -348,7 +371,9 @@ impl ScanWorker {
                         .par_iter()
                         .map(|f| {
                             let path: PathBuf = root.join(OsStr::from_bytes(&f.rel_path));
-                            (f, phase_2_probe::probe_file(&path))
+                            let probed = phase_2_probe::probe_file(&path);
+                            hb.beat();
+                            (f, probed)
                         })
                         .collect()
                 });
@@ -358,7 +383,7 @@ impl ScanWorker {
                     match r {
                         Ok(p) => rows.push(phase_3_store::track_row(f, p)),
                         Err(e) => {
-                            tracing::debug!(path = %display_path(&f.rel_path), error = %e, "file not indexed");
+                            tracing::debug!(track_path = %root.join(OsStr::from_bytes(&f.rel_path)).display(), phase = "indexing", error = %e, "file not indexed");
                             errors.push(phase_3_store::probe_error_row(f, &e));
                         }
                     }
@@ -389,6 +414,7 @@ impl ScanWorker {
             }
             ScanCounters::add(&c.tracks_indexed, rows.len() as u64);
             ScanCounters::add(&c.tracks_failed, errors.len() as u64);
+            self.heartbeat.beat();
         }
         drop(rx);
         producer

@@ -1,0 +1,765 @@
+//! Issue 4 acceptance: the embedding pipeline with the real model on real libtorch (CPU), real
+//! audio encoded by ffmpeg, and a real PostgreSQL with pgvector (the harness daemon's managed
+//! cluster).
+//!
+//! Needs corald built with `--features corald/embed` (scripts/test does). In a build without it
+//! the tests check that corald explains why embeddings are unavailable, and stop there.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use chrono::Utc;
+use coral_proto::{CoralApiClient, ScanMode, ScanPhase, ScanTrigger};
+use coral_tests::daemon::{Daemon, add_and_scan, scan, traversable_tempdir};
+use coral_tests::fixtures::{self, FixtureTrack};
+use corald::embed::model::{self, ModelFiles};
+use corald::embed::phase_2_resample::{WindowMaker, WindowPlan};
+use corald::embed::phase_3_batch::Batcher;
+use corald::embed::phase_4_infer::{self, DeviceChoice, Forward};
+use corald::embed::{CancellationToken, EmbedConfig, EmbedError, EmbedTarget, Embedder};
+use corald::progress::{ScanInfo, ScanReporter};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row};
+
+fn repo_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/musicnn-msd.pt")
+}
+
+/// True when corald can run models; otherwise checks the explanation and says why the test
+/// stops early.
+async fn embed_available() -> Result<bool> {
+    if phase_4_infer::available() {
+        return Ok(true);
+    }
+    let pool = PgPoolOptions::new().connect_lazy("postgres://nobody@localhost/none")?;
+    match Embedder::start(&EmbedConfig::default(), pool, CancellationToken::new()).await {
+        Err(EmbedError::Infer(e)) => {
+            ensure!(e.to_string().contains("--features corald/embed"), "{e}");
+            eprintln!("corald built without the `embed` feature: {e}");
+            Ok(false)
+        }
+        Err(e) => bail!("unexpected error without the embed feature: {e}"),
+        Ok(_) => bail!("embeddings started without the embed feature"),
+    }
+}
+
+fn load_model(files: &ModelFiles, row_len: usize) -> Result<Box<dyn Forward + Send>> {
+    Ok(phase_4_infer::load_model(
+        files,
+        DeviceChoice::Cpu,
+        2,
+        row_len,
+    )?)
+}
+
+/// The closed-form clips of model/reference.json, evaluated in f64 and rounded to f32.
+fn reference_clip(name: &str, n: usize) -> Vec<f32> {
+    use std::f64::consts::PI;
+    let sr = 16_000.0;
+    (0..n)
+        .map(|i| {
+            let n = i as f64;
+            let v = match name {
+                "A" => {
+                    0.4 * (2.0 * PI * 440.0 * n / sr).sin()
+                        + 0.2
+                            * (2.0 * PI * 1234.5 * n / sr).sin()
+                            * (0.5 + 0.5 * (2.0 * PI * 0.5 * n / sr).sin())
+                }
+                _ => {
+                    0.3 * (2.0 * PI * 110.0 * n / sr).sin()
+                        + 0.2
+                            * (2.0 * PI * 660.0 * n / sr).sin()
+                            * (2.0 * PI * 4.0 * n / sr).sin().powi(2)
+                        + 0.1
+                            * (2.0 * PI * 3000.0 * n / sr + 0.5 * (2.0 * PI * 5.0 * n / sr).sin())
+                                .sin()
+                }
+            };
+            v as f32
+        })
+        .collect()
+}
+
+/// The reference's metric: max over rows of max_i |got_i − ref_i| / ‖ref‖₂.
+fn reference_error(got: &[f32], reference: &[Vec<f64>]) -> f64 {
+    let dim = reference[0].len();
+    reference
+        .iter()
+        .enumerate()
+        .map(|(r, want)| {
+            let norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+            want.iter()
+                .zip(&got[r * dim..(r + 1) * dim])
+                .map(|(w, g)| (f64::from(*g) - w).abs() / norm)
+                .fold(0.0, f64::max)
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn the_rust_side_reproduces_the_reference_embeddings() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    if !rt.block_on(embed_available())? {
+        return Ok(());
+    }
+    let files = model::load(&repo_model())?;
+    let window = files.manifest.window_samples;
+    let text = std::fs::read_to_string(repo_model().with_file_name("reference.json"))?;
+    let reference: serde_json::Value = serde_json::from_str(&text)?;
+    ensure!(reference["model_sha256"] == files.manifest.sha256.as_str());
+    let tolerance = reference["tolerance"]["cpu"]
+        .as_f64()
+        .context("tolerance")?;
+    let case = |name: &str| -> Result<Vec<Vec<f64>>> {
+        serde_json::from_value(reference["cases"][name]["embeddings"].clone())
+            .with_context(|| format!("case {name}"))
+    };
+    let a = reference_clip("A", 2 * window);
+    let b = reference_clip("B", 2 * window);
+
+    // Whole clips: one row of two windows each (the module averages them).
+    let mut two = load_model(&files, 2 * window)?;
+    let single = two.forward(&a, 1)?;
+    let e = reference_error(&single, &case("single")?);
+    assert!(e <= tolerance, "single: error {e:e} > {tolerance:e}");
+    let batch = two.forward(&[a.clone(), b.clone()].concat(), 2)?;
+    let e = reference_error(&batch, &case("batch")?);
+    assert!(e <= tolerance, "batch: error {e:e} > {tolerance:e}");
+
+    // Windows as the pipeline sends them: [4, 47616].
+    let mut one = load_model(&files, window)?;
+    let input = [&a[..window], &a[window..], &b[..window], &b[window..]].concat();
+    let windows = one.forward(&input, 4)?;
+    let e = reference_error(&windows, &case("windows")?);
+    assert!(e <= tolerance, "windows: error {e:e} > {tolerance:e}");
+    Ok(())
+}
+
+#[test]
+fn batch_boundaries_do_not_change_embeddings() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    if !rt.block_on(embed_available())? {
+        return Ok(());
+    }
+    let files = model::load(&repo_model())?;
+    let window = files.manifest.window_samples;
+    let dim = files.manifest.embedding_dim;
+    let mut m = load_model(&files, window)?;
+    // Three "tracks" of 8 windows each, all different.
+    let tracks: Vec<Vec<f32>> = (0..3)
+        .map(|t| {
+            let noise = fixtures::pseudo_random_bytes(7 + t, 8 * window);
+            (0..8 * window)
+                .map(|i| {
+                    let n = i as f32 / 16_000.0;
+                    0.3 * (2.0 * std::f32::consts::PI * (200.0 + 150.0 * t as f32) * n).sin()
+                        + (f32::from(noise[i]) / 255.0 - 0.5) * 0.1 * t as f32
+                })
+                .collect()
+        })
+        .collect();
+    // Alone: one forward pass of 8 windows per track.
+    let alone: Vec<Vec<f32>> = tracks
+        .iter()
+        .map(|t| {
+            let y = m.forward(t, 8)?;
+            let mut sum = vec![0f64; dim];
+            for row in y.chunks(dim) {
+                for (s, v) in sum.iter_mut().zip(row) {
+                    *s += f64::from(*v);
+                }
+            }
+            corald::embed::phase_3_batch::normalised_mean(&sum, 8).context("zero embedding")
+        })
+        .collect::<Result<_>>()?;
+    // Batched: 5 windows per pass, so tracks straddle batches.
+    let mut batcher = Batcher::new(window, dim);
+    for (i, t) in tracks.iter().enumerate() {
+        batcher
+            .push(i, t.clone(), 8)
+            .map_err(|f| anyhow::anyhow!(f.reason))?;
+    }
+    let mut got: HashMap<usize, Vec<f32>> = HashMap::new();
+    while let Some(batch) = batcher.next_batch(5) {
+        let y = m.forward(&batch.input, batch.rows)?;
+        let (done, failed) = batcher.complete(batch, &y);
+        ensure!(failed.is_empty());
+        for d in done {
+            got.insert(d.meta, d.embedding);
+        }
+    }
+    for (i, want) in alone.iter().enumerate() {
+        let have = &got[&i];
+        let diff = want
+            .iter()
+            .zip(have)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "track {i}: batched differs by {diff:e}");
+    }
+    Ok(())
+}
+
+/// Kinds of generated audio; similar tracks must be of the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Sine,
+    PinkNoise,
+}
+
+/// Encode `seconds` of `kind` audio (variant `v` changes pitch or seed) at `root/rel`.
+fn make_clip(root: &Path, rel: &str, kind: Kind, v: u32, seconds: f64) -> Result<PathBuf> {
+    fixtures::require_ffmpeg()?;
+    let out = root.join(rel);
+    let source = match kind {
+        Kind::Sine => format!(
+            "sine=frequency={}:duration={seconds}:sample_rate=44100",
+            220 + 110 * v
+        ),
+        Kind::PinkNoise => format!(
+            "anoisesrc=color=pink:amplitude=0.3:seed={}:duration={seconds}:sample_rate=44100",
+            v + 1
+        ),
+    };
+    let codec: &[&str] = match out.extension().and_then(|e| e.to_str()) {
+        Some("mp3") => &["-c:a", "libmp3lame", "-b:a", "128k"],
+        Some("flac") => &["-c:a", "flac"],
+        Some("ogg") => &["-c:a", "libvorbis", "-q:a", "3"],
+        Some("opus") => &["-c:a", "libopus", "-b:a", "96k", "-f", "ogg"],
+        other => bail!("no encoder for {other:?}"),
+    };
+    let output = Command::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
+        .args(["-f", "lavfi", "-i", &source, "-ac", "2"])
+        .args(["-metadata", &format!("title={rel}")])
+        .args(codec)
+        .arg(&out)
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "ffmpeg {rel}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(out)
+}
+
+/// Three sine tracks and three pink-noise tracks of 90 s in mp3, flac and ogg.
+fn similarity_library(root: &Path) -> Result<HashMap<String, Kind>> {
+    let mut kinds = HashMap::new();
+    for (i, ext) in ["mp3", "flac", "ogg"].iter().enumerate() {
+        let v = i as u32;
+        for kind in [Kind::Sine, Kind::PinkNoise] {
+            let rel = format!("{kind:?}/{kind:?} {v}.{ext}");
+            make_clip(root, &rel, kind, v, 90.0)?;
+            kinds.insert(rel, kind);
+        }
+    }
+    Ok(kinds)
+}
+
+/// A pool on the harness daemon's managed PostgreSQL.
+async fn pool_of(d: &Daemon) -> Result<PgPool> {
+    let text = std::fs::read_to_string(d.state_dir.join("postgres/postmaster.pid"))?;
+    let socket_dir = text
+        .lines()
+        .nth(4)
+        .context("no socket line in postmaster.pid")?;
+    let opts = PgConnectOptions::new()
+        .socket(socket_dir)
+        .username("coral")
+        .database("coral");
+    Ok(PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(opts)
+        .await?)
+}
+
+/// A daemon that indexes but does not embed (the test drives the Embedder itself).
+async fn daemon_without_embeddings() -> Result<Daemon> {
+    let dir = traversable_tempdir()?;
+    let config = dir.path().join("corald.toml");
+    std::fs::write(&config, "[embed]\nenabled = false\n")?;
+    let d = Daemon::start_with(&["--config", &config.to_string_lossy()]).await?;
+    // Keep the config file's directory for the daemon's lifetime.
+    std::mem::forget(dir);
+    Ok(d)
+}
+
+fn test_config() -> EmbedConfig {
+    EmbedConfig {
+        model: Some(repo_model()),
+        device: "cpu".into(),
+        threads: 2,
+        ..EmbedConfig::default()
+    }
+}
+
+/// Every track as an embedding target (id → (relative path, target)).
+async fn all_targets(pool: &PgPool, root: &Path) -> Result<HashMap<String, EmbedTarget>> {
+    let rows = sqlx::query("SELECT id, rel_path_text, duration_ms FROM tracks")
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let rel: String = r.get("rel_path_text");
+            let t = EmbedTarget {
+                track_id: r.get("id"),
+                path: root.join(&rel),
+                duration_ms: r.get("duration_ms"),
+            };
+            (rel, t)
+        })
+        .collect())
+}
+
+fn scan_handle(reporter: &ScanReporter) -> Arc<corald::progress::ScanHandle> {
+    reporter.register(
+        ScanInfo {
+            request_id: uuid::Uuid::new_v4(),
+            library_id: 1,
+            library_path: "/test".into(),
+            path: None,
+            trigger: ScanTrigger::Manual,
+            mode: ScanMode::Incremental,
+            started_at: Utc::now(),
+            resumed: false,
+        },
+        ScanPhase::Embedding,
+    )
+}
+
+async fn embedding_rows(pool: &PgPool, model_id: i64) -> Result<HashMap<i64, (Vec<f32>, String)>> {
+    let rows = sqlx::query(
+        "SELECT track_id, embedding::real[] AS v, created_at::text AS c
+         FROM track_embeddings WHERE model_id = $1",
+    )
+    .bind(model_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get("track_id"), (r.get("v"), r.get("c"))))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -> Result<()> {
+    if !embed_available().await? {
+        return Ok(());
+    }
+    let lib = traversable_tempdir()?;
+    let root = lib.path();
+    let kinds = similarity_library(root)?;
+    // Skip rules and failures.
+    make_clip(root, "short/twenty seconds.flac", Kind::Sine, 5, 20.0)?;
+    make_clip(root, "opus/ninety.opus", Kind::Sine, 6, 90.0)?;
+    let long = make_clip(root, "broken/truncated.flac", Kind::PinkNoise, 7, 90.0)?;
+    let bytes = std::fs::read(&long)?;
+    std::fs::write(&long, &bytes[..bytes.len() / 2])?;
+
+    let d = daemon_without_embeddings().await?;
+    let c = d.client().await?;
+    let (library_id, p) = add_and_scan(&c, root).await?;
+    assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
+    let pool = pool_of(&d).await?;
+    let targets = all_targets(&pool, root).await?;
+    assert_eq!(targets.len(), 9, "{:?}", targets.keys());
+
+    let stop = CancellationToken::new();
+    let embedder = Embedder::start(&test_config(), pool.clone(), stop.clone()).await?;
+    let model_id = embedder.model_id();
+    let status = embedder.status();
+    assert_eq!(status.device.as_deref(), Some("cpu"));
+    assert_eq!(status.tracks_embedded, 0);
+
+    // The start-up sweep sees what is in range: not the 20 s track.
+    let missing = embedder.missing_targets().await?;
+    assert_eq!(missing.len(), 8, "{missing:?}");
+
+    let reporter = ScanReporter::new();
+    let h = scan_handle(&reporter);
+    let t0 = Instant::now();
+    embedder
+        .embed_for_scan(Arc::clone(&h), targets.values().cloned().collect())
+        .await?;
+    let elapsed = t0.elapsed();
+    let v = h.counters().values();
+    assert_eq!(v.embeddings_expected, Some(9));
+    assert_eq!(v.embeddings_done, 6, "{v:?}\n{}", d.log_text());
+    assert_eq!(v.embeddings_skipped, 2, "20 s track and opus: {v:?}");
+    assert_eq!(v.embeddings_failed, 1, "truncated flac: {v:?}");
+    eprintln!("embedded 6 tracks (+3 settled without model work) in {elapsed:?}");
+
+    // Exactly one normalised vector per eligible track.
+    let rows = embedding_rows(&pool, model_id).await?;
+    assert_eq!(rows.len(), 6);
+    for (rel, kind) in &kinds {
+        let id = targets[rel].track_id;
+        let (v, _) = rows
+            .get(&id)
+            .with_context(|| format!("{rel} ({kind:?}) has no vector"))?;
+        assert_eq!(v.len(), 200);
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{rel}: norm {norm}");
+    }
+    let issues: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT track_id, outcome, reason FROM track_embedding_issues WHERE model_id = $1",
+    )
+    .bind(model_id)
+    .fetch_all(&pool)
+    .await?;
+    let issue_of = |rel: &str| {
+        issues
+            .iter()
+            .find(|i| i.0 == targets[rel].track_id)
+            .cloned()
+    };
+    let opus = issue_of("opus/ninety.opus").context("opus issue recorded")?;
+    assert_eq!(
+        (opus.1.as_str(), opus.2.as_str()),
+        ("skipped", "no decoder for opus")
+    );
+    let broken = issue_of("broken/truncated.flac").context("truncated issue recorded")?;
+    assert_eq!(broken.1, "failed");
+    assert!(broken.2.contains("truncated"), "{broken:?}");
+    assert!(embedder.status().tracks_embedded == 6);
+
+    // Similar tracks: the nearest neighbour is of the same kind; never the track itself.
+    for (rel, kind) in &kinds {
+        let id = targets[rel].track_id;
+        let near = embedder.similar(id, 5).await?;
+        assert_eq!(near.len(), 5, "{rel}");
+        assert!(near.iter().all(|(n, _)| *n != id));
+        assert!(
+            near.windows(2).all(|w| w[0].1 >= w[1].1),
+            "best first: {near:?}"
+        );
+        let by_id: HashMap<i64, &String> = kinds.keys().map(|r| (targets[r].track_id, r)).collect();
+        let first = by_id[&near[0].0];
+        assert_eq!(kinds[first], *kind, "{rel}: nearest is {first} ({near:?})");
+    }
+    let short = targets["short/twenty seconds.flac"].track_id;
+    assert!(matches!(
+        embedder.similar(short, 5).await,
+        Err(EmbedError::NoEmbedding(id)) if id == short
+    ));
+    // The model's HNSW index exists and serves the query.
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await?;
+    let sql = format!(
+        "EXPLAIN {}",
+        corald::embed::phase_5_store::nearest_sql(corald::embed::phase_5_store::RegisteredModel {
+            id: model_id,
+            dim: 200,
+        })
+        .replace("$1", "(SELECT embedding FROM track_embeddings LIMIT 1)")
+        .replace("$2", "0")
+        .replace("$3", "5")
+    );
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await?;
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains(&format!("track_embeddings_hnsw_{model_id}")),
+        "{plan}"
+    );
+    drop(conn);
+
+    // No repeated work: the same scan again changes nothing.
+    let h2 = scan_handle(&reporter);
+    embedder
+        .embed_for_scan(Arc::clone(&h2), targets.values().cloned().collect())
+        .await?;
+    let v2 = h2.counters().values();
+    assert_eq!(
+        (
+            v2.embeddings_done,
+            v2.embeddings_skipped,
+            v2.embeddings_failed
+        ),
+        (6, 2, 1)
+    );
+    assert_eq!(
+        embedding_rows(&pool, model_id).await?,
+        rows,
+        "nothing rewritten"
+    );
+    assert!(embedder.missing_targets().await?.is_empty());
+
+    // A changed file gets a new vector, replacing the old one.
+    let changed = "Sine/Sine 0.mp3";
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    make_clip(root, changed, Kind::PinkNoise, 9, 90.0)?;
+    let p = scan(&c, library_id, None, false).await?;
+    assert_eq!(p.tracks_indexed, 1, "{p:?}");
+    let missing = embedder.missing_targets().await?;
+    assert_eq!(
+        missing.iter().map(|t| t.track_id).collect::<Vec<_>>(),
+        [targets[changed].track_id]
+    );
+    let summary = embedder
+        .embed(
+            uuid::Uuid::new_v4(),
+            all_targets(&pool, root).await?.into_values().collect(),
+            CancellationToken::new(),
+        )
+        .await?;
+    assert_eq!((summary.embedded, summary.unchanged), (1, 5), "{summary:?}");
+    let after = embedding_rows(&pool, model_id).await?;
+    assert_eq!(after.len(), 6);
+    let id = targets[changed].track_id;
+    assert_ne!(
+        after[&id].0, rows[&id].0,
+        "the vector of the changed file was replaced"
+    );
+    for (k, v) in &rows {
+        if *k != id {
+            assert_eq!(&after[k], v);
+        }
+    }
+
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_quickly_and_a_rerun_redoes_nothing_stored() -> Result<()> {
+    if !embed_available().await? {
+        return Ok(());
+    }
+    let lib = traversable_tempdir()?;
+    let root = lib.path();
+    // Enough tracks that embedding takes a while on 2 cores.
+    let mut tracks = Vec::new();
+    for i in 0..24u32 {
+        let mut t = FixtureTrack::simple(format!("t/{i:02}.flac"), "flac", &format!("Track {i}"));
+        t.duration_s = 65.0;
+        tracks.push(t);
+    }
+    fixtures::make_tracks(root, &tracks)?;
+    let d = daemon_without_embeddings().await?;
+    let c = d.client().await?;
+    let (_, p) = add_and_scan(&c, root).await?;
+    assert_eq!(p.tracks_indexed, 24);
+    let pool = pool_of(&d).await?;
+    let targets: Vec<EmbedTarget> = all_targets(&pool, root).await?.into_values().collect();
+
+    let stop = CancellationToken::new();
+    let embedder = Embedder::start(&test_config(), pool.clone(), stop.clone()).await?;
+    let reporter = ScanReporter::new();
+    let h = scan_handle(&reporter);
+    let task = tokio::spawn({
+        let e = embedder.clone();
+        let h = Arc::clone(&h);
+        let targets = targets.clone();
+        async move { e.embed_for_scan(h, targets).await }
+    });
+    // Wait for the first stored vector, then cancel.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h.counters().values().embeddings_done == 0 {
+        ensure!(Instant::now() < deadline, "nothing embedded within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.cancel_token().cancel();
+    let cancelled_at = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), task).await??;
+    let took = cancelled_at.elapsed();
+    assert!(matches!(r, Err(EmbedError::Cancelled)), "{r:?}");
+    assert!(took < Duration::from_millis(1500), "cancel took {took:?}");
+    let v = h.counters().values();
+    assert!(v.embeddings_done < 24, "cancelled before the end: {v:?}");
+
+    // Whatever was stored is complete and consistent; give in-flight work a moment to land.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stored = embedding_rows(&pool, embedder.model_id()).await?;
+    assert!(!stored.is_empty() && stored.len() < 24, "{}", stored.len());
+    for (v, _) in stored.values() {
+        assert_eq!(v.len(), 200);
+    }
+
+    // A new Embedder (as after a restart) embeds only the rest.
+    stop.cancel();
+    drop(embedder);
+    let stop = CancellationToken::new();
+    let embedder = Embedder::start(&test_config(), pool.clone(), stop.clone()).await?;
+    assert_eq!(embedder.status().tracks_embedded, stored.len() as i64);
+    let missing = embedder.missing_targets().await?;
+    assert_eq!(missing.len(), 24 - stored.len());
+    let summary = embedder
+        .embed(uuid::Uuid::new_v4(), targets, CancellationToken::new())
+        .await?;
+    assert_eq!(summary.unchanged, stored.len() as u64, "{summary:?}");
+    assert_eq!(summary.embedded, (24 - stored.len()) as u64, "{summary:?}");
+    let after = embedding_rows(&pool, embedder.model_id()).await?;
+    assert_eq!(after.len(), 24);
+    for (k, v) in &stored {
+        assert_eq!(&after[k], v, "track {k} was not embedded again");
+    }
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_model_is_refused_with_a_reason() -> Result<()> {
+    if !embed_available().await? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let pt = dir.path().join("musicnn-msd.pt");
+    let mut bytes = std::fs::read(repo_model())?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&pt, &bytes)?;
+    std::fs::copy(
+        repo_model().with_extension("json"),
+        pt.with_extension("json"),
+    )?;
+    let pool = PgPoolOptions::new().connect_lazy("postgres://nobody@localhost/none")?;
+    let cfg = EmbedConfig {
+        model: Some(pt.clone()),
+        ..test_config()
+    };
+    let e = Embedder::start(&cfg, pool.clone(), CancellationToken::new())
+        .await
+        .err()
+        .context("a damaged model must not load")?;
+    assert!(e.to_string().contains("sha256"), "{e}");
+    assert!(e.to_string().contains(&pt.display().to_string()), "{e}");
+
+    let cfg = EmbedConfig {
+        model: Some(dir.path().join("absent.pt")),
+        ..test_config()
+    };
+    let e = Embedder::start(&cfg, pool, CancellationToken::new())
+        .await
+        .err()
+        .context("a missing model must not load")?;
+    assert!(e.to_string().contains("absent.pt"), "{e}");
+    Ok(())
+}
+
+/// Through the daemon and its API: the wiring of the pipeline into scans and `track.similar`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn track_similar_through_the_api_returns_the_same_kind() -> Result<()> {
+    if !embed_available().await? {
+        return Ok(());
+    }
+    let lib = traversable_tempdir()?;
+    let kinds = similarity_library(lib.path())?;
+    let d = Daemon::start().await?;
+    let c = d.client().await?;
+    let (_, p) = add_and_scan(&c, lib.path()).await?;
+    assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
+    assert_eq!(p.embeddings_expected, Some(6), "{p:?}");
+    assert_eq!(p.embeddings_done, 6, "{p:?}");
+    let status = c.daemon_status().await?;
+    assert!(status.embedding.enabled, "{:?}", status.embedding);
+    assert_eq!(status.embedding.tracks_embedded, 6);
+
+    let mut db = d.db().await?;
+    let ids: Vec<(i64, String)> = sqlx::query_as("SELECT id, rel_path_text FROM tracks")
+        .fetch_all(&mut db)
+        .await?;
+    let kind_of: HashMap<i64, Kind> = ids.iter().map(|(id, rel)| (*id, kinds[rel])).collect();
+    for (id, rel) in &ids {
+        let near = c.track_similar(*id, Some(3)).await?;
+        assert_eq!(near.len(), 3, "{rel}");
+        assert!(near.iter().all(|s| s.track.id != *id));
+        assert_eq!(kind_of[&near[0].track.id], kind_of[id], "{rel}: {near:?}");
+        assert!(near[0].score > near[2].score - 1e-9);
+    }
+    Ok(())
+}
+
+/// Throughput on this machine (not a pass/fail check): decode + resample audio-s/s with
+/// seeking and with whole-file reading, inference windows/s, and tracks/s end to end.
+/// `cargo test -p coral-tests --release --features corald/embed --test embed -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run by hand"]
+async fn throughput_figures() -> Result<()> {
+    if !embed_available().await? {
+        return Ok(());
+    }
+    let lib = traversable_tempdir()?;
+    let root = lib.path();
+    let n = 24u32;
+    let mut paths = Vec::new();
+    for i in 0..n {
+        let ext = ["mp3", "flac", "ogg"][i as usize % 3];
+        let kind = if i % 2 == 0 {
+            Kind::Sine
+        } else {
+            Kind::PinkNoise
+        };
+        paths.push(make_clip(root, &format!("{i:02}.{ext}"), kind, i, 180.0)?);
+    }
+    let files = model::load(&repo_model())?;
+    let plan = WindowPlan {
+        count: 8,
+        window_samples: files.manifest.window_samples,
+        sample_rate: files.manifest.sample_rate,
+    };
+    for policy in [
+        corald::embed::phase_1_decode::SeekPolicy::Seek,
+        corald::embed::phase_1_decode::SeekPolicy::Sequential,
+    ] {
+        let mut maker = WindowMaker::new(plan).with_policy(policy);
+        let t = Instant::now();
+        let mut audio = 0.0;
+        for p in &paths {
+            audio += maker.make(p, 180.0)?.decoded_seconds;
+        }
+        let s = t.elapsed().as_secs_f64();
+        eprintln!(
+            "decode+resample ({policy:?}, 1 thread): {:.1} tracks/s, {:.0} audio-s decoded per s, {:.0} track-s per s",
+            f64::from(n) / s,
+            audio / s,
+            180.0 * f64::from(n) / s
+        );
+    }
+    for batch in [1usize, 8, 16, 32] {
+        let mut m = load_model(&files, files.manifest.window_samples)?;
+        let input = vec![0.1f32; batch * files.manifest.window_samples];
+        m.forward(&input, batch)?;
+        let t = Instant::now();
+        let rounds = (64 / batch).max(2);
+        for _ in 0..rounds {
+            m.forward(&input, batch)?;
+        }
+        let s = t.elapsed().as_secs_f64();
+        let windows = (rounds * batch) as f64;
+        eprintln!(
+            "inference batch {batch:>2} (2 threads): {:.1} windows/s = {:.0} audio-s/s",
+            windows / s,
+            windows * files.manifest.window_seconds() / s
+        );
+    }
+    let d = daemon_without_embeddings().await?;
+    let c = d.client().await?;
+    add_and_scan(&c, root).await?;
+    let pool = pool_of(&d).await?;
+    let targets: Vec<EmbedTarget> = all_targets(&pool, root).await?.into_values().collect();
+    let embedder = Embedder::start(&test_config(), pool, CancellationToken::new()).await?;
+    let t = Instant::now();
+    let summary = embedder
+        .embed(uuid::Uuid::new_v4(), targets, CancellationToken::new())
+        .await?;
+    let s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "end to end: {} tracks in {s:.2} s = {:.2} tracks/s ({:?})",
+        summary.embedded,
+        summary.embedded as f64 / s,
+        embedder.stats()
+    );
+    Ok(())
+}
