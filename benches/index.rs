@@ -53,13 +53,14 @@ fn main() -> Result<()> {
     let breakdown = std::env::var("CORAL_BENCH_BREAKDOWN").map_or(true, |v| v != "0");
     let distinct = distinct_files();
     println!(
-        "index bench: {files} files ({}), machine: {}",
+        "index bench: {files} files ({}), machine: {}, load average {}",
         if distinct {
             "distinct copies"
         } else {
             "hard links to a 20-file template"
         },
-        machine()
+        machine(),
+        coral_benches::loadavg()
     );
     let root = bench_library(files, distinct)?;
     let rt = coral_benches::runtime(1)?;
@@ -177,7 +178,10 @@ async fn run(root: &Path, files: usize, full_samples: usize, noop_samples: usize
     }
 
     println!();
-    println!("summary ({files} files, wall time from the RPC request to the final notification):");
+    println!(
+        "summary ({files} files, wall time from the RPC request to the final notification; load average now {}):",
+        coral_benches::loadavg()
+    );
     let first_s = Summary::of(&secs(&first));
     let full_s = Summary::of(&secs(&full));
     let noop_s = Summary::of(&secs(&noop));

@@ -54,7 +54,11 @@ fn main() -> Result<()> {
         .collect();
     let wants =
         |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f.as_str()));
-    println!("progress bench, machine: {}", machine());
+    println!(
+        "progress bench, machine: {}, load average {}",
+        machine(),
+        coral_benches::loadavg()
+    );
 
     let mut c = Criterion::default()
         .sample_size(10)
@@ -316,7 +320,8 @@ async fn reporting_share(root: &Path, files: usize) -> Result<()> {
     let off_cfg = write_config(dir.path(), "off.toml", 60_000, 60_000)?;
     println!();
     println!(
-        "reporting share: {files} files, `scan --full` alternately on two daemons, {n} runs each"
+        "reporting share: {files} files, `scan --full` alternately on two daemons, {n} runs each (load average {})",
+        coral_benches::loadavg()
     );
     let on = Daemon::start_with(&["--config", &on_cfg]).await?;
     let off = Daemon::start_with(&["--config", &off_cfg]).await?;
@@ -509,7 +514,8 @@ async fn fanout_run(
 async fn fanout(root: &Path, files: usize) -> Result<()> {
     println!();
     println!(
-        "fan-out: {files} files, one `scan --full` per scenario, default notify interval (200 ms)"
+        "fan-out: {files} files, one `scan --full` per scenario, default notify interval (200 ms), load average {}",
+        coral_benches::loadavg()
     );
     let d = Daemon::start().await?;
     let client = d.client().await?;
@@ -517,7 +523,9 @@ async fn fanout(root: &Path, files: usize) -> Result<()> {
     let scenarios = [(0, 0), (1, 1000), (4, 250), (100, 10), (0, 0)];
     let mut runs = Vec::new();
     for (conns, per) in scenarios {
+        let load = coral_benches::loadavg();
         let mut r = fanout_run(&d, &client, lib, files, conns, per).await?;
+        r.label = format!("{} [load {load}]", r.label);
         let subs = conns * per;
         let p50 = quantile(&mut r.latencies_ms, 0.5).unwrap_or(f64::NAN);
         let p99 = quantile(&mut r.latencies_ms, 0.99).unwrap_or(f64::NAN);

@@ -40,4 +40,5 @@ rm -rf "$assets"
 "$target_dir/release/coralctl" generate man "$assets/man" >/dev/null
 gzip -9n "$assets"/man/*.1
 
-cargo deb -p corald --no-build "${deb_args[@]}"
+# Stripped binaries (the release profile keeps line tables for backtraces during development).
+cargo deb -p corald --no-build --strip "${deb_args[@]}"

@@ -89,6 +89,15 @@ pub fn machine() -> String {
     format!("{cores} cores (nproc), {model}")
 }
 
+/// The 1, 5 and 15 minute load averages from `/proc/loadavg` (other work on the machine skews
+/// every figure: print it beside them).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 /// The 20 tracks of the template: mp3, flac, ogg vorbis, m4a/aac and wav, 1–2 s each, with
 /// distinct tags in `Artist/Album/NN Title.ext` directories.
 pub fn template_tracks() -> Vec<FixtureTrack> {

@@ -1,5 +1,5 @@
 //! `coralctl generate completions|man DIR` (hidden): shell completions (bash, zsh, fish) and
-//! man pages (`coralctl.1` and one page per subcommand) generated from the clap definition, so
+//! man pages (`coralctl.1` and one page per visible subcommand) generated from the clap definition, so
 //! they never drift from the real flags. Packaging runs it on the built binary.
 
 use std::path::Path;
@@ -32,19 +32,27 @@ pub fn write(what: What, dir: &Path) -> Result<()> {
                 println!("{}", path.display());
             }
         }
-        What::Man => {
-            clap_mangen::generate_to(cmd, dir)
-                .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
-            let mut pages: Vec<_> = std::fs::read_dir(dir)
-                .with_context(|| format!("cannot list {}", dir.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "1"))
-                .collect();
-            pages.sort();
-            for p in pages {
-                println!("{}", p.display());
-            }
+        What::Man => write_man(&cmd, dir)?,
+    }
+    Ok(())
+}
+
+/// `coralctl.1`, then one page per visible subcommand (`coralctl-library-add.1`), skipping
+/// clap's generated `help` subcommands.
+fn write_man(cmd: &clap::Command, dir: &Path) -> Result<()> {
+    let name = cmd.get_display_name().unwrap_or_else(|| cmd.get_name());
+    let path = dir.join(format!("{name}.1"));
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .render(&mut page)
+        .with_context(|| format!("cannot render the man page of {name}"))?;
+    std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{}", path.display());
+    for sub in cmd.get_subcommands() {
+        if sub.is_hide_set() || sub.get_name() == "help" {
+            continue;
         }
+        write_man(sub, dir)?;
     }
     Ok(())
 }

@@ -82,7 +82,15 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         limit: u32,
     },
-    /// Serve the live progress page and JSON-RPC over WebSocket to browsers (see `--help`).
+    /// Serve the live progress page and JSON-RPC over WebSocket to browsers.
+    ///
+    /// The page is at http://LISTEN/ and the API at ws://LISTEN/ws: corald's methods and
+    /// notifications, plus `bridge.info` and `bridge.subscribe` (notifications `bridge.status`).
+    /// Loopback only unless --allow-remote. WebSocket handshakes from origins other than the
+    /// bridge's own and --allow-origin ones are refused. Without a token the bridge is read-only;
+    /// with one, scan.start, scan.cancel, library.add and library.remove need it: `?token=TOKEN`
+    /// on /ws or the subprotocol `coral.token.TOKEN`. Open the page as
+    /// http://LISTEN/?token=TOKEN, or type the token into it.
     Bridge(bridge::BridgeArgs),
     /// Write shell completions or man pages into DIR (used when packaging).
     #[command(hide = true)]

@@ -398,6 +398,9 @@ async fn reload(config: &mut Config, service: &Service, api: &CoralRpc) {
     if new.embed != config.embed {
         needs_restart.push("[embed]");
     }
+    if new.watch != config.watch {
+        needs_restart.push("[watch]");
+    }
     if !needs_restart.is_empty() {
         tracing::warn!(
             settings = %needs_restart.join(", "),

@@ -71,13 +71,34 @@ async function run(context) {
     if (u.origin !== origin && u.origin !== origin.replace(/^http/, 'ws')) foreign.push(r.url());
   });
 
-  await page.goto(url);
+  // 0. Without a token the page is read-only and asks for one; a wrong token is refused, the
+  // right one typed into the form unlocks the buttons.
+  const token = new URL(url).searchParams.get('token');
+  const plain = new URL(url);
+  plain.search = '';
+  await page.goto(plain.href);
   await expectConn(page, 'ok', 30000);
-  log('page connected; token', new URL(page.url()).searchParams.has('token') ? 'still in the URL' : 'removed from the URL');
-  if (new URL(page.url()).searchParams.has('token')) throw new Error('the token stayed in the address bar');
-
   const row = page.locator('#libraries tbody tr').first();
+  await row.waitFor({ timeout: 30000 });
+  await page.locator('#token-form').waitFor({ state: 'visible', timeout: 10000 });
+  if (await row.locator('button').count()) throw new Error('scan buttons shown without a token');
+  await page.getByLabel('Access token').fill('not-the-token');
+  await page.getByRole('button', { name: 'Unlock scanning' }).click();
+  await page.waitForFunction(() => /not accepted/.test(document.getElementById('action-msg').textContent), null, { timeout: 30000 });
+  await page.getByLabel('Access token').fill(token);
+  await page.getByRole('button', { name: 'Unlock scanning' }).click();
   await row.locator('button[data-action="full-scan"]').waitFor({ timeout: 30000 });
+  await page.locator('#token-form').waitFor({ state: 'hidden', timeout: 10000 });
+  log('typed token accepted');
+
+  // The token in the page's URL works too, and leaves the address bar.
+  const other = await context.newPage();
+  await other.goto(url);
+  await expectConn(other, 'ok', 30000);
+  await other.locator('#libraries tbody tr button[data-action="scan"]').waitFor({ timeout: 30000 });
+  if (new URL(other.url()).searchParams.has('token')) throw new Error('the token stayed in the address bar');
+  await other.close();
+  log('token from the URL accepted and removed from the address bar');
 
   // Record every value the indexing bars take.
   await page.evaluate(() => {

@@ -159,7 +159,11 @@ async fn http_request(port: u16, head: &str) -> Result<(u16, String, String)> {
                 }
             }
             let n = s.read(&mut chunk).await?;
-            ensure!(n > 0, "connection closed mid-answer: {:?}", String::from_utf8_lossy(&buf));
+            ensure!(
+                n > 0,
+                "connection closed mid-answer: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
             buf.extend_from_slice(&chunk[..n]);
         }
     };
@@ -195,7 +199,10 @@ impl RawWs {
             head.push(b);
         }
         let head = String::from_utf8_lossy(&head).into_owned();
-        ensure!(head.starts_with("HTTP/1.1 101"), "handshake refused:\n{head}");
+        ensure!(
+            head.starts_with("HTTP/1.1 101"),
+            "handshake refused:\n{head}"
+        );
         Ok((RawWs { stream }, head))
     }
 
@@ -287,7 +294,10 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     assert_eq!(status, 200, "{headers}");
     assert!(body.contains("<title>Coral"), "{body}");
     let lower = headers.to_ascii_lowercase();
-    assert!(lower.contains("content-security-policy: default-src 'self'"), "{headers}");
+    assert!(
+        lower.contains("content-security-policy: default-src 'self'"),
+        "{headers}"
+    );
     assert!(lower.contains("referrer-policy: no-referrer"), "{headers}");
     for asset in ["/app.js", "/style.css", "/favicon.svg"] {
         let (status, _, body) = http_request(
@@ -297,7 +307,10 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
         .await?;
         assert_eq!(status, 200, "{asset}");
         assert!(!body.is_empty(), "{asset}");
-        assert!(!body.contains("http://") || asset == "/favicon.svg", "{asset} links out");
+        assert!(
+            !body.contains("http://") || asset == "/favicon.svg",
+            "{asset} links out"
+        );
     }
     let (status, _, _) = http_request(
         b.port,
@@ -311,11 +324,19 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     )
     .await?;
     assert_eq!(status, 426, "/ws without an upgrade");
+    let (status, _, body) = http_request(
+        b.port,
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(status, 400, "a handshake without a key: {body}");
 
     // A page of another origin is refused before the upgrade; so is `null` (file://, sandboxes).
     for bad in ["http://evil.example", "null", "http://127.0.0.1:1"] {
         match ws_client(&b.ws_url(""), Some(bad)).await {
-            Err(WsHandshakeError::Rejected { status_code }) => assert_eq!(status_code, 403, "{bad}"),
+            Err(WsHandshakeError::Rejected { status_code }) => {
+                assert_eq!(status_code, 403, "{bad}")
+            }
             Err(e) => bail!("origin {bad}: expected 403, got {e}"),
             Ok(_) => bail!("origin {bad} was accepted"),
         }
@@ -336,17 +357,18 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     assert!(ro.scan_list(Some(5)).await?.is_empty());
     assert!(ro.scan_active().await?.is_empty());
     let (code, _) = call_error(ro.track_get(987_654).await)?;
-    assert_eq!(code, codes::TRACK_NOT_FOUND, "corald's own errors pass through");
+    assert_eq!(
+        code,
+        codes::TRACK_NOT_FOUND,
+        "corald's own errors pass through"
+    );
     let info: Value = ro.request("bridge.info", rpc_params![]).await?;
     assert_eq!(info["authorized"], false, "{info}");
     assert_eq!(info["token_configured"], true, "{info}");
     assert_eq!(info["connected"], true, "{info}");
 
     // Mutating methods without the token: a JSON-RPC error that says what to do.
-    let (code, msg) = call_error(
-        ro.scan_start(LibrarySelector::Id(1), None, None)
-            .await,
-    )?;
+    let (code, msg) = call_error(ro.scan_start(LibrarySelector::Id(1), None, None).await)?;
     assert_eq!(code, UNAUTHORIZED, "{msg}");
     assert!(msg.contains("scan.start") && msg.contains("token"), "{msg}");
     let (code, _) = call_error(
@@ -364,16 +386,15 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
             .await,
     )?;
     assert_eq!(code, -32602);
-    let (code, _) = call_error(ro.request::<Value, _>("daemon.shutdown", rpc_params![]).await)?;
+    let (code, _) = call_error(
+        ro.request::<Value, _>("daemon.shutdown", rpc_params![])
+            .await,
+    )?;
     assert_eq!(code, -32601);
 
     // A wrong token unlocks nothing.
     let wrong = ws_client(&b.ws_url("?token=not-the-token"), Some(&origin)).await?;
-    let (code, _) = call_error(
-        wrong
-            .scan_start(LibrarySelector::Id(1), None, None)
-            .await,
-    )?;
+    let (code, _) = call_error(wrong.scan_start(LibrarySelector::Id(1), None, None).await)?;
     assert_eq!(code, UNAUTHORIZED);
 
     // The right token as a query parameter: add a library, subscribe, scan.
@@ -384,7 +405,10 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     let added = rw
         .library_add(lib.path().to_string_lossy().into_owned())
         .await?;
-    let first = added.last_scan.context("library.add queued no scan")?.request_id;
+    let first = added
+        .last_scan
+        .context("library.add queued no scan")?
+        .request_id;
     let mut last = None;
     while last.is_none() {
         let p = next_progress(&mut sub).await?;
@@ -484,7 +508,10 @@ async fn notifications_resume_after_corald_restarts() -> Result<()> {
         if p.request_id == id && p.phase == ScanPhase::Indexing && p.tracks_indexed > 50 {
             break;
         }
-        ensure!(!p.phase.is_terminal(), "the scan ended before it could be interrupted: {p:?}");
+        ensure!(
+            !p.phase.is_terminal(),
+            "the scan ended before it could be interrupted: {p:?}"
+        );
     }
     // …corald dies.
     drop(direct);
@@ -538,7 +565,10 @@ fn browser_prerequisites() -> Result<(PathBuf, PathBuf)> {
     {
         missing.push("node on PATH (Debian package `nodejs`)".to_owned());
     }
-    if !dir.join("node_modules/playwright-core/package.json").exists() {
+    if !dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
         missing.push(format!(
             "playwright-core in {} (npm ci there)",
             dir.join("node_modules").display()
@@ -609,8 +639,16 @@ async fn progress_page_in_headless_chromium() -> Result<()> {
         let line = match tokio::time::timeout_at(deadline, lines.next_line()).await {
             Ok(Ok(Some(l))) => l,
             Ok(Ok(None)) => break,
-            Ok(Err(e)) => bail!(diagnostics(&format!("reading the script's output: {e}"), &b, &d)),
-            Err(_) => bail!(diagnostics("the browser script did not finish within 7 minutes", &b, &d)),
+            Ok(Err(e)) => bail!(diagnostics(
+                &format!("reading the script's output: {e}"),
+                &b,
+                &d
+            )),
+            Err(_) => bail!(diagnostics(
+                "the browser script did not finish within 7 minutes",
+                &b,
+                &d
+            )),
         };
         match line.trim() {
             // The page has shown the scan reach 100 %: take corald away.
@@ -624,14 +662,22 @@ async fn progress_page_in_headless_chromium() -> Result<()> {
         .await
         .context("node did not exit")??;
     if !status.success() {
-        bail!(diagnostics(&format!("the browser script failed ({status})"), &b, &d));
+        bail!(diagnostics(
+            &format!("the browser script failed ({status})"),
+            &b,
+            &d
+        ));
     }
     let shot = out_dir.join("progress.png");
     let size = std::fs::metadata(&shot)
         .with_context(|| format!("no screenshot at {}", shot.display()))?
         .len();
     ensure!(size > 10_000, "{} is only {size} bytes", shot.display());
-    println!("screenshot: {}", shot.display());
+    println!(
+        "{}screenshot: {}",
+        std::fs::read_to_string(&node_log).unwrap_or_default(),
+        shot.display()
+    );
     b.assert_running()?;
     // The page's scans really happened.
     let c = d.client().await?;

@@ -75,7 +75,8 @@ async fn settle(c: &Client) -> Result<()> {
     eventually(WAIT, "all scans to end", || async {
         c.scan_active().await.ok().filter(|a| a.is_empty())
     })
-    .await
+    .await?;
+    Ok(())
 }
 
 async fn watch_of(c: &Client, library_id: i64) -> Result<LibraryWatch> {

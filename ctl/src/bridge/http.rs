@@ -296,8 +296,14 @@ async fn websocket(ctx: &Ctx, req: Request<hyper::body::Incoming>) -> Response<H
         Ok(r) => r,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && offered.iter().any(|p| p == SUBPROTOCOL)
-    {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // A malformed handshake (no key, wrong version): jsonrpsee explains it in the body.
+        if resp.status().is_success() {
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+        }
+        return resp;
+    }
+    if offered.iter().any(|p| p == SUBPROTOCOL) {
         resp.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(SUBPROTOCOL),

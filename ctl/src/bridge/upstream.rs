@@ -188,6 +188,7 @@ impl Upstream {
                     eprintln!("coralctl bridge: lost the connection to corald; reconnecting");
                 }
                 Err(e) => {
+                    self.set_client(None);
                     self.set_status(false, Some(e));
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_BACKOFF);

@@ -198,7 +198,10 @@ impl ScanWorker {
             let handle = Arc::clone(h);
             let threads = Arc::clone(&self.threads);
             let hb = Arc::clone(&self.heartbeat);
+            // The scan's span (request_id, library) follows the work onto blocking threads.
+            let span = tracing::Span::current();
             tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
                 threads.install(|| {
                     phase_1_walk::walk(&root, subdir.as_deref(), &Observer(&handle, &hb))
                 })
@@ -360,8 +363,10 @@ impl ScanWorker {
         let batch_size = self.batch_size;
         let threads = Arc::clone(&self.threads);
         let hb = Arc::clone(&self.heartbeat);
+        let span = tracing::Span::current();
         let (tx, mut rx) = mpsc::channel::<(Vec<tracks::TrackRow>, Vec<ErrorRow>)>(2);
         let producer = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             for chunk in files.chunks(batch_size) {
                 if h.is_cancelled() {
                     return;
@@ -370,6 +375,7 @@ impl ScanWorker {
                     chunk
                         .par_iter()
                         .map(|f| {
+                            let _in_scan = span.enter();
                             let path: PathBuf = root.join(OsStr::from_bytes(&f.rel_path));
                             let probed = phase_2_probe::probe_file(&path);
                             hb.beat();

@@ -1,7 +1,9 @@
 //! Debouncing and coalescing of one library's changes into a few path-targeted scans.
 //!
 //! Every event marks its directory pending (a relative path, raw bytes; the empty path is the
-//! library root). A file seen created or modified and not yet closed is *open for writing*.
+//! library root). A file seen written to and not yet closed is *open for writing*. A file
+//! only seen created is open for one quiet period: `open(O_CREAT)` is followed by writes at
+//! once, while a hard link or `mknod` never gets a write nor a close.
 //! The pending set is released as scans:
 //!
 //! * when the whole library has been quiet for `quiet` (no event at all): every pending
@@ -15,7 +17,8 @@
 //! or has seen no write for `write_timeout` (a copier that died leaves it open forever).
 //! A pending directory inside another pending directory is covered by it. When more than
 //! `max_jobs` subtrees are ready at once, the deepest are replaced by their parents (never a
-//! parent that would sweep in a subtree still held back) until few enough remain.
+//! parent with a file open for writing below it) until few enough remain; if that is not
+//! possible, `max_jobs` go now and the rest after the next quiet period.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -109,10 +112,13 @@ pub struct Debouncer {
     max_jobs: usize,
     /// Pending directory → time of its last event.
     dirs: BTreeMap<Vec<u8>, Instant>,
-    /// File open for writing → time of its last write activity.
+    /// File open for writing → when it stops holding its directory back (last write plus
+    /// `write_timeout`, or creation plus `quiet` until a write is seen).
     open: BTreeMap<Vec<u8>, Instant>,
     last_event: Option<Instant>,
     burst_start: Option<Instant>,
+    /// The last `take_ready` left ready subtrees behind (more than `max_jobs`).
+    backlog: bool,
 }
 
 impl Debouncer {
@@ -131,6 +137,7 @@ impl Debouncer {
             open: BTreeMap::new(),
             last_event: None,
             burst_start: None,
+            backlog: false,
         }
     }
 
@@ -142,9 +149,17 @@ impl Debouncer {
         self.burst_start.get_or_insert(now);
     }
 
-    /// `file` was created or written to and is not closed yet.
+    /// `file` was written to and is not closed yet.
     pub fn write_activity(&mut self, file: &[u8], now: Instant) {
-        self.open.insert(file.to_vec(), now);
+        self.open.insert(file.to_vec(), now + self.write_timeout);
+        self.touch(parent_of(file), now);
+    }
+
+    /// `file` was created (its writes, if any, come next).
+    pub fn created(&mut self, file: &[u8], now: Instant) {
+        let until = now + self.quiet;
+        let e = self.open.entry(file.to_vec()).or_insert(until);
+        *e = (*e).max(until);
         self.touch(parent_of(file), now);
     }
 
@@ -226,20 +241,23 @@ impl Debouncer {
                 candidates.push(b + self.max_delay);
             }
         }
-        candidates.extend(self.open.values().map(|t| *t + self.write_timeout));
+        candidates.extend(self.open.values().copied());
+        if self.backlog {
+            candidates.push(now + self.quiet);
+        }
         candidates.into_iter().filter(|t| *t > now).min()
     }
 
-    /// Take the subtrees ready to scan now (already coalesced), removing them from the
-    /// pending set.
+    /// Take the subtrees ready to scan now (already coalesced, at most `max_jobs`), removing
+    /// what they cover from the pending set. Ready subtrees beyond `max_jobs` stay pending for
+    /// the next call (after another quiet period), so the scan queue is never flooded.
     pub fn take_ready(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        self.backlog = false;
         if self.dirs.is_empty() {
             self.burst_start = None;
             return Vec::new();
         }
-        let write_timeout = self.write_timeout;
-        self.open
-            .retain(|_, t| now.saturating_duration_since(*t) < write_timeout);
+        self.open.retain(|_, until| *until > now);
         let lib_quiet = self
             .last_event
             .is_none_or(|l| now.saturating_duration_since(l) >= self.quiet);
@@ -263,7 +281,12 @@ impl Debouncer {
                 ready.insert(t);
             }
         }
-        for t in &ready {
+        let mut jobs = self.coalesce(ready);
+        if jobs.len() > self.max_jobs {
+            jobs.truncate(self.max_jobs);
+            self.backlog = true;
+        }
+        for t in &jobs {
             let gone: Vec<Vec<u8>> = subtree(&self.dirs, t).map(|(k, _)| k.clone()).collect();
             for k in gone {
                 self.dirs.remove(&k);
@@ -272,15 +295,14 @@ impl Debouncer {
         if self.dirs.is_empty() {
             self.burst_start = None;
         }
-        self.coalesce(ready)
+        jobs
     }
 
     /// Lift the deepest ready subtrees to their parents until at most `max_jobs` remain,
-    /// never lifting onto a parent that holds something still held back.
+    /// never onto a parent with a file open for writing below it (a lifted parent's scan also
+    /// covers pending directories below it that were not ready yet: their files are closed).
     fn coalesce(&self, mut set: BTreeSet<Vec<u8>>) -> Vec<Vec<u8>> {
-        let held_back = |p: &[u8]| {
-            subtree(&self.dirs, p).next().is_some() || subtree(&self.open, p).next().is_some()
-        };
+        let held_back = |p: &[u8]| subtree(&self.open, p).next().is_some();
         while set.len() > self.max_jobs {
             let liftable: Vec<&Vec<u8>> = set
                 .iter()
@@ -378,6 +400,24 @@ mod tests {
     }
 
     #[test]
+    fn a_file_only_created_holds_its_directory_for_one_quiet_period() {
+        let t0 = Instant::now();
+        let mut d = deb();
+        // Hard links: created, never written or closed.
+        d.created(b"links/a.mp3", t0);
+        d.created(b"links/b.mp3", ms(t0, 100));
+        assert!(d.take_ready(ms(t0, 300)).is_empty());
+        assert_eq!(d.next_deadline(ms(t0, 300)), Some(ms(t0, 400)));
+        assert_eq!(strs(d.take_ready(ms(t0, 400))), ["links"]);
+        // A copy: created, then written: open until closed.
+        d.created(b"copy/a.mp3", ms(t0, 1000));
+        d.write_activity(b"copy/a.mp3", ms(t0, 1001));
+        assert!(d.take_ready(ms(t0, 2000)).is_empty());
+        d.write_closed(b"copy/a.mp3", ms(t0, 2100));
+        assert_eq!(strs(d.take_ready(ms(t0, 2400))), ["copy"]);
+    }
+
+    #[test]
     fn an_open_file_below_a_pending_directory_holds_the_ancestor() {
         let t0 = Instant::now();
         let mut d = deb();
@@ -433,16 +473,36 @@ mod tests {
     }
 
     #[test]
-    fn lifting_never_sweeps_in_a_subtree_still_being_written() {
+    fn lifting_never_sweeps_in_a_file_still_being_written() {
         let t0 = Instant::now();
         let mut d = Debouncer::new(Q, Q * 10, Duration::from_secs(60), 2);
         d.write_closed(b"x/a/1.mp3", t0);
         d.write_closed(b"x/b/1.mp3", t0);
         d.write_closed(b"x/c/1.mp3", t0);
         d.write_activity(b"x/d/1.mp3", t0);
-        let got = strs(d.take_ready(ms(t0, 300)));
-        assert_eq!(got, ["x/a", "x/b", "x/c"], "x holds x/d, so no lift to x");
+        // x holds x/d/1.mp3 open, so no lift to x: two now, the third after a quiet period.
+        assert_eq!(strs(d.take_ready(ms(t0, 300))), ["x/a", "x/b"]);
+        assert_eq!(d.next_deadline(ms(t0, 300)), Some(ms(t0, 600)));
+        assert_eq!(strs(d.take_ready(ms(t0, 600))), ["x/c"]);
         assert!(d.has_pending(b"x/d"));
+        assert!(d.take_ready(ms(t0, 900)).is_empty());
+    }
+
+    #[test]
+    fn a_forced_release_during_a_burst_is_capped_and_lifted() {
+        let t0 = Instant::now();
+        let mut d = Debouncer::new(Q, Q * 10, Duration::from_secs(60), 8);
+        // 100 finished directories, and a copy still writing one more, for 3 s.
+        for i in 0..100 {
+            d.write_closed(format!("lib/copy_{i:04}/t.mp3").as_bytes(), t0);
+        }
+        d.write_activity(b"lib/copy_0100/t.mp3", ms(t0, 3000));
+        let got = d.take_ready(ms(t0, 3000));
+        assert_eq!(got.len(), 8, "capped: {:?}", strs(got));
+        d.write_closed(b"lib/copy_0100/t.mp3", ms(t0, 3100));
+        // Quiet now and nothing open: everything left goes as one scan of the parent.
+        assert_eq!(strs(d.take_ready(ms(t0, 3400))), ["lib"]);
+        assert_eq!(d.pending_dirs(), 0);
     }
 
     #[test]

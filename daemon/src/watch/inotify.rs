@@ -5,7 +5,8 @@
 //! Event rules (names starting with `.` and NAS metadata folders are ignored, like the scanner
 //! ignores them; only audio file names and directories matter):
 //!
-//! * `IN_CREATE` / `IN_MODIFY` of a file: open for writing (holds its directory);
+//! * `IN_MODIFY` of a file: open for writing (holds its directory); `IN_CREATE`: open for one
+//!   quiet period unless a write follows (a hard link gets no write and no close);
 //!   `IN_CLOSE_WRITE`: closed; `IN_DELETE`, `IN_ATTRIB` (mtime, permissions): the directory is
 //!   pending.
 //! * `IN_CREATE` of a directory (or a symbolic link to one), and a directory moved in: watches
@@ -59,8 +60,10 @@ const EVENT_BUFFER: usize = 64 * 1024;
 const MAX_JOBS_PER_FLUSH: usize = 8;
 /// How long an `IN_MOVED_FROM` waits for its `IN_MOVED_TO`.
 const MOVE_PAIR_GRACE: Duration = Duration::from_millis(100);
-/// A long burst releases its finished directories every this many quiet periods.
+/// A long burst releases its finished directories every this many quiet periods, and at most
+/// once a minute: a burst shorter than that (a few thousand files) goes out in one flush.
 const MAX_DELAY_FACTOR: u32 = 10;
+const MIN_MAX_DELAY: Duration = Duration::from_secs(60);
 
 /// What is watched on each directory.
 fn watch_mask() -> WatchMask {
@@ -354,7 +357,7 @@ impl Actor {
             filesystem: None,
             debounce: Debouncer::new(
                 quiet,
-                quiet * MAX_DELAY_FACTOR,
+                (quiet * MAX_DELAY_FACTOR).max(MIN_MAX_DELAY),
                 Duration::from_secs(self.cfg.write_timeout_s),
                 MAX_JOBS_PER_FLUSH,
             ),
@@ -1089,7 +1092,9 @@ impl Actor {
         let Some(lib) = self.noted(id) else {
             return;
         };
-        if mask.intersects(EventMask::CREATE | EventMask::MODIFY) {
+        if mask.contains(EventMask::CREATE) {
+            lib.debounce.created(&path, now);
+        } else if mask.contains(EventMask::MODIFY) {
             lib.debounce.write_activity(&path, now);
         } else if mask.contains(EventMask::CLOSE_WRITE) {
             lib.debounce.write_closed(&path, now);

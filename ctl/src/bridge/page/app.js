@@ -398,7 +398,7 @@
     const bar = h('div', {
       class: 'bar',
       role: 'progressbar',
-      'aria-labelledby': `${rowId}-label`,
+      'aria-labelledby': `${rowId}-label ${cardId(p.request_id)}-lib`,
       'aria-valuemin': 0,
       'aria-valuemax': 100,
       'aria-valuenow': known ? shown : null,
@@ -429,7 +429,7 @@
     const meta = [humanTrigger(p.trigger), p.mode, p.path ? `only ${p.path}` : null, p.resumed ? 'resumed' : null]
       .filter(Boolean).join(' · ');
     const head = h('div', { class: 'scan-head' },
-      h('span', { class: 'lib' }, p.library_path),
+      h('span', { class: 'lib', id: `${id}-lib` }, p.library_path),
       h('span', { class: 'badge', 'data-phase': p.phase }, p.phase),
       h('span', { class: 'meta' }, `${meta} · started ${fmtTime(p.started_at)}`),
       h('span', { class: 'spacer' }),
