@@ -598,14 +598,11 @@ async fn cancel_stops_quickly_and_a_rerun_redoes_nothing_stored() -> Result<()> 
 
     // Stop this embedder (as a daemon shutdown would); a forward pass in flight may still land.
     stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), embedder.stopped())
+        .await
+        .context("the pipeline did not wind down within 10 s of stop")?;
+    let model_id = embedder.model_id();
     drop(embedder);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let model_id = {
-        let mut conn = pool.acquire().await?;
-        sqlx::query_scalar::<_, i64>("SELECT id FROM models")
-            .fetch_one(&mut *conn)
-            .await?
-    };
     let stored = embedding_rows(&pool, model_id).await?;
     assert!(!stored.is_empty() && stored.len() < 24, "{}", stored.len());
     for (v, _) in stored.values() {

@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use chrono::Utc;
-use coral_proto::{
-    CoralApiClient, LibraryWatch, ScanPhase, ScanProgress, ScanTrigger, WatchMode,
-};
+use coral_proto::{CoralApiClient, LibraryWatch, ScanPhase, ScanProgress, ScanTrigger, WatchMode};
 use coral_tests::daemon::{Daemon, add_and_scan, eventually, traversable_tempdir};
 use coral_tests::fixtures::{self, FixtureTrack};
 use jsonrpsee::async_client::Client;
@@ -143,7 +141,11 @@ async fn an_album_copied_in_is_indexed_once_after_the_quiet_period() -> Result<(
         .enumerate()
         .map(|(i, f)| {
             let ext = if *f == "ogg_vorbis" { "ogg" } else { f };
-            track(&format!("{i:02} Song.{ext}"), f, &format!("Copied Song {i}"))
+            track(
+                &format!("{i:02} Song.{ext}"),
+                f,
+                &format!("Copied Song {i}"),
+            )
         })
         .collect();
     fixtures::make_tracks(scratch.path(), &album)?;
@@ -157,19 +159,30 @@ async fn an_album_copied_in_is_indexed_once_after_the_quiet_period() -> Result<(
 
     let copied = copy_dir(scratch.path(), &lib.path().join("Artist/Album"))?;
     let copy_done = Utc::now();
-    let r = wait_rows(&d, id, "the copied album to be indexed", |r| r.len() == 1 + copied).await?;
+    let r = wait_rows(&d, id, "the copied album to be indexed", |r| {
+        r.len() == 1 + copied
+    })
+    .await?;
     for t in &album {
         let rel = format!("Artist/Album/{}", t.rel_path.display());
         assert_eq!(r[&rel].1.as_deref(), Some(t.title.as_str()), "{rel}");
     }
     settle(&c).await?;
     let scans = fs_scans(&c, id).await?;
-    assert_eq!(scans.len(), 1, "indexed by exactly one watcher scan: {scans:#?}");
+    assert_eq!(
+        scans.len(),
+        1,
+        "indexed by exactly one watcher scan: {scans:#?}"
+    );
     let s = &scans[0];
     assert_eq!(s.phase, ScanPhase::Completed, "{s:?}");
     assert_eq!(s.tracks_indexed, copied as u64, "{s:?}");
     assert_eq!(s.mode, coral_proto::ScanMode::Incremental);
-    assert_eq!(s.path.as_deref(), Some("Artist"), "a path-targeted scan: {s:?}");
+    assert_eq!(
+        s.path.as_deref(),
+        Some("Artist"),
+        "a path-targeted scan: {s:?}"
+    );
     let waited = (s.started_at - copy_done).to_std().unwrap_or_default();
     assert!(
         waited >= DEBOUNCE - Duration::from_millis(50),
@@ -215,7 +228,11 @@ async fn a_file_still_being_written_is_not_indexed_until_it_is_closed() -> Resul
     // Four quiet periods with the file open: nothing more may be queued.
     let scans_before = fs_scans(&c, id).await?.len();
     tokio::time::sleep(DEBOUNCE * 4).await;
-    assert_eq!(fs_scans(&c, id).await?.len(), scans_before, "scanned mid-copy");
+    assert_eq!(
+        fs_scans(&c, id).await?.len(),
+        scans_before,
+        "scanned mid-copy"
+    );
     let w = watch_of(&c, id).await?;
     assert_eq!(w.open_files, 1, "{w:?}");
     assert!(w.pending_paths >= 1, "{w:?}");
@@ -227,7 +244,11 @@ async fn a_file_still_being_written_is_not_indexed_until_it_is_closed() -> Resul
     let scans = fs_scans(&c, id).await?;
     assert_eq!(scans.len(), scans_before + 1, "{scans:#?}");
     let last = scans.last().context("the scan after the close")?;
-    assert_eq!((last.tracks_indexed, last.tracks_failed), (1, 0), "{last:?}");
+    assert_eq!(
+        (last.tracks_indexed, last.tracks_failed),
+        (1, 0),
+        "{last:?}"
+    );
     Ok(())
 }
 
@@ -352,7 +373,11 @@ async fn files_written_into_freshly_created_nested_directories_are_found() -> Re
         assert!(r.contains_key(e), "{e} missing: {r:?}");
     }
     let w = watch_of(&c, id).await?;
-    assert_eq!(w.watches, 1 + 5 * 3, "every new directory is watched: {w:?}");
+    assert_eq!(
+        w.watches,
+        1 + 5 * 3,
+        "every new directory is watched: {w:?}"
+    );
     Ok(())
 }
 
@@ -377,7 +402,10 @@ async fn two_thousand_files_dropped_at_once_take_a_few_scans() -> Result<()> {
         !scans.is_empty() && scans.len() <= 5,
         "{} watcher scans for one burst: {:#?}",
         scans.len(),
-        scans.iter().map(|s| (&s.path, s.tracks_indexed)).collect::<Vec<_>>()
+        scans
+            .iter()
+            .map(|s| (&s.path, s.tracks_indexed))
+            .collect::<Vec<_>>()
     );
     let indexed: u64 = scans.iter().map(|s| s.tracks_indexed).sum();
     assert_eq!(indexed, n as u64, "each file indexed once");
@@ -391,7 +419,10 @@ async fn a_root_that_goes_away_pauses_the_watcher_and_deletes_nothing() -> Resul
     let root = base.path().join("music");
     fixtures::make_tracks(
         &root,
-        &[track("a/1.mp3", "mp3", "One"), track("a/2.flac", "flac", "Two")],
+        &[
+            track("a/1.mp3", "mp3", "One"),
+            track("a/2.flac", "flac", "Two"),
+        ],
     )?;
     let cfg = traversable_tempdir()?;
     let d = start(cfg.path(), "").await?;
@@ -404,7 +435,10 @@ async fn a_root_that_goes_away_pauses_the_watcher_and_deletes_nothing() -> Resul
     std::fs::rename(&root, &away)?;
     let w = wait_mode(&c, id, WatchMode::Paused).await?;
     assert!(
-        w.warning.as_deref().unwrap_or_default().contains("nothing is scanned or deleted"),
+        w.warning
+            .as_deref()
+            .unwrap_or_default()
+            .contains("nothing is scanned or deleted"),
         "{w:?}"
     );
     let status = c.daemon_status().await?;
@@ -414,7 +448,10 @@ async fn a_root_that_goes_away_pauses_the_watcher_and_deletes_nothing() -> Resul
         status.warnings
     );
     tokio::time::sleep(Duration::from_secs(2)).await; // two root checks
-    assert!(fs_scans(&c, id).await?.is_empty(), "nothing scanned while paused");
+    assert!(
+        fs_scans(&c, id).await?.is_empty(),
+        "nothing scanned while paused"
+    );
     assert_eq!(rows(&d, id).await?, before, "nothing deleted");
 
     // An empty directory appears where the root was (a mount point without its disk).
@@ -425,7 +462,11 @@ async fn a_root_that_goes_away_pauses_the_watcher_and_deletes_nothing() -> Resul
     assert_eq!(scans.len(), 1, "{scans:#?}");
     assert_eq!(scans[0].tracks_removed, 0, "{:?}", scans[0]);
     assert!(
-        scans[0].error.as_deref().unwrap_or_default().contains("nothing was deleted"),
+        scans[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("nothing was deleted"),
         "{:?}",
         scans[0]
     );
@@ -441,13 +482,20 @@ async fn a_root_that_goes_away_pauses_the_watcher_and_deletes_nothing() -> Resul
     let last = scans.last().context("a scan after the root came back")?;
     assert_eq!(scans.len(), 2, "{scans:#?}");
     assert_eq!(last.phase, ScanPhase::Completed);
-    assert_eq!((last.tracks_unchanged, last.tracks_removed), (2, 0), "{last:?}");
+    assert_eq!(
+        (last.tracks_unchanged, last.tracks_removed),
+        (2, 0),
+        "{last:?}"
+    );
     assert_eq!(rows(&d, id).await?, before, "same rows, same ids");
     assert!(c.daemon_status().await?.warnings.is_empty());
 
     // Watching again: a new file is found.
     fixtures::make_track(&root, &track("a/3.mp3", "mp3", "Three"))?;
-    wait_rows(&d, id, "a file added after the root came back", |r| r.len() == 3).await?;
+    wait_rows(&d, id, "a file added after the root came back", |r| {
+        r.len() == 3
+    })
+    .await?;
     Ok(())
 }
 
@@ -485,14 +533,19 @@ async fn the_watch_limit_falls_back_to_polling_with_simulated_watch_limit() -> R
     );
     let out = d.ctl(&["status"])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("polling") && text.contains("every 2 s"), "{text}");
+    assert!(
+        text.contains("polling") && text.contains("every 2 s"),
+        "{text}"
+    );
 
     // Changes are still found, by polling.
     fixtures::make_track(lib.path(), &track("a/new.mp3", "mp3", "Found By Polling"))?;
     wait_rows(&d, id, "the polled change", |r| r.contains_key("a/new.mp3")).await?;
     let scans = fs_scans(&c, id).await?;
     assert!(
-        scans.iter().any(|s| s.path.is_none() && s.tracks_indexed == 1),
+        scans
+            .iter()
+            .any(|s| s.path.is_none() && s.tracks_indexed == 1),
         "{scans:#?}"
     );
     Ok(())

@@ -310,6 +310,8 @@ struct Shared {
     running: std::sync::atomic::AtomicBool,
     broken: CancellationToken,
     broken_reason: Mutex<Option<String>>,
+    /// Cancelled when the store task has ended (everything computed is stored).
+    finished: CancellationToken,
 }
 
 impl Shared {
@@ -496,6 +498,13 @@ impl Embedder {
             device: Some(i.device.clone()),
             tracks_embedded: i.shared.embedded.load(Ordering::Relaxed),
         }
+    }
+
+    /// Resolves once the pipeline has wound down after `stop` (or after every `Embedder` was
+    /// dropped): vectors computed before the stop are stored by then. Call it before closing
+    /// the database pool.
+    pub async fn stopped(&self) {
+        self.inner.shared.finished.cancelled().await;
     }
 
     /// Queue depths and throughput counters.
@@ -1067,6 +1076,7 @@ async fn store_task(
             shared.embedded.store(n, Ordering::Relaxed);
         }
     }
+    shared.finished.cancel();
 }
 
 /// Closes the decode queue on shutdown and keeps the embedded-tracks count fresh (scans

@@ -187,9 +187,8 @@ impl Debouncer {
     /// A directory (or file) moved from `old` to `new`: pending state below it moves along.
     pub fn rebase(&mut self, old: &[u8], new: &[u8]) {
         for map in [&mut self.dirs, &mut self.open] {
-            let moved: Vec<(Vec<u8>, Instant)> = subtree(map, old)
-                .map(|(k, t)| (k.clone(), *t))
-                .collect();
+            let moved: Vec<(Vec<u8>, Instant)> =
+                subtree(map, old).map(|(k, t)| (k.clone(), *t)).collect();
             for (k, t) in moved {
                 map.remove(&k);
                 map.insert(rebase(&k, old, new), t);
@@ -440,7 +439,11 @@ mod tests {
             d.write_activity(b"Album2/x.flac", now);
             released.extend(strs(d.take_ready(now)));
         }
-        assert_eq!(released, ["Album1"], "released at the 3 s mark, Album2 still busy");
+        assert_eq!(
+            released,
+            ["Album1"],
+            "released at the 3 s mark, Album2 still busy"
+        );
         d.write_closed(b"Album2/x.flac", ms(t0, 5000));
         assert_eq!(strs(d.take_ready(ms(t0, 5300))), ["Album2"]);
     }

@@ -478,7 +478,10 @@ impl Actor {
             return;
         };
         if outcome.missing {
-            self.pause(id, "the library root vanished while its watches were being added");
+            self.pause(
+                id,
+                "the library root vanished while its watches were being added",
+            );
             return;
         }
         let (n, skipped) = (outcome.added.len(), outcome.skipped.len());
@@ -497,7 +500,11 @@ impl Actor {
             lib.limit_at_fallback = None;
         }
         span.in_scope(|| {
-            tracing::info!(watches = n, took_ms = started.elapsed().as_millis() as u64, "watching with inotify")
+            tracing::info!(
+                watches = n,
+                took_ms = started.elapsed().as_millis() as u64,
+                "watching with inotify"
+            )
         });
     }
 
@@ -806,7 +813,11 @@ impl Actor {
                         lib.span
                             .in_scope(|| tracing::info!("library root is back: watching again"));
                         self.arm(id).await;
-                        if self.libs.get(&id).is_some_and(|l| l.mode != WatchMode::Paused) {
+                        if self
+                            .libs
+                            .get(&id)
+                            .is_some_and(|l| l.mode != WatchMode::Paused)
+                        {
                             self.submit(id, Vec::new(), ScanTrigger::FileSystemEvent)
                                 .await;
                         }
@@ -867,10 +878,15 @@ impl Actor {
             let configured = (self.cfg.max_watches > 0).then_some(self.cfg.max_watches);
             let current = configured.or_else(poll::max_user_watches);
             if current > lib.limit_at_fallback {
-                lib.span
-                    .in_scope(|| tracing::info!(limit = ?current, "watch limit raised: trying inotify again"));
+                lib.span.in_scope(
+                    || tracing::info!(limit = ?current, "watch limit raised: trying inotify again"),
+                );
                 self.arm(id).await;
-                if self.libs.get(&id).is_some_and(|l| l.mode == WatchMode::Inotify) {
+                if self
+                    .libs
+                    .get(&id)
+                    .is_some_and(|l| l.mode == WatchMode::Inotify)
+                {
                     self.submit(id, Vec::new(), ScanTrigger::FileSystemEvent)
                         .await;
                     return;
@@ -946,7 +962,9 @@ impl Actor {
         let mut new_dirs: Vec<(i64, Vec<u8>)> = Vec::new();
         for ev in events {
             if ev.mask.contains(EventMask::Q_OVERFLOW) {
-                tracing::warn!("inotify event queue overflowed: events were lost; rescanning every watched library");
+                tracing::warn!(
+                    "inotify event queue overflowed: events were lost; rescanning every watched library"
+                );
                 for l in self.libs.values() {
                     if l.mode == WatchMode::Inotify {
                         new_dirs.push((l.id, Vec::new()));
@@ -1060,7 +1078,10 @@ impl Actor {
         }
         if mask.contains(EventMask::MOVED_TO) {
             match self.moves.remove(&cookie) {
-                Some(from) => self.paired_move(from, id, dir, name, is_dir, now, new_dirs).await,
+                Some(from) => {
+                    self.paired_move(from, id, dir, name, is_dir, now, new_dirs)
+                        .await
+                }
                 None => self.arrived(id, &dir, &name, is_dir, now, new_dirs),
             }
             return;
@@ -1199,9 +1220,9 @@ impl Actor {
                 0
             }
         };
-        lib.span.in_scope(|| {
-            tracing::debug!(from = %show(&old), to = %show(&new), rows, "moved in place")
-        });
+        lib.span.in_scope(
+            || tracing::debug!(from = %show(&old), to = %show(&new), rows, "moved in place"),
+        );
         if rows == 0 || was_pending || busy {
             lib.debounce.touch(if is_dir { &new } else { &dir }, now);
         }

@@ -190,10 +190,21 @@ garbage line without separator
 
     #[test]
     fn remote_types() {
-        for t in ["nfs", "nfs4", "cifs", "smb3", "9p", "fuse.rclone", "fuse", "virtiofs"] {
+        for t in [
+            "nfs",
+            "nfs4",
+            "cifs",
+            "smb3",
+            "9p",
+            "fuse.rclone",
+            "fuse",
+            "virtiofs",
+        ] {
             assert!(is_remote_fs_type(t), "{t}");
         }
-        for t in ["ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlay", "fuseblk", "fuse."] {
+        for t in [
+            "ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlay", "fuseblk", "fuse.",
+        ] {
             assert!(!is_remote_fs_type(t), "{t}");
         }
     }

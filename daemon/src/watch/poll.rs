@@ -109,7 +109,9 @@ pub fn watch_limit_warning(
 
 /// A round number comfortably above both `want` and the current limit.
 fn suggested(want: u64, current: Option<u64>) -> u64 {
-    let floor = want.saturating_mul(2).max(current.unwrap_or(0).saturating_mul(2));
+    let floor = want
+        .saturating_mul(2)
+        .max(current.unwrap_or(0).saturating_mul(2));
     floor.max(524_288).next_power_of_two()
 }
 
@@ -130,7 +132,9 @@ mod tests {
     fn roots_present_missing_and_mount_points() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("music");
-        assert!(matches!(check_root(&root), RootState::Unavailable(m) if m.contains("does not exist")));
+        assert!(
+            matches!(check_root(&root), RootState::Unavailable(m) if m.contains("does not exist"))
+        );
         std::fs::create_dir(&root).expect("mkdir");
         let st = check_root(&root);
         let RootState::Present { dev, empty, .. } = st else {
@@ -148,7 +152,9 @@ mod tests {
         std::fs::remove_file(root.join("a.mp3")).expect("rm");
         std::fs::remove_dir(&root).expect("rmdir");
         std::fs::write(&root, b"x").expect("file");
-        assert!(matches!(check_root(&root), RootState::Unavailable(m) if m.contains("not a directory")));
+        assert!(
+            matches!(check_root(&root), RootState::Unavailable(m) if m.contains("not a directory"))
+        );
     }
 
     #[test]
