@@ -36,8 +36,8 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct RpcConfig {
     /// Group that owns the socket and whose members may connect (besides root and corald's own
-    /// user). When the group does not exist, the socket keeps corald's own group. Empty: no
-    /// group is configured; corald's own group applies.
+    /// user). When the group does not exist (or corald, not root, is not a member), the socket
+    /// keeps corald's own group. Empty: corald's own group applies.
     pub group: String,
     /// Permission bits of the socket file, in octal (a socket socket-activated by systemd keeps
     /// the unit's `SocketMode=`).

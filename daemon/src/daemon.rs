@@ -139,11 +139,11 @@ pub async fn run_service(
     tasks.spawn(watch_task.run(stop.clone()));
 
     let policy = AccessPolicy::from_config(&config.rpc);
-    if let Some(missing) = &policy.missing_group {
+    if let Some(why) = &policy.fallback {
         tracing::info!(
-            group = %missing,
-            fallback = %policy.group_name,
-            "socket group `{missing}` does not exist; the socket keeps corald's own group `{}` (gid {}), whose members may connect",
+            group = %policy.group_name,
+            gid = policy.group_gid,
+            "{why}; the socket keeps corald's own group `{}` (gid {}), whose members may connect",
             policy.group_name,
             policy.group_gid
         );
@@ -159,7 +159,7 @@ pub async fn run_service(
             (server::from_activated(l)?, path)
         }
         None => {
-            let gid = policy.missing_group.is_none().then_some(policy.group_gid);
+            let gid = policy.fallback.is_none().then_some(policy.group_gid);
             (server::bind_with(&socket, socket_mode, gid).await?, socket)
         }
     };

@@ -205,6 +205,52 @@ fn batch_boundaries_do_not_change_embeddings() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn seeking_to_the_windows_gives_the_same_audio_as_decoding_everything() -> Result<()> {
+    let lib = tempfile::tempdir()?;
+    let plan = WindowPlan {
+        count: 8,
+        window_samples: 47_616,
+        sample_rate: 16_000,
+    };
+    for format in ["mp3", "flac", "ogg_vorbis", "m4a_aac", "wav"] {
+        let mut t = FixtureTrack::simple(format!("{format}.bin"), format, format);
+        t.duration_s = 70.0;
+        let path = fixtures::make_track(lib.path(), &t)?;
+        let seek = WindowMaker::new(plan).make(&path, t.duration_s)?;
+        let read = WindowMaker::new(plan)
+            .with_policy(corald::embed::phase_1_decode::SeekPolicy::DecodeAll)
+            .make(&path, t.duration_s)?;
+        assert_eq!(seek.count, 8);
+        assert_eq!(seek.samples.len(), 8 * 47_616);
+        let diff = seek
+            .samples
+            .iter()
+            .zip(&read.samples)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // Every window holds the tone (ffmpeg: amplitude 1/8, -3 dB to stereo) from end to end.
+        for (w, window) in read.samples.chunks(47_616).enumerate() {
+            for (q, quarter) in window.chunks(47_616 / 4).enumerate() {
+                let peak = quarter.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    peak > 0.05,
+                    "{format}: window {w} quarter {q} is silent (peak {peak})"
+                );
+            }
+        }
+        eprintln!("{format}: seeking vs decoding everything: max difference {diff:e}");
+        assert!(diff < 1e-4, "{format}: seeking differs by {diff}");
+        // Decoding only the windows reads a fraction of the track.
+        assert!(
+            seek.decoded_seconds < 0.6 * t.duration_s,
+            "{format}: {}",
+            seek.decoded_seconds
+        );
+    }
+    Ok(())
+}
+
 /// Kinds of generated audio; similar tracks must be of the same kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
@@ -747,23 +793,7 @@ async fn throughput_figures() -> Result<()> {
             180.0 * f64::from(n) / s
         );
     }
-    for batch in [1usize, 8, 16, 32] {
-        let mut m = load_model(&files, files.manifest.window_samples)?;
-        let input = vec![0.1f32; batch * files.manifest.window_samples];
-        m.forward(&input, batch)?;
-        let t = Instant::now();
-        let rounds = (64 / batch).max(2);
-        for _ in 0..rounds {
-            m.forward(&input, batch)?;
-        }
-        let s = t.elapsed().as_secs_f64();
-        let windows = (rounds * batch) as f64;
-        eprintln!(
-            "inference batch {batch:>2} (2 threads): {:.1} windows/s = {:.0} audio-s/s",
-            windows / s,
-            windows * files.manifest.window_seconds() / s
-        );
-    }
+    inference_figures(&files)?;
     let d = daemon_without_embeddings().await?;
     let c = d.client().await?;
     add_and_scan(&c, root).await?;
@@ -782,4 +812,41 @@ async fn throughput_figures() -> Result<()> {
         embedder.stats()
     );
     Ok(())
+}
+
+/// Inference windows/s by batch size; threads from `CORAL_BENCH_THREADS` (default 2).
+fn inference_figures(files: &ModelFiles) -> Result<()> {
+    let threads: usize = std::env::var("CORAL_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let window = files.manifest.window_samples;
+    let mut m = phase_4_infer::load_model(files, DeviceChoice::Cpu, threads, window)?;
+    for batch in [1usize, 8, 16, 32] {
+        let input = vec![0.1f32; batch * window];
+        m.forward(&input, batch)?;
+        let t = Instant::now();
+        let rounds = (64 / batch).max(3);
+        for _ in 0..rounds {
+            m.forward(&input, batch)?;
+        }
+        let s = t.elapsed().as_secs_f64();
+        let windows = (rounds * batch) as f64;
+        eprintln!(
+            "inference batch {batch:>2} ({threads} threads): {:.1} windows/s = {:.0} audio-s/s",
+            windows / s,
+            windows * files.manifest.window_seconds() / s
+        );
+    }
+    Ok(())
+}
+
+/// `cargo test --release -p coral-tests --features corald/embed --test embed inference_batch -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement, run by hand"]
+fn inference_batch_sizes() -> Result<()> {
+    if !phase_4_infer::available() {
+        return Ok(());
+    }
+    inference_figures(&model::load(&repo_model())?)
 }

@@ -515,7 +515,7 @@ async fn the_watch_limit_falls_back_to_polling_with_simulated_watch_limit() -> R
     let d = start(cfg.path(), "max_watches = 3\npoll_interval_s = 2").await?;
     let c = d.client().await?;
     let (id, first) = add_and_scan(&c, lib.path()).await?;
-    assert_eq!(first.tracks_indexed, 3);
+    assert_eq!(first.tracks_indexed, 3, "{first:?}");
     let w = wait_mode(&c, id, WatchMode::Polling).await?;
     let warning = w.warning.clone().unwrap_or_default();
     assert!(warning.contains("fs.inotify.max_user_watches"), "{warning}");

@@ -1049,13 +1049,16 @@ async fn store_task(
                 out
             }
         };
-        let mut stored_now = 0u64;
+        let stored_now = results.iter().filter(|r| matches!(r, Ok(true))).count() as u64;
+        shared
+            .tracks_stored
+            .fetch_add(stored_now, Ordering::Relaxed);
+        if let Ok(n) = phase_5_store::count_embedded(&pool, model.id).await {
+            shared.embedded.store(n, Ordering::Relaxed);
+        }
         for (f, r) in batch.into_iter().zip(results) {
             let o = match r {
-                Ok(true) => {
-                    stored_now += 1;
-                    Outcome::Done(f.meta.track_id)
-                }
+                Ok(true) => Outcome::Done(f.meta.track_id),
                 Ok(false) => Outcome::Skipped {
                     track_id: f.meta.track_id,
                     reason: "removed from the index while it was embedded".into(),
@@ -1068,12 +1071,6 @@ async fn store_task(
                 },
             };
             let _ = f.meta.job.outcomes.send(o);
-        }
-        shared
-            .tracks_stored
-            .fetch_add(stored_now, Ordering::Relaxed);
-        if let Ok(n) = phase_5_store::count_embedded(&pool, model.id).await {
-            shared.embedded.store(n, Ordering::Relaxed);
         }
     }
     shared.finished.cancel();

@@ -44,8 +44,11 @@ pub struct Region {
 pub enum SeekPolicy {
     /// Seek to each region when the stream allows it (the default).
     Seek,
-    /// Read the stream from the start (what happens anyway when seeking fails).
+    /// Read the stream from the start, decoding only near the regions (what happens anyway
+    /// when seeking fails).
     Sequential,
+    /// Read and decode everything from the start (a reference for comparisons).
+    DecodeAll,
 }
 
 /// The decoded regions, mono, at `sample_rate`, in the order requested.
@@ -313,7 +316,8 @@ pub fn decode_regions(
         let p_len = clock.ts_to_frame(packet.dur.get().min(i64::MAX as u64) as i64);
         // Far before the next region: demux only (no decode), and reset the decoder before
         // decoding again, as after a seek.
-        if p0.saturating_add(p_len)
+        if policy != SeekPolicy::DecodeAll
+            && p0.saturating_add(p_len)
             < wants[first]
                 .start
                 .saturating_add(wants[first].written as i64)

@@ -36,8 +36,10 @@ pub struct AccessPolicy {
     pub group_gid: u32,
     /// Its name, for messages.
     pub group_name: String,
-    /// The configured group when it does not exist (`group_gid` is then corald's own group).
-    pub missing_group: Option<String>,
+    /// Why the configured group is not used, when it is not (it does not exist, or corald is
+    /// neither root nor a member of it and so cannot give the socket to it); `group_gid` is then
+    /// corald's own group.
+    pub fallback: Option<String>,
 }
 
 /// Why a peer was allowed, or that it was not.
@@ -57,8 +59,8 @@ impl Decision {
 }
 
 impl AccessPolicy {
-    /// Resolve `rpc.group`: the configured group if it exists, else corald's effective group
-    /// (`missing_group` says so; the caller logs it).
+    /// Resolve `rpc.group`: the configured group if it exists and corald may use it (root, or
+    /// a member), else corald's effective group (`fallback` says why; the caller logs it).
     pub fn from_config(rpc: &RpcConfig) -> AccessPolicy {
         let own_uid = Uid::effective().as_raw();
         let own_gid = Gid::effective().as_raw();
@@ -68,21 +70,37 @@ impl AccessPolicy {
                 .flatten()
                 .map_or_else(|| own_gid.to_string(), |g| g.name)
         };
-        if !rpc.group.is_empty()
-            && let Ok(Some(g)) = Group::from_name(&rpc.group)
-        {
-            return AccessPolicy {
-                own_uid,
-                group_gid: g.gid.as_raw(),
-                group_name: g.name,
-                missing_group: None,
-            };
-        }
+        let fallback = if rpc.group.is_empty() {
+            None
+        } else {
+            match Group::from_name(&rpc.group) {
+                Ok(Some(g)) => {
+                    let gid = g.gid.as_raw();
+                    let member = own_uid == 0
+                        || gid == own_gid
+                        || nix::unistd::getgroups()
+                            .is_ok_and(|gs| gs.iter().any(|x| x.as_raw() == gid));
+                    if member {
+                        return AccessPolicy {
+                            own_uid,
+                            group_gid: gid,
+                            group_name: g.name,
+                            fallback: None,
+                        };
+                    }
+                    Some(format!(
+                        "corald is not a member of the socket group `{}`",
+                        rpc.group
+                    ))
+                }
+                _ => Some(format!("the socket group `{}` does not exist", rpc.group)),
+            }
+        };
         AccessPolicy {
             own_uid,
             group_gid: own_gid,
             group_name: own_group_name(),
-            missing_group: (!rpc.group.is_empty()).then(|| rpc.group.clone()),
+            fallback,
         }
     }
 
@@ -219,7 +237,7 @@ mod tests {
             own_uid: 990,
             group_gid: 990,
             group_name: "coral".into(),
-            missing_group: None,
+            fallback: None,
         }
     }
 
@@ -285,7 +303,12 @@ mod tests {
             group: "no-such-group-coral-test".into(),
             socket_mode: "0660".into(),
         });
-        assert_eq!(p.missing_group.as_deref(), Some("no-such-group-coral-test"));
+        assert!(
+            p.fallback
+                .as_deref()
+                .is_some_and(|f| f.contains("`no-such-group-coral-test` does not exist")),
+            "{p:?}"
+        );
         assert_eq!(p.group_gid, Gid::effective().as_raw());
         assert_eq!(p.own_uid, Uid::effective().as_raw());
     }
