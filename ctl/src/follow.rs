@@ -89,6 +89,8 @@ impl Bars {
         };
         if let Some(total) = p.tracks_expected {
             let b = self.bar(p.request_id, "indexing", label("indexing"));
+            // The same bar showed "discovering" until the total was known.
+            b.set_prefix(format!("{:<24}", label("indexing")));
             b.set_length(total);
             b.set_position(p.tracks_indexed + p.tracks_unchanged + p.tracks_failed);
             b.set_message(rate_eta(p.tracks_per_second, "files", p.tracks_failed));

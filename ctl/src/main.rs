@@ -140,7 +140,7 @@ async fn run(cli: Cli) -> Result<u8> {
     let socket = cli
         .socket
         .clone()
-        .unwrap_or_else(coral_proto::paths::default_socket_path);
+        .unwrap_or_else(coral_proto::paths::default_client_socket_path);
     if let Command::Generate { what, dir } = &cli.command {
         generate::write(*what, dir)?;
         return Ok(0);

@@ -52,7 +52,14 @@ pub async fn connect(socket: &Path) -> Result<Client, ConnectError> {
         .connection_timeout(Duration::from_secs(10))
         .build_with_stream(url, stream)
         .await
-        .map_err(|e| handshake(e.to_string()))?;
+        .map_err(|e| match e {
+            // The daemon's peer-credential check answers 403 to users it does not admit.
+            jsonrpsee::client_transport::ws::WsHandshakeError::Rejected {
+                status_code: 403,
+                ..
+            } => ConnectError::PermissionDenied(socket.to_owned()),
+            e => handshake(e.to_string()),
+        })?;
     Ok(ClientBuilder::default()
         .request_timeout(Duration::from_secs(120))
         .build_with_tokio(tx, rx))

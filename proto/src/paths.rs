@@ -36,6 +36,19 @@ pub fn default_socket_path() -> PathBuf {
     PathBuf::from(format!("/tmp/coral-{user}/corald.sock"))
 }
 
+/// The socket a client should try when none is named: the daemon's default for this user, or
+/// the system daemon's `/run/coral/corald.sock` when the former does not exist (a member of the
+/// `coral` group talking to the system service).
+pub fn default_client_socket_path() -> PathBuf {
+    let own = default_socket_path();
+    let system = PathBuf::from("/run/coral/corald.sock");
+    if !own.exists() && system.exists() {
+        system
+    } else {
+        own
+    }
+}
+
 /// The daemon's state directory: `$STATE_DIRECTORY` under systemd, `/var/lib/coral` for root,
 /// else `${XDG_STATE_HOME:-~/.local/state}/coral`.
 pub fn default_state_dir() -> PathBuf {

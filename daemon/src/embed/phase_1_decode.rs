@@ -318,10 +318,10 @@ pub fn decode_regions(
         // decoding again, as after a seek.
         if policy != SeekPolicy::DecodeAll
             && p0.saturating_add(p_len)
-            < wants[first]
-                .start
-                .saturating_add(wants[first].written as i64)
-                - warmup
+                < wants[first]
+                    .start
+                    .saturating_add(wants[first].written as i64)
+                    - warmup
         {
             needs_reset = true;
             pos = Some(p0.saturating_add(p_len));
