@@ -57,13 +57,22 @@ impl Daemon {
         let socket = dir.path().join("corald.sock");
         let state_dir = dir.path().join("state");
         let log = dir.path().join("corald.log");
+        let mut extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        if !extra_args.iter().any(|a| a == "--config") {
+            // Tests assert exact scan counts: no watcher-triggered scans unless a test asks for
+            // them with its own configuration.
+            let cfg = dir.path().join("corald.toml");
+            std::fs::write(&cfg, "[watch]\nenabled = false\n")?;
+            extra_args.push("--config".into());
+            extra_args.push(cfg.to_string_lossy().into_owned());
+        }
         let mut d = Daemon {
             dir,
             socket,
             state_dir,
             log,
             child: None,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args,
         };
         d.spawn().await?;
         Ok(d)

@@ -177,7 +177,10 @@ async fn follow_prints_lines_or_json_when_piped_and_bars_on_a_terminal() -> Resu
 async fn follow_survives_a_daemon_restart() -> Result<()> {
     let cfgdir = traversable_tempdir()?;
     let cfg = cfgdir.path().join("c.toml");
-    std::fs::write(&cfg, "[scan]\nbatch_size = 10\nthreads = 1\n")?;
+    std::fs::write(
+        &cfg,
+        "[scan]\nbatch_size = 10\nthreads = 1\n[watch]\nenabled = false\n",
+    )?;
     let cfg = cfg.to_string_lossy().into_owned();
     let mut d = Daemon::start_with(&["--config", &cfg]).await?;
     let lib = traversable_tempdir()?;

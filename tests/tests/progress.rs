@@ -17,7 +17,7 @@ fn slow_config(dir: &Path) -> Result<String> {
     let p = dir.join("corald.toml");
     std::fs::write(
         &p,
-        "[scan]\nbatch_size = 10\nthreads = 1\n[progress]\nnotify_interval_ms = 100\n",
+        "[scan]\nbatch_size = 10\nthreads = 1\n[progress]\nnotify_interval_ms = 100\n[watch]\nenabled = false\n",
     )?;
     Ok(p.to_string_lossy().into_owned())
 }
@@ -186,7 +186,7 @@ async fn a_subscriber_that_never_reads_does_not_stall_scans_or_grow_memory() -> 
     let cfgdir = traversable_tempdir()?;
     std::fs::write(
         cfgdir.path().join("c.toml"),
-        "[progress]\nnotify_interval_ms = 10\n",
+        "[progress]\nnotify_interval_ms = 10\n[watch]\nenabled = false\n",
     )?;
     let cfg = cfgdir.path().join("c.toml").to_string_lossy().into_owned();
     let d = Daemon::start_with(&["--config", &cfg]).await?;
