@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         }
     };
     let args = Args::parse();
+    raise_fd_limit();
     let mut config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -96,5 +97,17 @@ fn main() -> ExitCode {
             eprintln!("corald: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raise the soft open-files limit to the hard limit: every client connection is a descriptor,
+/// and the usual soft limit of 1024 is too low for a busy socket. Failure is not fatal.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("corald: cannot raise the open-files limit from {soft} to {hard}: {e}");
     }
 }

@@ -822,8 +822,16 @@ fn inference_figures(files: &ModelFiles) -> Result<()> {
         .unwrap_or(2);
     let window = files.manifest.window_samples;
     let mut m = phase_4_infer::load_model(files, DeviceChoice::Cpu, threads, window)?;
-    for batch in [1usize, 8, 16, 32] {
-        let input = vec![0.1f32; batch * window];
+    let batches: Vec<usize> = std::env::var("CORAL_BENCH_BATCHES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|b| b.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 16, 32]);
+    let noise = fixtures::pseudo_random_bytes(42, 32 * window);
+    for batch in batches {
+        let input: Vec<f32> = noise[..batch * window]
+            .iter()
+            .map(|b| (f32::from(*b) - 127.5) / 256.0)
+            .collect();
         m.forward(&input, batch)?;
         let t = Instant::now();
         let rounds = (64 / batch).max(3);
