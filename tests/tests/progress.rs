@@ -105,10 +105,12 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
         resubscribed_snapshot.is_some(),
         "never saw the scan mid-indexing"
     );
-    assert_eq!(
-        updates[0].phase,
-        ScanPhase::Queued,
-        "first the queued state"
+    // A subscriber gets the latest state when it looks: the queued state may already have
+    // given way to discovery, but the scan is seen long before it ends.
+    assert!(
+        updates[0].phase <= ScanPhase::Indexing && updates[0].tracks_indexed < n,
+        "first update came too late: {:?}",
+        updates[0]
     );
     assert_monotonic(&updates);
     assert!(
