@@ -105,6 +105,7 @@ pub async fn run_service(
         .build()
         .map_err(|e| DaemonError::Threads(e.to_string()))?;
     let liveness = Liveness::new(service.systemd.watchdog);
+    let (embedder, embed_unavailable) = start_embedder(&config, &pool, &stop).await;
     let worker = ScanWorker {
         pool: pool.clone(),
         reporter: Arc::clone(&reporter),
@@ -113,6 +114,7 @@ pub async fn run_service(
         batch_size: config.scan.batch_size,
         heartbeat: liveness.register("scan worker"),
         idle_beat: liveness.beat_interval(),
+        embedder: embedder.clone(),
     };
 
     resume_interrupted(&pool, &queue).await;
@@ -129,6 +131,9 @@ pub async fn run_service(
         stop.clone(),
     ));
     tasks.spawn(worker.run(jobs, stop.clone()));
+    if let Some(e) = embedder.clone() {
+        tasks.spawn(sweep_missing_embeddings(e, stop.clone()));
+    }
     // The filesystem watcher feeds the same scan channel; it stops with `stop`.
     let (fs_watcher, watch_task) = crate::watch::Watcher::new(
         config.watch.clone(),
@@ -172,6 +177,8 @@ pub async fn run_service(
         state_dir: state_dir.clone(),
         database: database.description().to_owned(),
         watcher: fs_watcher,
+        embedder: embedder.clone(),
+        embed_unavailable,
     }));
     let api = rpc.clone();
     tasks.spawn(server::serve(
@@ -484,3 +491,56 @@ async fn persist_loop(
 
 /// Silence the unused warning for the migrator re-export used by tests and tools.
 pub use db::MIGRATOR;
+
+/// Start the embedding pipeline when enabled. `(None, Some(reason))` when it cannot run: corald
+/// still indexes, and `daemon.status` / `track.similar` say why embeddings are unavailable.
+async fn start_embedder(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    stop: &CancellationToken,
+) -> (Option<crate::embed::Embedder>, Option<String>) {
+    if !config.embed.enabled {
+        return (
+            None,
+            Some("embeddings are disabled (embed.enabled = false)".into()),
+        );
+    }
+    match crate::embed::Embedder::start(&config.embed, pool.clone(), stop.clone()).await {
+        Ok(e) => {
+            let s = e.status();
+            tracing::info!(model = ?s.model, device = ?s.device, "embedding pipeline ready");
+            (Some(e), None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "embeddings unavailable; indexing continues without them");
+            (None, Some(format!("embeddings unavailable: {e}")))
+        }
+    }
+}
+
+/// At start-up, embed every track that lacks an embedding of its current file for the active
+/// model (embeddings were off, a scan was interrupted, the model changed).
+async fn sweep_missing_embeddings(embedder: crate::embed::Embedder, stop: CancellationToken) {
+    let targets = match embedder.missing_targets().await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list tracks lacking embeddings");
+            return;
+        }
+    };
+    if targets.is_empty() {
+        return;
+    }
+    let request_id = uuid::Uuid::new_v4();
+    tracing::info!(%request_id, tracks = targets.len(), "embedding tracks that lack an embedding");
+    match embedder.embed(request_id, targets, stop).await {
+        Ok(s) => tracing::info!(
+            %request_id,
+            embedded = s.embedded,
+            skipped = s.skipped,
+            failed = s.failed,
+            "start-up embedding sweep finished"
+        ),
+        Err(e) => tracing::warn!(%request_id, error = %e, "start-up embedding sweep ended early"),
+    }
+}

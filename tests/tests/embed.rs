@@ -799,7 +799,14 @@ async fn throughput_figures() -> Result<()> {
     add_and_scan(&c, root).await?;
     let pool = pool_of(&d).await?;
     let targets: Vec<EmbedTarget> = all_targets(&pool, root).await?.into_values().collect();
-    let embedder = Embedder::start(&test_config(), pool, CancellationToken::new()).await?;
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let cfg = EmbedConfig {
+        threads: env("CORAL_BENCH_THREADS").unwrap_or(2),
+        batch_size: env("CORAL_BENCH_BATCH").unwrap_or(0),
+        decode_threads: env("CORAL_BENCH_DECODERS").unwrap_or(0),
+        ..test_config()
+    };
+    let embedder = Embedder::start(&cfg, pool, CancellationToken::new()).await?;
     let t = Instant::now();
     let summary = embedder
         .embed(uuid::Uuid::new_v4(), targets, CancellationToken::new())

@@ -214,13 +214,15 @@ impl From<TrackRecord> for Track {
     }
 }
 
-/// Columns of `TrackRecord`; `has_embedding` is false until the embedding tables exist.
+/// Columns of `TrackRecord`; `has_embedding` says whether any model has embedded the track.
 macro_rules! record_columns {
     () => {
         "t.id, t.library_id, l.path AS library_path, t.rel_path_text,
     t.size, t.mtime_ns, t.format, t.codec, t.duration_ms, t.sample_rate, t.channels, t.bit_depth,
     t.bitrate_kbps, t.title, t.artist, t.album, t.album_artist, t.track_number, t.disc_number,
-    t.year, t.genre, false AS has_embedding, t.indexed_at"
+    t.year, t.genre,
+            EXISTS (SELECT 1 FROM track_embeddings e WHERE e.track_id = t.id) AS has_embedding,
+            t.indexed_at"
     };
 }
 
@@ -345,4 +347,20 @@ pub async fn move_path(
     }
     tx.commit().await?;
     Ok(moved)
+}
+
+/// `(id, rel_path, duration_ms)` of every track a scan wrote: the embedding phase's work.
+pub async fn written_by_scan(
+    pool: &PgPool,
+    library_id: i64,
+    request_id: Uuid,
+) -> sqlx::Result<Vec<(i64, Vec<u8>, i64)>> {
+    sqlx::query_as(
+        "SELECT id, rel_path, duration_ms FROM tracks
+         WHERE library_id = $1 AND last_scan_id = $2 ORDER BY id",
+    )
+    .bind(library_id)
+    .bind(request_id)
+    .fetch_all(pool)
+    .await
 }

@@ -35,6 +35,10 @@ pub struct RpcContext {
     pub database: String,
     /// The filesystem watcher: told about added and removed libraries, reports its state.
     pub watcher: Arc<crate::watch::Watcher>,
+    /// The embedding pipeline, if it runs.
+    pub embedder: Option<crate::embed::Embedder>,
+    /// Why embeddings are unavailable, when they are.
+    pub embed_unavailable: Option<String>,
 }
 
 /// The API object registered with the server.
@@ -198,13 +202,24 @@ impl CoralApiServer for CoralRpc {
                 .map(|p| (**p).clone())
                 .collect(),
             queued_scans: ctx.queue.waiting(),
-            embedding: EmbeddingStatus {
-                enabled: false,
-                model: None,
-                device: None,
-                tracks_embedded: 0,
+            embedding: match &ctx.embedder {
+                Some(e) => e.status(),
+                None => EmbeddingStatus {
+                    enabled: false,
+                    model: None,
+                    device: None,
+                    tracks_embedded: 0,
+                },
             },
-            warnings: ctx.watcher.warnings(),
+            warnings: {
+                let mut w = ctx.watcher.warnings();
+                if let Some(reason) = &ctx.embed_unavailable
+                    && ctx.embedder.is_none()
+                {
+                    w.push(reason.clone());
+                }
+                w
+            },
             watch: ctx.watcher.status(),
         })
     }
@@ -486,11 +501,41 @@ impl CoralApiServer for CoralRpc {
             .collect())
     }
 
-    async fn track_similar(&self, id: i64, _limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
-        Err(error(
-            codes::EMBEDDING_UNAVAILABLE,
-            format!("similar tracks for {id}: embeddings are not available in this build"),
-        ))
+    async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
+        let ctx = self.ctx();
+        let Some(embedder) = &ctx.embedder else {
+            let why = ctx
+                .embed_unavailable
+                .clone()
+                .unwrap_or_else(|| "embeddings are not available".into());
+            return Err(error(codes::EMBEDDING_UNAVAILABLE, why));
+        };
+        // The track must exist before asking for its neighbours.
+        self.track_get(id).await?;
+        let limit = limit.unwrap_or(10).clamp(1, 1000);
+        let neighbours = match embedder.similar(id, limit).await {
+            Ok(n) => n,
+            Err(crate::embed::EmbedError::NoEmbedding(_)) => {
+                return Err(error(
+                    codes::EMBEDDING_UNAVAILABLE,
+                    format!(
+                        "track {id} has no embedding yet (not embedded, skipped, or failed); \
+                         `coralctl scans` shows embedding progress"
+                    ),
+                ));
+            }
+            Err(e) => return Err(error(codes::INTERNAL, format!("similar tracks: {e}"))),
+        };
+        let mut out = Vec::with_capacity(neighbours.len());
+        for (track_id, score) in neighbours {
+            if let Some(r) = tracks::get(&ctx.pool, track_id).await.map_err(db_error)? {
+                out.push(SimilarTrack {
+                    score,
+                    track: Track::from(r),
+                });
+            }
+        }
+        Ok(out)
     }
 }
 

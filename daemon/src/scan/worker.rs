@@ -36,6 +36,8 @@ pub enum ScanFailure {
     RootUnavailable(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("embedding failed: {0}")]
+    Embedding(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -58,6 +60,8 @@ pub struct ScanWorker {
     /// systemd watchdog stops pinging when it goes quiet.
     pub heartbeat: Arc<Heartbeat>,
     pub idle_beat: std::time::Duration,
+    /// The embedding pipeline, when embeddings are enabled and the model loaded.
+    pub embedder: Option<crate::embed::Embedder>,
 }
 
 struct Observer<'a>(&'a ScanHandle, &'a Heartbeat);
@@ -349,6 +353,29 @@ impl ScanWorker {
             )
             .await?;
             ScanCounters::add(&c.tracks_removed, removed);
+        }
+
+        if let Some(embedder) = &self.embedder {
+            // Every track this scan wrote (before a restart too) is embedded, or found already
+            // embedded from the same file and counted done without work.
+            let targets = tracks::written_by_scan(&self.pool, job.library_id, request_id)
+                .await?
+                .into_iter()
+                .map(
+                    |(track_id, rel_path, duration_ms)| crate::embed::EmbedTarget {
+                        track_id,
+                        path: job.library_root.join(OsStr::from_bytes(&rel_path)),
+                        duration_ms,
+                    },
+                )
+                .collect::<Vec<_>>();
+            c.set_embeddings_expected(targets.len() as u64);
+            self.set_phase(h, ScanPhase::Embedding).await;
+            match embedder.embed_for_scan(Arc::clone(h), targets).await {
+                Ok(()) => {}
+                Err(crate::embed::EmbedError::Cancelled) => return Err(ScanFailure::Cancelled),
+                Err(e) => return Err(ScanFailure::Embedding(e.to_string())),
+            }
         }
         Ok(outcome)
     }
