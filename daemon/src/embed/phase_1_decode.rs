@@ -255,6 +255,8 @@ pub fn decode_regions(
     let mut pos: Option<i64> = None; // frame after the last decoded packet
     let mut first = 0usize; // first region not complete
     let mut needs_reset = false;
+    // Each seek goes further than the last: a seek that lands early is not repeated.
+    let mut last_seek: Option<i64> = None;
     let mut seeks = 0u32;
     let mut decoded_frames = 0u64;
     let mut damaged = 0u64;
@@ -268,7 +270,9 @@ pub fn decode_regions(
         }
         let Some(next) = wants.get(first) else { break };
         let target = next.start.saturating_add(next.written as i64) - warmup;
-        if can_seek && target > pos.unwrap_or(0) + seek_gap {
+        if can_seek && target > pos.unwrap_or(0) + seek_gap && last_seek.is_none_or(|l| target > l)
+        {
+            last_seek = Some(target);
             let ts = clock.frame_to_ts(target.max(0));
             match format.seek(
                 SeekMode::Accurate,
