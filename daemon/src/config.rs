@@ -237,6 +237,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Err((key, problem)) = self.embed.validate_key() {
+            return Err(ConfigError::Invalid { key, problem });
+        }
         let invalid = |key, problem: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -416,6 +419,10 @@ mod tests {
             .expect_err("bad filter")
             .to_string();
         assert!(err.contains("`log`"), "{err}");
+        let err = parse("[embed]\ndevice = \"tpu\"\n")
+            .expect_err("bad device")
+            .to_string();
+        assert!(err.contains("embed.device"), "{err}");
     }
 
     #[test]

@@ -249,6 +249,14 @@ pub async fn run_service(
     if !socket_activated {
         let _ = std::fs::remove_file(&socket);
     }
+    // The embedding pipeline stores the vectors it already computed before it stops.
+    if let Some(e) = &embedder
+        && tokio::time::timeout(Duration::from_secs(10), e.stopped())
+            .await
+            .is_err()
+    {
+        tracing::warn!("the embedding pipeline did not stop within 10 s");
+    }
     database.close().await;
     tracing::info!("stopped");
     Ok(())
