@@ -16,7 +16,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 deb=${1:-}
 if [[ -z $deb ]]; then
     target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-    cargo build -p corald -p coralctl
+    # The workspace's feature set, so the dependencies the tests built are reused as they are
+    # (building only these two packages would rebuild many of them with other features).
+    cargo build --workspace --bins
     deb=$(packaging/build-deb.sh --prebuilt "$target_dir/debug" | tail -n 1)
 fi
 [[ -f $deb ]] || {
