@@ -197,21 +197,27 @@ impl Drop for Daemon {
             let _ = self.terminate();
         }
         // A SIGKILLed daemon leaves its PostgreSQL running: stop it so temp dirs can go.
-        let data = self.state_dir.join("postgres");
-        if let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid"))
-            && let Some(pid) = text
-                .lines()
-                .next()
-                .and_then(|l| l.trim().parse::<i32>().ok())
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGQUIT,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while data.join("postmaster.pid").exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        stop_leftover_postgres(&self.state_dir);
+    }
+}
+
+/// Stop (SIGQUIT) the managed PostgreSQL of `state_dir` if a corald that did not stop cleanly
+/// left it running, and wait up to 10 s for it to go.
+pub fn stop_leftover_postgres(state_dir: &Path) {
+    let data = state_dir.join("postgres");
+    if let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid"))
+        && let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while data.join("postmaster.pid").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

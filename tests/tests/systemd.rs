@@ -201,22 +201,7 @@ impl Drop for Corald {
             let _ = self.terminate();
         }
         // A corald that did not stop cleanly leaves its PostgreSQL running: stop it.
-        let data = self.state_dir.join("postgres");
-        if let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid"))
-            && let Some(pid) = text
-                .lines()
-                .next()
-                .and_then(|l| l.trim().parse::<i32>().ok())
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGQUIT,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while data.join("postmaster.pid").exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        coral_tests::daemon::stop_leftover_postgres(&self.state_dir);
     }
 }
 
