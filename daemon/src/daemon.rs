@@ -497,9 +497,6 @@ async fn persist_loop(
     }
 }
 
-/// Silence the unused warning for the migrator re-export used by tests and tools.
-pub use db::MIGRATOR;
-
 /// Start the embedding pipeline when enabled. `(None, Some(reason))` when it cannot run: corald
 /// still indexes, and `daemon.status` / `track.similar` say why embeddings are unavailable.
 async fn start_embedder(

@@ -122,13 +122,7 @@ impl ScanRow {
         let c = self.counters();
         let phase = self.phase();
         let pct = |settled: u64, expected: Option<u64>| {
-            expected.map(|e| {
-                if e == 0 {
-                    100.0
-                } else {
-                    ((settled.min(e) as f64 * 1000.0 / e as f64).floor() / 10.0).min(100.0)
-                }
-            })
+            expected.map(|e| crate::progress::reporter::percent(settled, e))
         };
         let indexing_percent = match phase {
             ScanPhase::Queued | ScanPhase::Discovering => None,

@@ -75,7 +75,8 @@ fn floor_tenth(v: f64) -> f64 {
     ((v * 10.0).floor() / 10.0).clamp(0.0, 100.0)
 }
 
-fn percent(settled: u64, expected: u64) -> f64 {
+/// Percent of a phase done, floored to 0.1 so it never shows 100 before the phase is over.
+pub(crate) fn percent(settled: u64, expected: u64) -> f64 {
     if expected == 0 {
         100.0
     } else {
