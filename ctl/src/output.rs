@@ -103,10 +103,13 @@ pub fn status(s: &DaemonStatus) {
         "  embedding  {}",
         if s.embedding.enabled {
             format!(
-                "{} on {} ({} tracks)",
+                "{} on {} ({} tracks; queued {} to decode, {} to infer; {:.1} tracks/s)",
                 opt(&s.embedding.model),
                 opt(&s.embedding.device),
-                s.embedding.tracks_embedded
+                s.embedding.tracks_embedded,
+                s.embedding.decode_queue,
+                s.embedding.inference_queue,
+                s.embedding.tracks_per_second
             )
         } else {
             "disabled".to_owned()

@@ -105,7 +105,7 @@ pub async fn run_service(
         .build()
         .map_err(|e| DaemonError::Threads(e.to_string()))?;
     let liveness = Liveness::new(service.systemd.watchdog);
-    let (embedder, embed_unavailable) = start_embedder(&config, &pool, &stop).await;
+    let (embedder, embed_unavailable) = start_embedder(&config, &pool, &stop, &liveness).await;
     let worker = ScanWorker {
         pool: pool.clone(),
         reporter: Arc::clone(&reporter),
@@ -503,6 +503,7 @@ async fn start_embedder(
     config: &Config,
     pool: &sqlx::PgPool,
     stop: &CancellationToken,
+    liveness: &Liveness,
 ) -> (Option<crate::embed::Embedder>, Option<String>) {
     if !config.embed.enabled {
         return (
@@ -510,8 +511,19 @@ async fn start_embedder(
             Some("embeddings are disabled (embed.enabled = false)".into()),
         );
     }
-    match crate::embed::Embedder::start(&config.embed, pool.clone(), stop.clone()).await {
+    // The inference thread is watched once it runs: a forward pass that never returns stops the
+    // watchdog pings.
+    let heartbeat = crate::systemd::Heartbeat::detached("inference");
+    let started = crate::embed::Embedder::start_watched(
+        &config.embed,
+        pool.clone(),
+        stop.clone(),
+        Some(Arc::clone(&heartbeat)),
+    )
+    .await;
+    match started {
         Ok(e) => {
+            liveness.adopt(heartbeat);
             let s = e.status();
             tracing::info!(model = ?s.model, device = ?s.device, "embedding pipeline ready");
             (Some(e), None)

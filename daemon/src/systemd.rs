@@ -224,6 +224,8 @@ pub struct Heartbeat {
     epoch: Instant,
     /// Milliseconds since `epoch` of the last beat.
     last_ms: AtomicU64,
+    /// The worker has ended on purpose (or gave up): no longer watched.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Heartbeat {
@@ -233,7 +235,18 @@ impl Heartbeat {
             name,
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The worker has ended (shut down, or stopped for a reason it reported elsewhere): its
+    /// silence from now on is not a stall.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// Record that the worker is alive and making progress. One relaxed atomic store.
@@ -284,8 +297,15 @@ impl Liveness {
     /// Register a worker; it starts alive.
     pub fn register(&self, name: &'static str) -> Arc<Heartbeat> {
         let hb = Heartbeat::detached(name);
-        self.beats().push(Arc::clone(&hb));
+        self.adopt(Arc::clone(&hb));
         hb
+    }
+
+    /// Watch a heartbeat made with [`Heartbeat::detached`] from now on (for a worker that may
+    /// fail to start: it is watched only once it runs).
+    pub fn adopt(&self, heartbeat: Arc<Heartbeat>) {
+        heartbeat.beat();
+        self.beats().push(heartbeat);
     }
 
     /// How often an idle worker should beat: a quarter of the stall limit, between 100 ms and
@@ -301,7 +321,12 @@ impl Liveness {
 
     /// The workers silent for longer than the stall limit, with their silence.
     pub fn stalled(&self) -> Vec<(&'static str, Duration)> {
-        let ages: Vec<_> = self.beats().iter().map(|h| (h.name(), h.age())).collect();
+        let ages: Vec<_> = self
+            .beats()
+            .iter()
+            .filter(|h| !h.is_retired())
+            .map(|h| (h.name(), h.age()))
+            .collect();
         stalled_workers(&ages, self.stall_limit)
     }
 }
@@ -545,6 +570,25 @@ mod tests {
         assert_eq!(l.stalled().len(), 1);
         hb.beat();
         assert!(l.stalled().is_empty());
+    }
+
+    #[test]
+    fn adopted_heartbeats_are_watched_until_retired() {
+        let l = Liveness::new(Some(Duration::from_millis(400)));
+        let inference = Heartbeat::detached("inference");
+        std::thread::sleep(Duration::from_millis(450));
+        // Not watched before adoption, however old its last beat.
+        assert!(l.stalled().is_empty());
+        l.adopt(Arc::clone(&inference));
+        assert!(l.stalled().is_empty(), "adoption counts as a beat");
+        std::thread::sleep(Duration::from_millis(450));
+        let stalled: Vec<&str> = l.stalled().iter().map(|(name, _)| *name).collect();
+        assert_eq!(stalled, ["inference"]);
+        inference.retire();
+        assert!(
+            l.stalled().is_empty(),
+            "a retired worker's silence is not a stall"
+        );
     }
 
     #[test]

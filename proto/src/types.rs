@@ -315,10 +315,26 @@ pub struct LibraryWatch {
 }
 
 /// State of the embedding pipeline.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EmbeddingStatus {
     pub enabled: bool,
     pub model: Option<String>,
     pub device: Option<String>,
+    /// Tracks with a vector of the active model.
     pub tracks_embedded: i64,
+    /// Tracks waiting for a decode thread.
+    #[serde(default)]
+    pub decode_queue: u64,
+    /// Decoded tracks waiting for the inference thread.
+    #[serde(default)]
+    pub inference_queue: u64,
+    /// Tracks stored per second over the last minute (0 when idle).
+    #[serde(default)]
+    pub tracks_per_second: f64,
+    /// Model windows per second of forward-pass time since start (the model's own speed).
+    #[serde(default)]
+    pub windows_per_inference_second: f64,
+    /// Tracks embedded since corald started.
+    #[serde(default)]
+    pub tracks_embedded_since_start: u64,
 }

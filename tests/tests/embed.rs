@@ -16,6 +16,7 @@ use chrono::Utc;
 use coral_proto::{CoralApiClient, ScanMode, ScanPhase, ScanTrigger};
 use coral_tests::daemon::{Daemon, add_and_scan, scan, traversable_tempdir};
 use coral_tests::fixtures::{self, FixtureTrack};
+use coral_tests::music::{self, MusicKind};
 use corald::embed::model::{self, ModelFiles};
 use corald::embed::phase_2_resample::{WindowMaker, WindowPlan};
 use corald::embed::phase_3_batch::Batcher;
@@ -302,14 +303,17 @@ fn make_clip(root: &Path, rel: &str, kind: Kind, v: u32, seconds: f64) -> Result
     Ok(out)
 }
 
-/// Three sine tracks and three pink-noise tracks of 90 s in mp3, flac and ogg.
-fn similarity_library(root: &Path) -> Result<HashMap<String, Kind>> {
+/// Three tracks of each kind of generated music (drum patterns, chord progressions,
+/// distorted sawtooth riffs), 62–86 s long, in mp3, flac and ogg; every variant has its own
+/// tempo, key and pattern.
+fn similarity_library(root: &Path) -> Result<HashMap<String, MusicKind>> {
     let mut kinds = HashMap::new();
     for (i, ext) in ["mp3", "flac", "ogg"].iter().enumerate() {
         let v = i as u32;
-        for kind in [Kind::Sine, Kind::PinkNoise] {
+        for (k, kind) in MusicKind::ALL.into_iter().enumerate() {
             let rel = format!("{kind:?}/{kind:?} {v}.{ext}");
-            make_clip(root, &rel, kind, v, 90.0)?;
+            let seconds = 62.0 + 8.0 * (i + k) as f64;
+            music::make_music(root, &rel, kind, v, seconds)?;
             kinds.insert(rel, kind);
         }
     }
@@ -427,7 +431,7 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
     let pool = pool_of(&d).await?;
     let targets = all_targets(&pool, root).await?;
-    assert_eq!(targets.len(), 9, "{:?}", targets.keys());
+    assert_eq!(targets.len(), 12, "{:?}", targets.keys());
 
     let stop = CancellationToken::new();
     let embedder = Embedder::start(&test_config(), pool.clone(), stop.clone()).await?;
@@ -438,7 +442,7 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
 
     // The start-up sweep sees what is in range: not the 20 s track.
     let missing = embedder.missing_targets().await?;
-    assert_eq!(missing.len(), 8, "{missing:?}");
+    assert_eq!(missing.len(), 11, "{missing:?}");
 
     let reporter = ScanReporter::new();
     let h = scan_handle(&reporter);
@@ -448,15 +452,15 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
         .await?;
     let elapsed = t0.elapsed();
     let v = h.counters().values();
-    assert_eq!(v.embeddings_expected, Some(9));
-    assert_eq!(v.embeddings_done, 6, "{v:?}\n{}", d.log_text());
+    assert_eq!(v.embeddings_expected, Some(12));
+    assert_eq!(v.embeddings_done, 9, "{v:?}\n{}", d.log_text());
     assert_eq!(v.embeddings_skipped, 2, "20 s track and opus: {v:?}");
     assert_eq!(v.embeddings_failed, 1, "garbled mp3: {v:?}");
-    eprintln!("embedded 6 tracks (+3 settled without model work) in {elapsed:?}");
+    eprintln!("embedded 9 tracks (+3 settled without model work) in {elapsed:?}");
 
     // Exactly one normalised vector per eligible track.
     let rows = embedding_rows(&pool, model_id).await?;
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 9);
     for (rel, kind) in &kinds {
         let id = targets[rel].track_id;
         let (v, _) = rows
@@ -485,7 +489,7 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
     );
     let broken = issue_of("broken/garbled.mp3").context("garbled issue recorded")?;
     assert_eq!(broken.1, "failed", "{broken:?}");
-    assert!(embedder.status().tracks_embedded == 6);
+    assert_eq!(embedder.status().tracks_embedded, 9);
 
     // Similar tracks: the nearest neighbour is of the same kind; never the track itself.
     for (rel, kind) in &kinds {
@@ -551,7 +555,7 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
             v2.embeddings_skipped,
             v2.embeddings_failed
         ),
-        (6, 2, 1)
+        (9, 2, 1)
     );
     assert_eq!(
         embedding_rows(&pool, model_id).await?,
@@ -561,7 +565,7 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
     assert!(embedder.missing_targets().await?.is_empty());
 
     // A changed file gets a new vector, replacing the old one.
-    let changed = "Sine/Sine 0.mp3";
+    let changed = "Drums/Drums 0.mp3";
     tokio::time::sleep(Duration::from_millis(20)).await;
     make_clip(root, changed, Kind::PinkNoise, 9, 90.0)?;
     scan(&c, library_id, None, false).await?;
@@ -577,9 +581,9 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
             CancellationToken::new(),
         )
         .await?;
-    assert_eq!((summary.embedded, summary.unchanged), (1, 5), "{summary:?}");
+    assert_eq!((summary.embedded, summary.unchanged), (1, 8), "{summary:?}");
     let after = embedding_rows(&pool, model_id).await?;
-    assert_eq!(after.len(), 6);
+    assert_eq!(after.len(), 9);
     let id = targets[changed].track_id;
     assert_ne!(
         after[&id].0, rows[&id].0,
@@ -714,7 +718,8 @@ async fn a_bad_model_is_refused_with_a_reason() -> Result<()> {
     Ok(())
 }
 
-/// Through the daemon and its API: the wiring of the pipeline into scans and `track.similar`.
+/// Through the daemon and its API: the wiring of the pipeline into scans, `daemon.status`,
+/// `track.get` and `track.similar`, on three kinds of generated music.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn track_similar_through_the_api_returns_the_same_kind() -> Result<()> {
     if !embed_available().await? {
@@ -726,24 +731,53 @@ async fn track_similar_through_the_api_returns_the_same_kind() -> Result<()> {
     let c = d.client().await?;
     let (_, p) = add_and_scan(&c, lib.path()).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.embeddings_expected, Some(6), "{p:?}");
-    assert_eq!(p.embeddings_done, 6, "{p:?}");
+    assert_eq!(p.embeddings_expected, Some(9), "{p:?}");
+    assert_eq!(p.embeddings_done, 9, "{p:?}");
     let status = c.daemon_status().await?;
-    assert!(status.embedding.enabled, "{:?}", status.embedding);
-    assert_eq!(status.embedding.tracks_embedded, 6);
+    let e = &status.embedding;
+    assert!(e.enabled, "{e:?}");
+    assert_eq!(e.tracks_embedded, 9);
+    assert_eq!(e.tracks_embedded_since_start, 9, "{e:?}");
+    assert_eq!((e.decode_queue, e.inference_queue), (0, 0), "idle: {e:?}");
+    assert!(
+        e.windows_per_inference_second > 1.0,
+        "72 windows took forward-pass time: {e:?}"
+    );
 
     let mut db = d.db().await?;
     let ids: Vec<(i64, String)> = sqlx::query_as("SELECT id, rel_path_text FROM tracks")
         .fetch_all(&mut db)
         .await?;
-    let kind_of: HashMap<i64, Kind> = ids.iter().map(|(id, rel)| (*id, kinds[rel])).collect();
+    let kind_of: HashMap<i64, MusicKind> = ids.iter().map(|(id, rel)| (*id, kinds[rel])).collect();
     for (id, rel) in &ids {
         let near = c.track_similar(*id, Some(3)).await?;
         assert_eq!(near.len(), 3, "{rel}");
         assert!(near.iter().all(|s| s.track.id != *id));
-        assert_eq!(kind_of[&near[0].track.id], kind_of[id], "{rel}: {near:?}");
+        let named: Vec<_> = near
+            .iter()
+            .map(|s| (kind_of[&s.track.id], s.score))
+            .collect();
+        assert_eq!(
+            kind_of[&near[0].track.id], kind_of[id],
+            "{rel}: nearest are {named:?}"
+        );
         assert!(near[0].score > near[2].score - 1e-9);
+        assert!(c.track_get(*id).await?.has_embedding, "{rel}");
     }
+
+    // `has_embedding` speaks of the active model: the one registered last.
+    let first = ids[0].0;
+    sqlx::query(
+        "INSERT INTO models (name, version, params, dim, sample_rate, window_samples, sha256,
+                             last_used_at)
+         VALUES ('other', '1', 'windows=8,patches=1', 200, 16000, 47616, 'x', now() + interval '1 s')",
+    )
+    .execute(&mut db)
+    .await?;
+    assert!(
+        !c.track_get(first).await?.has_embedding,
+        "no vector of the newer model yet"
+    );
     Ok(())
 }
 

@@ -214,14 +214,20 @@ impl From<TrackRecord> for Track {
     }
 }
 
-/// Columns of `TrackRecord`; `has_embedding` says whether any model has embedded the track.
+/// Columns of `TrackRecord`. `has_embedding`: the track has a vector of its current file (same
+/// size and mtime) for the active model, the one corald registered last (`models.last_used_at`
+/// is bumped at every start with embeddings on).
 macro_rules! record_columns {
     () => {
         "t.id, t.library_id, l.path AS library_path, t.rel_path_text,
     t.size, t.mtime_ns, t.format, t.codec, t.duration_ms, t.sample_rate, t.channels, t.bit_depth,
     t.bitrate_kbps, t.title, t.artist, t.album, t.album_artist, t.track_number, t.disc_number,
     t.year, t.genre,
-            EXISTS (SELECT 1 FROM track_embeddings e WHERE e.track_id = t.id) AS has_embedding,
+            EXISTS (SELECT 1 FROM track_embeddings e
+                    WHERE e.track_id = t.id AND e.file_size = t.size AND e.file_mtime_ns = t.mtime_ns
+                      AND e.model_id = (SELECT m.id FROM models m
+                                        ORDER BY m.last_used_at DESC, m.id DESC LIMIT 1))
+                AS has_embedding,
             t.indexed_at"
     };
 }

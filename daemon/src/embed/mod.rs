@@ -39,6 +39,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::progress::{ScanCounters, ScanHandle};
+use crate::systemd::Heartbeat;
 use model::{ModelError, ModelManifest};
 use phase_2_resample::{WindowMaker, WindowPlan};
 use phase_3_batch::Finished;
@@ -314,6 +315,37 @@ struct Shared {
     broken_reason: Mutex<Option<String>>,
     /// Cancelled when the store task has ended (everything computed is stored).
     finished: CancellationToken,
+    /// Recent samples of `tracks_stored`, for the throughput in `daemon.status`.
+    rate: Mutex<RateWindow>,
+}
+
+/// Samples of a growing counter over the last minute; the rate is the growth between the oldest
+/// and the newest sample.
+#[derive(Debug, Default)]
+struct RateWindow {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    const SPAN: Duration = Duration::from_secs(60);
+
+    fn record(&mut self, at: Instant, value: u64) {
+        self.samples.push_back((at, value));
+        while let Some(&(t, _)) = self.samples.front()
+            && at.saturating_duration_since(t) > Self::SPAN
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    fn per_second(&self) -> f64 {
+        match (self.samples.front(), self.samples.back()) {
+            (Some(&(t0, v0)), Some(&(t1, v1))) if t1 > t0 => {
+                v1.saturating_sub(v0) as f64 / (t1 - t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
 }
 
 impl Shared {
@@ -383,6 +415,18 @@ impl Embedder {
         pool: PgPool,
         stop: CancellationToken,
     ) -> Result<Embedder, EmbedError> {
+        Self::start_watched(cfg, pool, stop, None).await
+    }
+
+    /// Like [`start`](Self::start), with the inference thread beating `heartbeat` while it
+    /// waits for windows and after every forward pass, so the service watchdog notices a
+    /// wedged model (a forward pass that never returns).
+    pub async fn start_watched(
+        cfg: &EmbedConfig,
+        pool: PgPool,
+        stop: CancellationToken,
+        heartbeat: Option<Arc<Heartbeat>>,
+    ) -> Result<Embedder, EmbedError> {
         cfg.validate().map_err(EmbedError::Config)?;
         if !phase_4_infer::available() {
             return Err(InferError::FeatureDisabled.into());
@@ -426,7 +470,7 @@ impl Embedder {
                 .spawn(move || {
                     inference_thread(
                         files, choice, threads, row_len, loop_cfg, ready_tx, infer_rx, store_tx,
-                        stop, shared,
+                        stop, shared, heartbeat,
                     )
                 })
                 .map_err(|e| {
@@ -491,14 +535,25 @@ impl Embedder {
         Ok(Embedder { inner })
     }
 
-    /// Enabled, model, device and the number of tracks embedded for the active model.
+    /// Enabled, model, device, the number of tracks embedded for the active model, queue depths
+    /// and throughput.
     pub fn status(&self) -> coral_proto::EmbeddingStatus {
         let i = &self.inner;
+        let stats = self.stats();
         coral_proto::EmbeddingStatus {
             enabled: true,
             model: Some(format!("{} v{}", i.manifest.name, i.manifest.version)),
             device: Some(i.device.clone()),
             tracks_embedded: i.shared.embedded.load(Ordering::Relaxed),
+            decode_queue: stats.decode_queue,
+            inference_queue: stats.infer_queue,
+            tracks_per_second: lock(&i.shared.rate).per_second(),
+            windows_per_inference_second: if stats.inference_seconds > 0.0 {
+                stats.windows_inferred as f64 / stats.inference_seconds
+            } else {
+                0.0
+            },
+            tracks_embedded_since_start: stats.tracks_stored,
         }
     }
 
@@ -957,6 +1012,7 @@ fn inference_thread(
     store_tx: mpsc::Sender<Finished<WorkItem>>,
     stop: CancellationToken,
     shared: Arc<Shared>,
+    heartbeat: Option<Arc<Heartbeat>>,
 ) {
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         phase_4_infer::load_model(&files, choice, threads, row_len)
@@ -1006,8 +1062,17 @@ fn inference_thread(
             },
             &stop,
             &shared.infer,
+            || {
+                if let Some(h) = &heartbeat {
+                    h.beat();
+                }
+            },
         );
     }));
+    if let Some(h) = &heartbeat {
+        // Ended (shutdown, or broken: reported through `daemon.status`): not a stall.
+        h.retire();
+    }
     let why = match run {
         Ok(()) => "the inference thread ended",
         Err(_) => "the inference thread panicked (libtorch error)",
@@ -1098,8 +1163,15 @@ async fn store_task(
 async fn housekeeping(inner: Weak<Inner>, stop: CancellationToken) {
     let mut timer = tokio::time::interval(Duration::from_secs(30));
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rate_timer = tokio::time::interval(Duration::from_secs(2));
+    rate_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = rate_timer.tick() => {
+                let Some(inner) = inner.upgrade() else { return };
+                let stored = inner.shared.tracks_stored.load(Ordering::Relaxed);
+                lock(&inner.shared.rate).record(Instant::now(), stored);
+            }
             _ = stop.cancelled() => {
                 if let Some(inner) = inner.upgrade() {
                     lock(&inner.decode_tx).take();
@@ -1119,6 +1191,21 @@ async fn housekeeping(inner: Weak<Inner>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_window_measures_growth_over_the_last_minute() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::default();
+        assert_eq!(w.per_second(), 0.0, "no samples");
+        w.record(t0, 100);
+        assert_eq!(w.per_second(), 0.0, "one sample");
+        w.record(t0 + Duration::from_secs(10), 150);
+        assert!((w.per_second() - 5.0).abs() < 1e-9);
+        // Samples older than a minute drop out: only the last minute's growth counts.
+        w.record(t0 + Duration::from_secs(65), 150);
+        w.record(t0 + Duration::from_secs(75), 150);
+        assert_eq!(w.per_second(), 0.0, "idle for the last minute");
+    }
 
     #[test]
     fn defaults_are_valid_and_documented_values() {

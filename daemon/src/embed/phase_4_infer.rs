@@ -136,7 +136,9 @@ pub struct LoopConfig {
 
 /// The inference thread's body: runs until `rx` is closed and drained, `emit` returns false
 /// (nobody listens), or `stop` is cancelled. `keep` is false for tracks of cancelled jobs,
-/// which are dropped without a report.
+/// which are dropped without a report. `beat` is called at least every 200 ms while idle and
+/// after every forward pass (the liveness heartbeat).
+#[allow(clippy::too_many_arguments)]
 pub fn run_loop<T, F: Forward + ?Sized>(
     model: &mut F,
     rx: Receiver<InferInput<T>>,
@@ -145,12 +147,14 @@ pub fn run_loop<T, F: Forward + ?Sized>(
     cfg: LoopConfig,
     stop: &CancellationToken,
     stats: &InferStats,
+    beat: impl Fn(),
 ) {
     let mut batcher: Batcher<T> = Batcher::new(model.row_len(), model.dim());
     let mut max_rows = cfg.max_rows.max(1);
     let mut oldest: Option<Instant> = None;
     let mut closed = false;
     loop {
+        beat();
         if stop.is_cancelled() {
             return;
         }
@@ -559,6 +563,7 @@ mod tests {
         }
         drop(tx);
         let mut done = Vec::new();
+        let beats = std::cell::Cell::new(0u64);
         run_loop(
             &mut Doubler,
             rx,
@@ -575,10 +580,17 @@ mod tests {
             },
             &CancellationToken::new(),
             &stats,
+            || beats.set(beats.get() + 1),
         );
         done.sort();
         assert_eq!(done, vec![0, 1, 3, 4], "track 2 was cancelled");
         assert_eq!(stats.windows.load(Ordering::Relaxed), 12);
         assert!(stats.batches.load(Ordering::Relaxed) >= 3);
+        assert!(
+            beats.get() > stats.batches.load(Ordering::Relaxed),
+            "the heartbeat beats around every forward pass ({} beats, {} batches)",
+            beats.get(),
+            stats.batches.load(Ordering::Relaxed)
+        );
     }
 }

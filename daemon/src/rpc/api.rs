@@ -204,12 +204,7 @@ impl CoralApiServer for CoralRpc {
             queued_scans: ctx.queue.waiting(),
             embedding: match &ctx.embedder {
                 Some(e) => e.status(),
-                None => EmbeddingStatus {
-                    enabled: false,
-                    model: None,
-                    device: None,
-                    tracks_embedded: 0,
-                },
+                None => EmbeddingStatus::default(),
             },
             warnings: {
                 let mut w = ctx.watcher.warnings();
