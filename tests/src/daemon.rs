@@ -166,6 +166,19 @@ impl Daemon {
 
     /// A direct connection to the daemon's managed database (for assertions on rows).
     pub async fn db(&self) -> Result<PgConnection> {
+        Ok(PgConnection::connect_with(&self.db_options()?).await?)
+    }
+
+    /// A pool of up to `max` connections to the daemon's managed database (for driving
+    /// corald's library code, e.g. the embedder, against it).
+    pub async fn pool(&self, max: u32) -> Result<sqlx::PgPool> {
+        Ok(sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max)
+            .connect_with(self.db_options()?)
+            .await?)
+    }
+
+    fn db_options(&self) -> Result<PgConnectOptions> {
         let pid_file = self.state_dir.join("postgres/postmaster.pid");
         let text = std::fs::read_to_string(&pid_file)
             .with_context(|| format!("reading {}", pid_file.display()))?;
@@ -173,11 +186,10 @@ impl Daemon {
             .lines()
             .nth(4)
             .context("postmaster.pid has no socket directory line")?;
-        let opts = PgConnectOptions::new()
+        Ok(PgConnectOptions::new()
             .socket(socket_dir)
             .username("coral")
-            .database("coral");
-        Ok(PgConnection::connect_with(&opts).await?)
+            .database("coral"))
     }
 
     /// Run coralctl against this daemon.

@@ -23,7 +23,7 @@ use corald::embed::phase_3_batch::Batcher;
 use corald::embed::phase_4_infer::{self, DeviceChoice, Forward};
 use corald::embed::{CancellationToken, EmbedConfig, EmbedError, EmbedTarget, Embedder};
 use corald::progress::{ScanInfo, ScanReporter};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
 fn repo_model() -> PathBuf {
@@ -322,19 +322,7 @@ fn similarity_library(root: &Path) -> Result<HashMap<String, MusicKind>> {
 
 /// A pool on the harness daemon's managed PostgreSQL.
 async fn pool_of(d: &Daemon) -> Result<PgPool> {
-    let text = std::fs::read_to_string(d.state_dir.join("postgres/postmaster.pid"))?;
-    let socket_dir = text
-        .lines()
-        .nth(4)
-        .context("no socket line in postmaster.pid")?;
-    let opts = PgConnectOptions::new()
-        .socket(socket_dir)
-        .username("coral")
-        .database("coral");
-    Ok(PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(opts)
-        .await?)
+    d.pool(4).await
 }
 
 /// A daemon that indexes but does not embed (the test drives the Embedder itself).

@@ -49,6 +49,19 @@ impl WindowPlan {
             })
             .collect()
     }
+
+    /// What stage 1 decodes for a track of `duration_s`: each window with a short margin on
+    /// both sides (the resampler's edges are trimmed off).
+    pub fn regions(&self, duration_s: f64) -> Vec<Region> {
+        let len = self.window_seconds();
+        self.starts(duration_s)
+            .into_iter()
+            .map(|s| Region {
+                start_s: s - MARGIN_S,
+                len_s: len + 2.0 * MARGIN_S,
+            })
+            .collect()
+    }
 }
 
 /// Why a track's windows could not be made.
@@ -103,16 +116,7 @@ impl WindowMaker {
 
     /// The windows of the track at `path`, whose duration is `duration_s`.
     pub fn make(&mut self, path: &Path, duration_s: f64) -> Result<TrackWindows, WindowError> {
-        let len = self.plan.window_seconds();
-        let regions: Vec<Region> = self
-            .plan
-            .starts(duration_s)
-            .into_iter()
-            .map(|s| Region {
-                start_s: s - MARGIN_S,
-                len_s: len + 2.0 * MARGIN_S,
-            })
-            .collect();
+        let regions = self.plan.regions(duration_s);
         let decoded = phase_1_decode::decode_regions(path, &regions, self.policy)?;
         let from = decoded.sample_rate;
         let n = self.plan.window_samples;

@@ -1,0 +1,425 @@
+//! Embedding pipeline throughput (issue 4's benchmark): each stage alone, the whole pipeline,
+//! and bliss-audio analysing the same tracks, in one run.
+//!
+//! The tracks are generated music (drum patterns, chord progressions, distorted sawtooth riffs;
+//! see `coral_tests::music`) of `CORAL_BENCH_EMBED_SECONDS` (default 180) seconds, encoded by
+//! ffmpeg into mp3, flac and ogg, `CORAL_BENCH_EMBED_TRACKS` (default 12) of them, cached under
+//! `target/bench-embed-library/`. Criterion groups:
+//!
+//! * `embed/decode`: stage 1 alone, one thread: symphonia seeks to the 8 windows of each track
+//!   and decodes them (plus a 50 ms margin each side), downmixed to mono;
+//! * `embed/resample`: stage 2 alone, one thread: rubato FFT resampling of those decoded regions
+//!   from 44.1 kHz to the model's 16 kHz;
+//! * `embed/inference`: stage 4 alone: forward passes of the committed musicnn model via
+//!   libtorch on the CPU with `embed.threads` = the number of cores, at 1, 2, 8 and 32 windows
+//!   per pass (32 windows per iteration);
+//! * `embed/end_to_end`: `Embedder::embed` on every track with the default configuration (the
+//!   daemon's code, a real PostgreSQL: the harness daemon's managed cluster), vectors deleted
+//!   before each iteration;
+//! * `embed/bliss` (with `--features bliss`): bliss-audio 0.13 (symphonia decoders) analysing the
+//!   same files with `analyze_paths`, which uses every core.
+//!
+//! Afterwards the bench reads criterion's estimates back and prints tracks/s for each, the end
+//! to end figure as a share of the slowest stage, and the ratio to bliss-audio.
+//!
+//! ```sh
+//! source ~/.cache/coral/libtorch.env
+//! cargo build --release --workspace --bins --features corald/embed
+//! cargo bench -p coral-benches --features corald/embed,coral-benches/bliss --bench embed
+//! ```
+//!
+//! Without the `embed` feature only decode and resample run. `CORAL_BENCH_DEVICE` (default
+//! `cpu`) picks the device of the inference and end-to-end groups: `cuda` on a GPU machine (see
+//! `benches/gpu.sh`, which also records the accelerator's utilisation).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use coral_tests::daemon::Daemon;
+use coral_tests::music::{self, MusicKind};
+use corald::embed::model;
+use corald::embed::phase_1_decode::{self, SeekPolicy};
+use corald::embed::phase_2_resample::{WindowMaker, WindowPlan};
+use corald::embed::phase_4_infer::{self, DeviceChoice};
+use corald::embed::{CancellationToken, EmbedConfig, EmbedTarget, Embedder};
+use criterion::{BenchmarkId, Criterion, Throughput};
+
+/// Windows per inference iteration (divisible by every batch size benched).
+const INFER_WINDOWS: usize = 32;
+const BATCHES: [usize; 4] = [1, 2, 8, 32];
+
+fn env_usize(key: &str, default: usize) -> Result<usize> {
+    match std::env::var(key) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{key}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// `CORAL_BENCH_DEVICE`: `cpu` (default), `cuda` or `cuda:N`.
+fn bench_device() -> Result<String> {
+    let d = std::env::var("CORAL_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    ensure!(
+        DeviceChoice::parse(&d).is_some(),
+        "CORAL_BENCH_DEVICE={d:?}: expected cpu, cuda or cuda:N"
+    );
+    Ok(d)
+}
+
+fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn model_path() -> PathBuf {
+    workspace_dir().join("model/musicnn-msd.pt")
+}
+
+/// The generated library: (path, duration in seconds) per track, made once per size.
+fn library(tracks: usize, seconds: usize) -> Result<Vec<(PathBuf, f64)>> {
+    let root = workspace_dir().join(format!("target/bench-embed-library/{tracks}x{seconds}s"));
+    let mut out = Vec::new();
+    for i in 0..tracks {
+        let kind = MusicKind::ALL[i % 3];
+        let ext = ["mp3", "flac", "ogg"][(i / 3) % 3];
+        let rel = format!("{i:02} {kind:?}.{ext}");
+        let path = root.join(&rel);
+        if !path.is_file() {
+            music::make_music(&root, &rel, kind, i as u32, seconds as f64)?;
+        }
+        out.push((path, seconds as f64));
+    }
+    Ok(out)
+}
+
+fn plan() -> Result<WindowPlan> {
+    let files = model::load(&model_path())?;
+    let c = EmbedConfig::default();
+    Ok(WindowPlan {
+        count: c.windows,
+        window_samples: files.manifest.window_samples * c.window_patches,
+        sample_rate: files.manifest.sample_rate,
+    })
+}
+
+fn main() -> Result<()> {
+    let tracks = env_usize("CORAL_BENCH_EMBED_TRACKS", 12)?;
+    let seconds = env_usize("CORAL_BENCH_EMBED_SECONDS", 180)?;
+    ensure!(tracks >= 1 && seconds >= 60, "at least 1 track of 60 s");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "embed bench: {tracks} tracks of {seconds} s, machine: {}, load average {}",
+        coral_benches::machine(),
+        coral_benches::loadavg()
+    );
+    let lib = library(tracks, seconds)?;
+    let plan = plan()?;
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(8))
+        .configure_from_args();
+
+    // Stage 1: decode only.
+    let regions: Vec<_> = lib.iter().map(|(_, d)| plan.regions(*d)).collect();
+    let mut decoded = Vec::new();
+    for ((path, _), r) in lib.iter().zip(&regions) {
+        decoded.push(phase_1_decode::decode_regions(path, r, SeekPolicy::Seek)?);
+    }
+    let decoded_seconds: f64 = decoded
+        .iter()
+        .map(|d| d.decoded_frames as f64 / f64::from(d.sample_rate))
+        .sum();
+    println!(
+        "decoded per pass: {:.1} audio-s for {tracks} tracks ({:.1} s per track)",
+        decoded_seconds,
+        decoded_seconds / tracks as f64
+    );
+    {
+        let mut g = c.benchmark_group("embed/decode");
+        g.throughput(Throughput::Elements(tracks as u64));
+        g.bench_function("seek to windows, 1 thread", |b| {
+            b.iter(|| {
+                for ((path, _), r) in lib.iter().zip(&regions) {
+                    let d = phase_1_decode::decode_regions(path, r, SeekPolicy::Seek);
+                    std::hint::black_box(d.map(|d| d.decoded_frames).unwrap_or(0));
+                }
+            })
+        });
+        g.finish();
+    }
+
+    // Stage 2: resample only.
+    {
+        let mut maker = WindowMaker::new(plan);
+        let mut g = c.benchmark_group("embed/resample");
+        g.throughput(Throughput::Elements(tracks as u64));
+        g.bench_function("fft 44.1k to 16k mono, 1 thread", |b| {
+            b.iter(|| {
+                for d in &decoded {
+                    for region in &d.regions {
+                        let y = maker.resample(region, d.sample_rate);
+                        std::hint::black_box(y.map(|y| y.len()).unwrap_or(0));
+                    }
+                }
+            })
+        });
+        g.finish();
+    }
+
+    // Stage 4: inference only.
+    if phase_4_infer::available() {
+        let files = model::load(&model_path())?;
+        let row = plan.window_samples;
+        let device = bench_device()?;
+        let choice = DeviceChoice::parse(&device).context("CORAL_BENCH_DEVICE")?;
+        let mut m = phase_4_infer::load_model(&files, choice, cores, row)?;
+        println!("inference on {}", m.device_label());
+        let input: Vec<f32> = music::synthesize(MusicKind::Chords, 0, 100.0)
+            .into_iter()
+            .step_by(2)
+            .take(INFER_WINDOWS * row)
+            .collect();
+        ensure!(input.len() == INFER_WINDOWS * row, "not enough input");
+        let mut g = c.benchmark_group("embed/inference");
+        g.throughput(Throughput::Elements(INFER_WINDOWS as u64));
+        for batch in BATCHES {
+            g.bench_with_input(
+                BenchmarkId::new(format!("{device}, {cores} threads, batch"), batch),
+                &batch,
+                |b, &batch| {
+                    b.iter(|| {
+                        for chunk in input.chunks(batch * row) {
+                            let y = m.forward(chunk, batch);
+                            std::hint::black_box(y.map(|y| y.len()).unwrap_or(0));
+                        }
+                    })
+                },
+            );
+        }
+        g.finish();
+        drop(m);
+
+        end_to_end(&mut c, &lib)?;
+    } else {
+        println!("corald built without the `embed` feature: no inference or end-to-end figures");
+    }
+
+    #[cfg(feature = "bliss")]
+    {
+        use bliss_audio::decoder::Decoder as _;
+        use bliss_audio::decoder::symphonia::SymphoniaDecoder;
+        let paths: Vec<PathBuf> = lib.iter().map(|(p, _)| p.clone()).collect();
+        let mut g = c.benchmark_group("embed/bliss");
+        g.throughput(Throughput::Elements(tracks as u64));
+        g.sample_size(10);
+        g.bench_function(format!("bliss-audio 0.13 symphonia, {cores} cores"), |b| {
+            b.iter(|| {
+                let ok = SymphoniaDecoder::analyze_paths(&paths)
+                    .filter(|(_, r)| r.is_ok())
+                    .count();
+                assert_eq!(ok, paths.len(), "bliss failed on a track");
+            })
+        });
+        g.finish();
+    }
+
+    c.final_summary();
+    summary(tracks, seconds, cores);
+    Ok(())
+}
+
+/// The daemon's pipeline on every track, from an empty `track_embeddings` each iteration.
+fn end_to_end(c: &mut Criterion, lib: &[(PathBuf, f64)]) -> Result<()> {
+    let rt = coral_benches::runtime(2)?;
+    let dir = coral_tests::daemon::traversable_tempdir()?;
+    let config = dir.path().join("corald.toml");
+    std::fs::write(&config, "[embed]\nenabled = false\n")?;
+    let root = lib
+        .first()
+        .and_then(|(p, _)| p.parent())
+        .context("empty library")?
+        .to_path_buf();
+    let (_daemon, pool, embedder, targets) = rt.block_on(async {
+        let d = Daemon::start_with(&["--config", &config.to_string_lossy()]).await?;
+        let client = d.client().await?;
+        coral_tests::daemon::add_and_scan(&client, &root).await?;
+        let pool = d.pool(4).await?;
+        let rows: Vec<(i64, String, i64)> =
+            sqlx::query_as("SELECT id, rel_path_text, duration_ms FROM tracks")
+                .fetch_all(&pool)
+                .await?;
+        ensure!(
+            rows.len() == lib.len(),
+            "indexed {} of {}",
+            rows.len(),
+            lib.len()
+        );
+        let targets: Vec<EmbedTarget> = rows
+            .into_iter()
+            .map(|(track_id, rel, duration_ms)| EmbedTarget {
+                track_id,
+                path: root.join(rel),
+                duration_ms,
+            })
+            .collect();
+        let cfg = EmbedConfig {
+            model: Some(model_path()),
+            device: bench_device()?,
+            ..EmbedConfig::default()
+        };
+        let embedder = Embedder::start(&cfg, pool.clone(), CancellationToken::new()).await?;
+        anyhow::Ok((d, pool, embedder, targets))
+    })?;
+    let mut g = c.benchmark_group("embed/end_to_end");
+    g.throughput(Throughput::Elements(lib.len() as u64));
+    g.bench_function(format!("default config, {}", bench_device()?), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let run = rt.block_on(async {
+                    sqlx::query("DELETE FROM track_embeddings")
+                        .execute(&pool)
+                        .await?;
+                    let t = Instant::now();
+                    let s = embedder
+                        .embed(
+                            uuid::Uuid::new_v4(),
+                            targets.clone(),
+                            CancellationToken::new(),
+                        )
+                        .await?;
+                    ensure!(s.embedded == targets.len() as u64, "{s:?}");
+                    anyhow::Ok(t.elapsed())
+                });
+                match run {
+                    Ok(t) => total += t,
+                    Err(e) => panic!("end-to-end run failed: {e:#}"),
+                }
+            }
+            total
+        })
+    });
+    g.finish();
+    Ok(())
+}
+
+/// Every benchmark directory under `target/criterion/<group>` (criterion's own naming).
+fn medians(group: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let base = workspace_dir()
+        .join("target/criterion")
+        .join(group.replace('/', "_"));
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let mut stack = vec![path];
+        while let Some(p) = stack.pop() {
+            let est = p.join("new/estimates.json");
+            if est.is_file() {
+                let rel = p
+                    .strip_prefix(&base)
+                    .map(|r| r.display().to_string())
+                    .unwrap_or_default();
+                if let Some(s) = std::fs::read_to_string(&est)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v["median"]["point_estimate"].as_f64())
+                {
+                    out.insert(rel, s / 1e9);
+                }
+            } else if let Ok(children) = std::fs::read_dir(&p) {
+                stack.extend(
+                    children
+                        .flatten()
+                        .map(|c| c.path())
+                        .filter(|c| c.is_dir() && !c.ends_with("report")),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn summary(tracks: usize, seconds: usize, cores: usize) {
+    let windows = EmbedConfig::default().windows as f64;
+    let per_track = |group: &str| -> Vec<(String, f64)> {
+        medians(group)
+            .into_iter()
+            .map(|(id, s)| (id, tracks as f64 / s))
+            .collect()
+    };
+    println!("\nsummary (tracks/s from criterion's medians; a track = {seconds} s of music):");
+    let mut slowest: Option<(String, f64)> = None;
+    let mut consider = |name: String, tps: f64| {
+        if slowest.as_ref().is_none_or(|(_, s)| tps < *s) {
+            slowest = Some((name, tps));
+        }
+    };
+    for group in ["embed/decode", "embed/resample"] {
+        for (id, tps) in per_track(group) {
+            println!("  {group:<20} {id:<45} {tps:>8.2} tracks/s");
+            consider(format!("{group} {id}"), tps);
+        }
+    }
+    // Inference: windows/s → tracks/s at the pipeline's windows per track and default batch
+    // (2 on CPU, 32 on CUDA).
+    let default_batch = if bench_device().is_ok_and(|d| d.starts_with("cuda")) {
+        32
+    } else {
+        2
+    };
+    let device = bench_device().unwrap_or_else(|_| "cpu".into());
+    let device = device.split(':').next().unwrap_or("cpu").to_owned();
+    let of_device = |(id, _): &(String, f64)| id.starts_with(&device);
+    for (id, s) in medians("embed/inference").into_iter().filter(of_device) {
+        let wps = INFER_WINDOWS as f64 / s;
+        let tps = wps / windows;
+        println!(
+            "  {:<20} {id:<45} {tps:>8.2} tracks/s ({wps:.1} windows/s)",
+            "embed/inference"
+        );
+        if id.ends_with(&format!("batch/{default_batch}")) {
+            consider(format!("embed/inference {id}"), tps);
+        }
+    }
+    let e2e = medians("embed/end_to_end")
+        .into_iter()
+        .find(|(id, _)| id.contains(&device))
+        .map(|(_, s)| tracks as f64 / s);
+    let bliss = medians("embed/bliss")
+        .into_values()
+        .next()
+        .map(|s| tracks as f64 / s);
+    if let Some(e) = e2e {
+        println!(
+            "  {:<20} {:<45} {e:>8.2} tracks/s",
+            "embed/end_to_end",
+            format!("default config, {device}")
+        );
+    }
+    if let Some(b) = bliss {
+        println!(
+            "  {:<20} {:<45} {b:>8.2} tracks/s",
+            "embed/bliss",
+            format!("bliss-audio 0.13, {cores} cores")
+        );
+    }
+    if let (Some(e), Some((name, s))) = (e2e, &slowest) {
+        println!(
+            "end to end / slowest stage ({name}): {:.0} % (target ≥ 80 %)",
+            100.0 * e / s
+        );
+    }
+    if let (Some(e), Some(b)) = (e2e, bliss) {
+        println!("end to end / bliss-audio: {:.2}× (target ≥ 2×)", e / b);
+    }
+}
