@@ -25,7 +25,7 @@
 //! ```sh
 //! source ~/.cache/coral/libtorch.env
 //! cargo build --release --workspace --bins --features corald/embed
-//! cargo bench -p coral-benches --features corald/embed,coral-benches/bliss --bench embed
+//! OMP_WAIT_POLICY=PASSIVE cargo bench -p coral-benches --features corald/embed,coral-benches/bliss --bench embed
 //! ```
 //!
 //! Without the `embed` feature only decode and resample run. `CORAL_BENCH_DEVICE` (default
@@ -113,10 +113,14 @@ fn main() -> Result<()> {
     let seconds = env_usize("CORAL_BENCH_EMBED_SECONDS", 180)?;
     ensure!(tracks >= 1 && seconds >= 60, "at least 1 track of 60 s");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // corald.service sets OMP_WAIT_POLICY=PASSIVE (libtorch's OpenMP threads sleep instead of
+    // spinning while they wait, leaving the cores to the decode threads); libgomp reads it when
+    // it loads, so it has to come from the environment.
     println!(
-        "embed bench: {tracks} tracks of {seconds} s, machine: {}, load average {}",
+        "embed bench: {tracks} tracks of {seconds} s, machine: {}, load average {}, OMP_WAIT_POLICY={}",
         coral_benches::machine(),
-        coral_benches::loadavg()
+        coral_benches::loadavg(),
+        std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "(unset)".into())
     );
     let lib = library(tracks, seconds)?;
     let plan = plan()?;
