@@ -1,6 +1,7 @@
 //! Hostile clients on the real socket: malformed and oversized requests get JSON-RPC errors,
-//! a thousand idle connections and byte-a-second clients do not starve a normal client, and
-//! the daemon gives back their file descriptors and memory.
+//! a thousand idle connections and byte-a-second clients do not starve a normal client, a
+//! flood of subscriptions on connections that never read keeps the daemon's memory bounded,
+//! and the daemon gives back their file descriptors.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -161,6 +162,146 @@ async fn a_thousand_idle_connections_and_slow_clients_do_not_starve_others() -> 
         || async { open_fds(pid).ok().filter(|n| *n <= fds_before + 5) },
     )
     .await?;
+    c.daemon_status().await?;
+    Ok(())
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// A WebSocket client on the Unix socket that subscribes `subscriptions` times and then never
+/// reads another byte: the server's notifications pile up against it.
+fn stuck_subscriber(socket: &Path, subscriptions: usize) -> Result<UnixStream> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte)?;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "no upgrade: {head}");
+    for id in 0..subscriptions {
+        let body =
+            format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"scan.subscribe","params":[]}}"#);
+        let len = u8::try_from(body.len()).context("frame too long")?;
+        anyhow::ensure!(len < 126, "frame too long");
+        // A masked text frame; an all-zero mask leaves the payload as it is.
+        let mut frame = vec![0x81, 0x80 | len, 0, 0, 0, 0];
+        frame.extend_from_slice(body.as_bytes());
+        s.write_all(&frame)?;
+    }
+    Ok(s)
+}
+
+/// Issue 8 (RPC abuse): a flood of subscriptions, many on connections that never read, while
+/// scans publish progress. Memory stays bounded, the reading subscriber and a plain client keep
+/// getting answers, and everything is given back when the clients leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_flood_with_clients_that_never_read_keeps_memory_bounded() -> Result<()> {
+    use coral_proto::ScanPhase;
+
+    let lib = coral_tests::daemon::traversable_tempdir()?;
+    coral_tests::fixtures::big_library(lib.path(), 3000)?;
+    let d = Daemon::start().await?;
+    let pid = d.pid().context("no pid")?;
+    let c = d.client().await?;
+    let (library_id, first) = coral_tests::daemon::add_and_scan(&c, lib.path()).await?;
+    assert_eq!(first.phase, ScanPhase::Completed, "{first:?}");
+    let fds_before = open_fds(pid)?;
+    let rss_before = rss_kib(pid)?;
+
+    // 100 connections × 10 subscriptions that are never read, and one reading client with 200.
+    let mut stuck = Vec::new();
+    for _ in 0..100 {
+        stuck.push(stuck_subscriber(&d.socket, 10)?);
+    }
+    let reader = d.client().await?;
+    let mut subs = Vec::new();
+    for _ in 0..200 {
+        subs.push(reader.scan_subscribe(None).await?);
+    }
+
+    let mut rss_peak = rss_before;
+    let mut worst = Duration::ZERO;
+    // Enough scans that each stuck connection is owed more notifications (≈ 5 per scan per
+    // subscription) than the server queues per connection.
+    let scans = 3;
+    let mut finals = 0usize;
+    for _ in 0..scans {
+        let started = c
+            .scan_start(
+                coral_proto::LibrarySelector::Id(library_id),
+                None,
+                Some(true),
+            )
+            .await?;
+        // Poll the plain client's latency and the daemon's memory until the scan ends.
+        loop {
+            let t = Instant::now();
+            let p = c.scan_get(started.request_id).await?;
+            worst = worst.max(t.elapsed());
+            rss_peak = rss_peak.max(rss_kib(pid)?);
+            if p.phase.is_terminal() {
+                assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Every reading subscription sees this scan's final notification.
+        for sub in subs.iter_mut() {
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                    .await
+                    .context("a reading subscriber stopped getting notifications")?
+                    .context("subscription closed")??;
+                if n.request_id == started.request_id && n.phase.is_terminal() {
+                    finals += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(finals, scans * subs.len());
+    let grown_mib = rss_peak.saturating_sub(rss_before) as f64 / 1024.0;
+    eprintln!(
+        "subscriber flood: 1,000 stuck + 200 reading subscriptions, {scans} full scans of 3,000 \
+         files: RSS {} MiB before, peak {} MiB (+{grown_mib:.1} MiB); worst scan.get {worst:?}",
+        rss_before / 1024,
+        rss_peak / 1024
+    );
+    assert!(
+        grown_mib < 32.0,
+        "memory grew by {grown_mib:.1} MiB with clients that never read"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "scan.get took {worst:?} during the flood"
+    );
+
+    drop(subs);
+    drop(reader);
+    drop(stuck);
+    eventually(
+        Duration::from_secs(20),
+        "file descriptors to be released",
+        || async { open_fds(pid).ok().filter(|n| *n <= fds_before + 2) },
+    )
+    .await?;
+    eprintln!("after the clients left: RSS {} MiB", rss_kib(pid)? / 1024);
     c.daemon_status().await?;
     Ok(())
 }

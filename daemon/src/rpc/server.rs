@@ -15,6 +15,8 @@ use super::auth::{self, AccessPolicy};
 
 /// Largest request accepted, in bytes.
 pub const MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
+/// Outgoing messages queued per connection before the server waits for the client to read.
+pub const MESSAGE_BUFFER_PER_CONNECTION: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -109,6 +111,10 @@ pub async fn serve(
     let config = ServerConfig::builder()
         .max_request_body_size(MAX_REQUEST_BYTES)
         .max_connections(10_000)
+        // Messages queued per connection for a client that does not read. Progress
+        // subscriptions coalesce to the latest state while the queue is full, so a small queue
+        // loses nothing and bounds what a stuck client costs (≈ 64 × 1 KB).
+        .set_message_buffer_capacity(MESSAGE_BUFFER_PER_CONNECTION)
         .build();
     let svc_builder = jsonrpsee::server::Server::builder()
         .set_config(config)
