@@ -2,3 +2,4 @@
 
 pub mod daemon;
 pub mod fixtures;
+pub mod hostile_corpus;
