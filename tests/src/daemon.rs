@@ -141,7 +141,10 @@ impl Daemon {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", corald_bin().display()))?;
+            .with_context(|| match self.hide_owner {
+                Some(_) => "starting corald through `unshare --user` (util-linux)".to_owned(),
+                None => format!("starting {}", corald_bin().display()),
+            })?;
         if let Some(id) = self.hide_owner
             && let Err(e) = map_ids_except(&mut child, id)
         {

@@ -778,3 +778,32 @@ fn mutate_once(path: &Path, good: &[u8], rng: &mut Rng) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id3_sizes_are_syncsafe_and_tags_strip() {
+        assert_eq!(syncsafe(0), [0, 0, 0, 0]);
+        assert_eq!(syncsafe(257), [0, 0, 2, 1]);
+        assert_eq!(syncsafe(u32::MAX), [0x7f; 4]);
+        let frame = id3_frame(b"TIT2", &id3_text("Hi"), None);
+        assert_eq!(frame, b"TIT2\x00\x00\x00\x03\x00\x00\x03Hi");
+        let audio = b"\xff\xfb\x90\x64rest";
+        let file = [id3_tag(&frame, None), audio.to_vec()].concat();
+        assert_eq!(strip_id3(&file), audio);
+        assert_eq!(strip_id3(audio), audio);
+    }
+
+    #[test]
+    fn the_generator_is_deterministic() {
+        let a: Vec<u64> = (0..4).map(|_| Rng::new(7).next_u64()).collect();
+        assert!(a.windows(2).all(|w| w[0] == w[1]));
+        let mut r = Rng::new(7);
+        let (x, y) = (r.next_u64(), r.next_u64());
+        assert_ne!(x, y);
+        assert!((0..1000).all(|_| r.below(10) < 10));
+        assert!((0..1000).all(|_| (1.0..2.0).contains(&r.range_f64(1.0, 2.0))));
+    }
+}

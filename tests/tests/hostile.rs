@@ -250,6 +250,33 @@ async fn a_hostile_library_is_scanned_and_embedded_and_every_file_accounted_for(
     let tracks = track_rows(&d).await?;
     let errors = error_rows(&d).await?;
     check_rows(&corpus, &tracks, &errors)?;
+    // Per kind: (indexed, failed files, directory issues, unseen), and one sample reason.
+    let mut by_kind: BTreeMap<Kind, ([usize; 4], String)> = BTreeMap::new();
+    for e in &corpus.entries {
+        let slot = by_kind.entry(e.kind).or_default();
+        match (tracks.contains_key(&e.rel_path), errors.get(&e.rel_path)) {
+            (true, _) => slot.0[0] += 1,
+            (_, Some((stage, message))) => {
+                slot.0[if e.expect == Expect::DirIssue { 2 } else { 1 }] += 1;
+                slot.1 = format!("{stage}: {}", message.chars().take(90).collect::<String>());
+            }
+            _ => slot.0[3] += 1,
+        }
+    }
+    for (kind, (n, sample)) in &by_kind {
+        eprintln!(
+            "{kind:?}: indexed {}, failed {}, dir issues {}, unseen {}; e.g. {sample}",
+            n[0], n[1], n[2], n[3]
+        );
+    }
+    for e in corpus.entries.iter().filter(|e| e.expect == Expect::Either) {
+        match errors.get(&e.rel_path) {
+            Some((stage, message)) => {
+                eprintln!("{}: failed at {stage}: {message}", show(&e.rel_path))
+            }
+            None => eprintln!("{}: indexed", show(&e.rel_path)),
+        }
+    }
     let dir_issues = corpus
         .entries
         .iter()
