@@ -881,3 +881,52 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// A kill inside `library.add`, after the library row is written and before its first scan is
+/// persisted, must not leave a library that is never scanned (with the watcher off nothing
+/// else would scan it). The state such a kill leaves is made directly: the row, no scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_added_just_before_a_kill_is_scanned_after_the_restart() -> Result<()> {
+    let lib = traversable_tempdir()?;
+    for (i, f) in ["mp3", "flac", "ogg_vorbis"].iter().enumerate() {
+        let ext = if *f == "ogg_vorbis" { "ogg" } else { f };
+        fixtures::make_track(
+            lib.path(),
+            &FixtureTrack::simple(format!("a/{i}.{ext}"), f, &format!("Song {i}")),
+        )?;
+    }
+    let mut d = Daemon::start().await?;
+    d.kill()?;
+    let path = std::fs::canonicalize(lib.path())?;
+    let mut db = d.db().await?;
+    sqlx::query("INSERT INTO libraries (path) VALUES ($1)")
+        .bind(path.to_string_lossy().as_ref())
+        .execute(&mut db)
+        .await?;
+    d.spawn().await?;
+    let c = d.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let scan_id = loop {
+        let libs = c.library_list().await?;
+        ensure!(libs.len() == 1, "{libs:?}");
+        if let Some(s) = &libs[0].last_scan {
+            break s.request_id;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the library added before the kill was never scanned: {libs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let p = wait_scan(&c, scan_id).await?;
+    ensure!(p.phase == ScanPhase::Completed, "{p:?}");
+    ensure!(p.tracks_indexed == 3, "{p:?}");
+    // Once scanned, a restart queues nothing more for it.
+    d.kill()?;
+    d.spawn().await?;
+    let c = d.client().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let scans = c.scan_list(Some(10)).await?;
+    ensure!(scans.len() == 1, "{scans:?}");
+    Ok(())
+}
