@@ -6,7 +6,8 @@
 //!    up, the scan completes, every bad file is recorded with a reason, and the counts add up;
 //! 2. corald is SIGKILLed at seeded random points of scans (discovery, indexing, embedding)
 //!    and restarted on the same state, at least ten times: the database ends equal to a clean
-//!    run's and every interrupted scan ends resumed, then completed.
+//!    run's and every interrupted scan ends resumed, then completed; a library whose first scan
+//!    a kill prevented is scanned at the next start.
 //!
 //! The seed is printed; set `CORAL_HOSTILE_SEED` to replay a run. Figures are printed too
 //! (`--nocapture`), for RELIABILITY.md.
@@ -153,7 +154,7 @@ fn counts_add_up(p: &ScanProgress) -> Result<()> {
 }
 
 /// Checks every row against the corpus: each entry has exactly the row(s) it should, no row
-/// belongs to nothing, every error has a reason. Returns (indexed, failed files, dir issues).
+/// belongs to nothing, every error has a reason.
 fn check_rows(
     corpus: &Corpus,
     tracks: &BTreeMap<Vec<u8>, (Option<String>, i64, String)>,
