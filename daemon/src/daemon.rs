@@ -429,7 +429,7 @@ async fn reload(config: &mut Config, service: &Service, api: &CoralRpc) {
 }
 
 /// Queue again every scan that was queued or running when corald last stopped, with the same
-/// request id and `resumed = true`.
+/// request id and `resumed = true`; queue a first scan for any library that never had one.
 async fn resume_interrupted(pool: &sqlx::PgPool, queue: &ScanQueue) {
     let rows = match scans::unfinished(pool).await {
         Ok(rows) => rows,
@@ -456,6 +456,32 @@ async fn resume_interrupted(pool: &sqlx::PgPool, queue: &ScanQueue) {
                 tracing::info!(%request_id, library = %row.library_path, "resuming interrupted scan");
             }
             Err(e) => tracing::error!(%request_id, error = %e, "cannot resume scan"),
+        }
+    }
+    // A stop inside `library.add` (after the library's row, before its first scan's) leaves a
+    // library no scan would ever cover when the watcher is off: give it its first scan now.
+    let never = match crate::db::libraries::never_scanned(pool).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot look for libraries that were never scanned");
+            return;
+        }
+    };
+    for (library_id, path) in never {
+        let req = ScanRequest {
+            library_id,
+            library_root: PathBuf::from(&path),
+            subdir: None,
+            mode: coral_proto::ScanMode::Incremental,
+            trigger: coral_proto::ScanTrigger::LibraryAdded,
+        };
+        match queue.submit(req).await {
+            Ok((h, _)) => tracing::info!(
+                request_id = %h.request_id(),
+                library = %path,
+                "library added before the last stop was never scanned: scanning it"
+            ),
+            Err(e) => tracing::error!(library = %path, error = %e, "cannot queue the first scan"),
         }
     }
 }

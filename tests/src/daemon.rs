@@ -1,12 +1,16 @@
 //! A real corald for tests: its own state directory (so its own managed PostgreSQL), its own
 //! socket, started from the built binary and stopped (SIGTERM, then SIGKILL) on drop.
+//!
+//! As root, [`Daemon::start_hiding_owner`] runs corald in a user namespace where one uid/gid is
+//! left unmapped, so files owned by it obey their permission bits even for root: tests of
+//! unreadable files and directories then behave as they would for a service user.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use jsonrpsee::async_client::Client;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -44,6 +48,9 @@ pub struct Daemon {
     pub log: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Run corald in a user namespace where this uid and gid are unmapped (see
+    /// [`Daemon::start_hiding_owner`]).
+    hide_owner: Option<u32>,
 }
 
 impl Daemon {
@@ -53,6 +60,27 @@ impl Daemon {
     }
 
     pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
+        Self::start_opts(extra_args, None).await
+    }
+
+    /// Start corald (the test must run as root) in a new user namespace that maps every uid
+    /// and gid to itself except `id`: corald is still root there and runs as usual, but files
+    /// and directories owned by `id` are foreign to it, so their permission bits apply (mode
+    /// 000 means "permission denied", as for any non-root reader). Needs `unshare` (util-linux)
+    /// and a kernel that allows user namespaces; the error says so when either is missing.
+    pub async fn start_hiding_owner(extra_args: &[&str], id: u32) -> Result<Daemon> {
+        ensure!(
+            nix::unistd::Uid::effective().is_root(),
+            "start_hiding_owner needs root (it writes another process's uid_map)"
+        );
+        ensure!(
+            id > 0 && id < 65_534,
+            "hidden id {id} must be between 1 and 65533"
+        );
+        Self::start_opts(extra_args, Some(id)).await
+    }
+
+    async fn start_opts(extra_args: &[&str], hide_owner: Option<u32>) -> Result<Daemon> {
         let dir = traversable_tempdir()?;
         let socket = dir.path().join("corald.sock");
         let state_dir = dir.path().join("state");
@@ -73,6 +101,7 @@ impl Daemon {
             log,
             child: None,
             extra_args,
+            hide_owner,
         };
         d.spawn().await?;
         Ok(d)
@@ -84,7 +113,24 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(corald_bin())
+        let mut cmd = match self.hide_owner {
+            // `sh` waits for one line on stdin (sent once the id maps are written), then
+            // becomes corald: the pid stays the same from `unshare` to corald.
+            Some(_) => {
+                let mut c = Command::new("unshare");
+                c.args(["--user", "--", "sh", "-c"])
+                    .arg("read -r _ && exec \"$0\" \"$@\" </dev/null")
+                    .arg(corald_bin())
+                    .stdin(Stdio::piped());
+                c
+            }
+            None => {
+                let mut c = Command::new(corald_bin());
+                c.stdin(Stdio::null());
+                c
+            }
+        };
+        let mut child = cmd
             .arg("--socket")
             .arg(&self.socket)
             .arg("--state-dir")
@@ -92,11 +138,20 @@ impl Daemon {
             .args(&self.extra_args)
             .env("RUST_LOG", "info,corald=debug")
             .env_remove("CORAL_CONFIG")
-            .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", corald_bin().display()))?;
+            .with_context(|| match self.hide_owner {
+                Some(_) => "starting corald through `unshare --user` (util-linux)".to_owned(),
+                None => format!("starting {}", corald_bin().display()),
+            })?;
+        if let Some(id) = self.hide_owner
+            && let Err(e) = map_ids_except(&mut child, id)
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
@@ -123,6 +178,14 @@ impl Daemon {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running (false once it exited or was killed).
+    pub fn running(&mut self) -> Result<bool> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?.is_none()),
+            None => Ok(false),
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -211,6 +274,41 @@ impl Drop for Daemon {
         // A SIGKILLed daemon leaves its PostgreSQL running: stop it so temp dirs can go.
         stop_leftover_postgres(&self.state_dir);
     }
+}
+
+/// Once `child` (`unshare --user … sh`) is in its new user namespace, map every uid and gid
+/// below 65536 to itself except `hidden`, then let it go on to exec corald.
+fn map_ids_except(child: &mut Child, hidden: u32) -> Result<()> {
+    use std::io::Write;
+    let pid = child.id();
+    let ours = std::fs::read_link("/proc/self/ns/user")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("`unshare --user` exited with {status} (are user namespaces allowed here?)");
+        }
+        match std::fs::read_link(format!("/proc/{pid}/ns/user")) {
+            Ok(ns) if ns != ours => break,
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            bail!("`unshare --user` did not enter a new user namespace within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let above = hidden + 1;
+    // One write per file: the kernel takes a map in a single write only.
+    let map = format!("0 0 {hidden}\n{above} {above} {}\n", 65_536 - above);
+    for file in ["uid_map", "gid_map"] {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, &map).with_context(|| format!("writing {path}"))?;
+    }
+    let mut stdin = child
+        .stdin
+        .take()
+        .context("no stdin pipe to release the child")?;
+    stdin.write_all(b"go\n")?;
+    Ok(())
 }
 
 /// Stop (SIGQUIT) the managed PostgreSQL of `state_dir` if a corald that did not stop cleanly

@@ -2,4 +2,5 @@
 
 pub mod daemon;
 pub mod fixtures;
+pub mod hostile_corpus;
 pub mod music;

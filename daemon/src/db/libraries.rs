@@ -55,6 +55,18 @@ pub async fn get_by_path(pool: &PgPool, path: &str) -> sqlx::Result<Option<Libra
         .await
 }
 
+/// Libraries that no scan was ever recorded for (`(id, path)`, oldest first): added just before
+/// corald stopped, between the library's row and its first scan's.
+pub async fn never_scanned(pool: &PgPool) -> sqlx::Result<Vec<(i64, String)>> {
+    sqlx::query_as(
+        "SELECT l.id, l.path FROM libraries l
+         WHERE NOT EXISTS (SELECT 1 FROM scans s WHERE s.library_id = l.id)
+         ORDER BY l.id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// Delete a library and (by cascade) its tracks, errors and scans.
 pub async fn delete(pool: &PgPool, id: i64) -> sqlx::Result<bool> {
     let done = sqlx::query("DELETE FROM libraries WHERE id = $1")
