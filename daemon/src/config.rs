@@ -42,6 +42,9 @@ pub struct RpcConfig {
     /// Permission bits of the socket file, in octal (a socket socket-activated by systemd keeps
     /// the unit's `SocketMode=`).
     pub socket_mode: String,
+    /// Largest request body accepted, in bytes; bigger ones get an error and the connection
+    /// carries on.
+    pub max_request_bytes: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -101,6 +104,7 @@ impl Default for RpcConfig {
         RpcConfig {
             group: "coral".to_owned(),
             socket_mode: "0660".to_owned(),
+            max_request_bytes: crate::rpc::server::DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }
@@ -273,6 +277,12 @@ impl Config {
             );
         }
         self.rpc.socket_mode_bits()?;
+        if !(1024..=256 * 1024 * 1024).contains(&self.rpc.max_request_bytes) {
+            return invalid(
+                "rpc.max_request_bytes",
+                "must be between 1024 and 268435456 (256 MiB)",
+            );
+        }
         if !valid_group_name(&self.rpc.group) {
             return invalid(
                 "rpc.group",
@@ -423,6 +433,12 @@ mod tests {
             .expect_err("bad device")
             .to_string();
         assert!(err.contains("embed.device"), "{err}");
+        let err = parse("[rpc]\nmax_request_bytes = 10\n")
+            .expect_err("tiny request limit")
+            .to_string();
+        assert!(err.contains("rpc.max_request_bytes"), "{err}");
+        let c = parse("[rpc]\nmax_request_bytes = 65536\n").expect("valid");
+        assert_eq!(c.rpc.max_request_bytes, 65536);
     }
 
     #[test]

@@ -185,6 +185,7 @@ pub async fn run_service(
         listener,
         rpc.into_rpc(),
         policy,
+        config.rpc.max_request_bytes,
         stop.clone(),
     ));
     tracing::info!(socket = %socket.display(), pid = std::process::id(), "corald ready");

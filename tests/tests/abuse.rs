@@ -166,6 +166,34 @@ async fn a_thousand_idle_connections_and_slow_clients_do_not_starve_others() -> 
     Ok(())
 }
 
+/// `rpc.max_request_bytes` is the limit: a request above it gets an error, one below it an
+/// answer, on the same daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_size_limit_is_configurable() -> Result<()> {
+    let dir = coral_tests::daemon::traversable_tempdir()?;
+    let config = dir.path().join("corald.toml");
+    std::fs::write(&config, "[rpc]\nmax_request_bytes = 65536\n")?;
+    let d = Daemon::start_with(&["--config", &config.to_string_lossy()]).await?;
+    let search = |len: usize| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"track.search","params":{{"query":"{}"}}}}"#,
+            "a".repeat(len)
+        )
+    };
+    let (s, body) = (d.socket.clone(), search(100_000));
+    let (status, text) = tokio::task::spawn_blocking(move || post(&s, body.as_bytes())).await??;
+    assert!(
+        status == 413 || error_code(&text) == Some(-32007),
+        "100 kB over a 64 KiB limit: HTTP {status} {}",
+        &text[..text.len().min(200)]
+    );
+    let (s, body) = (d.socket.clone(), search(50_000));
+    let (status, text) = tokio::task::spawn_blocking(move || post(&s, body.as_bytes())).await??;
+    assert_eq!(status, 200, "{}", &text[..text.len().min(200)]);
+    assert_eq!(error_code(&text), None, "{}", &text[..text.len().min(200)]);
+    Ok(())
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -301,7 +301,7 @@ mod tests {
     fn missing_group_falls_back_to_own_group() {
         let p = AccessPolicy::from_config(&RpcConfig {
             group: "no-such-group-coral-test".into(),
-            socket_mode: "0660".into(),
+            ..RpcConfig::default()
         });
         assert!(
             p.fallback

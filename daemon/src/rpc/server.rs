@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::auth::{self, AccessPolicy};
 
 /// Largest request accepted, in bytes.
-pub const MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
+/// `rpc.max_request_bytes` unless configured: 4 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
 /// Outgoing messages queued per connection before the server waits for the client to read.
 pub const MESSAGE_BUFFER_PER_CONNECTION: u32 = 64;
 
@@ -104,12 +105,13 @@ pub async fn serve(
     listener: UnixListener,
     methods: impl Into<Methods>,
     policy: AccessPolicy,
+    max_request_bytes: u32,
     stop: CancellationToken,
 ) {
     let policy = std::sync::Arc::new(policy);
     let methods: Methods = methods.into();
     let config = ServerConfig::builder()
-        .max_request_body_size(MAX_REQUEST_BYTES)
+        .max_request_body_size(max_request_bytes)
         .max_connections(10_000)
         // Messages queued per connection for a client that does not read. Progress
         // subscriptions coalesce to the latest state while the queue is full, so a small queue
