@@ -96,7 +96,7 @@ pub fn status(s: &DaemonStatus) {
     println!("corald {} (pid {})", s.version, s.pid);
     println!("  socket     {}", s.socket);
     println!("  state dir  {}", s.state_dir);
-    println!("  database   {}", s.database);
+    println!("  database   {}", database_line(s));
     println!("  libraries  {}", s.libraries);
     println!("  tracks     {}", s.tracks);
     println!(
@@ -127,6 +127,47 @@ pub fn status(s: &DaemonStatus) {
     for w in &s.warnings {
         println!("  warning: {w}");
     }
+}
+
+/// "managed, ok" / "external, UNAVAILABLE since 12:00:03 (42 s): <error>", with the outage
+/// history when there was one.
+fn database_line(s: &DaemonStatus) -> String {
+    let Some(h) = &s.database_health else {
+        return s.database.clone();
+    };
+    let mut line = format!("{}, {}", s.database, h.state.as_str());
+    match h.state {
+        coral_proto::DatabaseState::Unavailable => {
+            let secs = (chrono::Utc::now() - h.since).num_seconds().max(0);
+            line = format!(
+                "{}, UNAVAILABLE since {} ({secs} s), retrying",
+                s.database,
+                h.since.format("%H:%M:%S")
+            );
+            if let Some(e) = &h.last_error {
+                line.push_str(&format!(": {e}"));
+            }
+        }
+        coral_proto::DatabaseState::Ok if h.outages > 0 => {
+            line.push_str(&format!(
+                " ({} outage{} since start, {} retr{}",
+                h.outages,
+                if h.outages == 1 { "" } else { "s" },
+                h.retries,
+                if h.retries == 1 { "y" } else { "ies" },
+            ));
+            if h.restarts > 0 {
+                line.push_str(&format!(
+                    ", {} restart{}",
+                    h.restarts,
+                    if h.restarts == 1 { "" } else { "s" }
+                ));
+            }
+            line.push(')');
+        }
+        coral_proto::DatabaseState::Ok => {}
+    }
+    line
 }
 
 /// One line per library: how it is watched, watches held, pending changes, last event, and

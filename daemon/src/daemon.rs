@@ -14,9 +14,10 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
+use crate::db::health::DbHealth;
 use crate::db::{self, Database, DbError, scans};
 use crate::progress::ScanReporter;
-use crate::rpc::api::{CoralRpc, RpcContext};
+use crate::rpc::api::{CoralRpc, RpcContext, Services};
 use crate::rpc::auth::AccessPolicy;
 use crate::rpc::server::{self, SocketError};
 use crate::scan::queue::{ScanQueue, ScanRequest};
@@ -89,9 +90,26 @@ pub async fn run_service(
     }
 
     notifier.status("starting: opening the database");
-    let database = Database::open(&config.database, &state_dir).await?;
+    // Configuration problems (a bad URL, a managed cluster that cannot start) stop corald here.
+    let database = Database::connect(&config.database, &state_dir).await?;
     let pool = database.pool.clone();
-    tracing::info!(database = database.description(), state_dir = %state_dir.display(), "database ready");
+    let db_health = Arc::clone(&database.health);
+    // A server that cannot be reached yet does not: the API comes up, says why, and start-up
+    // completes once the database answers (no exit into a restart loop).
+    let waiting_for = match database.prepare().await {
+        Ok(()) => None,
+        Err(e) if e.is_transient() => {
+            tracing::error!(
+                database = database.target(),
+                error = %e,
+                "the database cannot be reached; the API socket comes up meanwhile and start-up \
+                 completes once it answers (retrying with back-off)"
+            );
+            db_health.start_unavailable(&e.to_string());
+            Some(e.to_string())
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     let reporter = ScanReporter::new();
     let (queue, jobs) = ScanQueue::new(
@@ -105,43 +123,13 @@ pub async fn run_service(
         .build()
         .map_err(|e| DaemonError::Threads(e.to_string()))?;
     let liveness = Liveness::new(service.systemd.watchdog);
-    let (embedder, embed_unavailable) = start_embedder(&config, &pool, &stop, &liveness).await;
-    let worker = ScanWorker {
-        pool: pool.clone(),
-        reporter: Arc::clone(&reporter),
-        queue: Arc::clone(&queue),
-        threads: Arc::new(threads),
-        batch_size: config.scan.batch_size,
-        heartbeat: liveness.register("scan worker"),
-        idle_beat: liveness.beat_interval(),
-        embedder: embedder.clone(),
-    };
-
-    resume_interrupted(&pool, &queue).await;
-
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(Arc::clone(&reporter).run_ticker(
-        Duration::from_millis(config.progress.notify_interval_ms),
-        stop.clone(),
-    ));
-    tasks.spawn(persist_loop(
-        Arc::clone(&reporter),
-        pool.clone(),
-        Duration::from_millis(config.progress.persist_interval_ms),
-        stop.clone(),
-    ));
-    tasks.spawn(worker.run(jobs, stop.clone()));
-    if let Some(e) = embedder.clone() {
-        tasks.spawn(sweep_missing_embeddings(e, stop.clone()));
-    }
-    // The filesystem watcher feeds the same scan channel; it stops with `stop`.
+    // The filesystem watcher feeds the scan channel; its task starts with the workers.
     let (fs_watcher, watch_task) = crate::watch::Watcher::new(
         config.watch.clone(),
         pool.clone(),
         Arc::clone(&queue),
         Arc::clone(&reporter),
     );
-    tasks.spawn(watch_task.run(stop.clone()));
 
     let policy = AccessPolicy::from_config(&config.rpc);
     if let Some(why) = &policy.fallback {
@@ -153,7 +141,7 @@ pub async fn run_service(
             policy.group_gid
         );
     }
-    let (listener, socket) = match activated {
+    let (mut activated_listener, socket) = match activated {
         Some(l) => {
             let path = l
                 .local_addr()
@@ -161,12 +149,9 @@ pub async fn run_service(
                 .and_then(|a| a.as_pathname().map(PathBuf::from))
                 .unwrap_or(socket);
             tracing::info!(socket = %path.display(), "using the socket passed by systemd (socket activation)");
-            (server::from_activated(l)?, path)
+            (Some(server::from_activated(l)?), path)
         }
-        None => {
-            let gid = policy.fallback.is_none().then_some(policy.group_gid);
-            (server::bind_with(&socket, socket_mode, gid).await?, socket)
-        }
+        None => (None, socket),
     };
     let rpc = CoralRpc(Arc::new(RpcContext {
         pool: pool.clone(),
@@ -177,29 +162,16 @@ pub async fn run_service(
         state_dir: state_dir.clone(),
         database: database.description().to_owned(),
         watcher: fs_watcher,
-        embedder: embedder.clone(),
-        embed_unavailable,
+        services: std::sync::OnceLock::new(),
+        db: Arc::clone(&db_health),
+        last_counts: std::sync::Mutex::new((0, 0)),
     }));
     let api = rpc.clone();
-    tasks.spawn(server::serve(
-        listener,
-        rpc.into_rpc(),
-        policy,
-        config.rpc.max_request_bytes,
-        stop.clone(),
-    ));
-    tracing::info!(socket = %socket.display(), pid = std::process::id(), "corald ready");
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut serving = false;
+    let gid = policy.fallback.is_none().then_some(policy.group_gid);
 
-    // Migrations ran (Database::open) and the socket accepts: ready.
-    let status = StatusReporter {
-        notifier: notifier.clone(),
-        reporter: Arc::clone(&reporter),
-        pool: pool.clone(),
-    };
-    notifier.ready(&status.line(true).await);
-    if notifier.enabled() {
-        tasks.spawn(status.clone().run(stop.clone()));
-    }
+    // The watchdog runs from here on: a daemon waiting for its database is not wedged.
     if let Some(interval) = service.systemd.watchdog {
         tracing::info!(
             interval_ms = interval.as_millis() as u64,
@@ -211,6 +183,126 @@ pub async fn run_service(
             interval,
             stop.clone(),
         ));
+    }
+
+    if let Some(why) = &waiting_for {
+        let listener = match activated_listener.take() {
+            Some(l) => l,
+            None => server::bind_with(&socket, socket_mode, gid).await?,
+        };
+        tasks.spawn(server::serve(
+            listener,
+            rpc.clone().into_rpc(),
+            policy.clone(),
+            config.rpc.max_request_bytes,
+            stop.clone(),
+        ));
+        serving = true;
+        tracing::info!(socket = %socket.display(), pid = std::process::id(), "corald is serving its API while it waits for the database");
+        // Ready for systemd once the socket accepts: a start timeout must not turn a database
+        // outage into a restart loop. STATUS= says what it waits for.
+        notifier.ready(&format!("waiting for the database: {why}"));
+        let ready = tokio::select! {
+            r = database.wait_until_ready(&stop) => r,
+            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); Ok(false) }
+            _ = sigint.recv() => { tracing::info!("SIGINT received"); Ok(false) }
+        };
+        let ready = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                stop.cancel();
+                if !socket_activated {
+                    let _ = std::fs::remove_file(&socket);
+                }
+                return Err(e.into());
+            }
+        };
+        if !ready {
+            tracing::info!("shutting down before the database answered");
+            notifier.stopping();
+            stop.cancel();
+            while tasks.join_next().await.is_some() {}
+            if !socket_activated {
+                let _ = std::fs::remove_file(&socket);
+            }
+            database.close().await;
+            tracing::info!("stopped");
+            return Ok(());
+        }
+        tracing::info!(
+            database = database.target(),
+            "the database answers: completing start-up"
+        );
+    }
+    tracing::info!(database = database.description(), state_dir = %state_dir.display(), "database ready");
+
+    let (embedder, embed_unavailable) =
+        start_embedder(&config, &pool, &db_health, &stop, &liveness).await;
+    let worker = ScanWorker {
+        pool: pool.clone(),
+        reporter: Arc::clone(&reporter),
+        queue: Arc::clone(&queue),
+        threads: Arc::new(threads),
+        batch_size: config.scan.batch_size,
+        heartbeat: liveness.register("scan worker"),
+        idle_beat: liveness.beat_interval(),
+        embedder: embedder.clone(),
+        db: Arc::clone(&db_health),
+    };
+
+    resume_interrupted(&pool, &queue).await;
+
+    tasks.spawn(Arc::clone(&reporter).run_ticker(
+        Duration::from_millis(config.progress.notify_interval_ms),
+        stop.clone(),
+    ));
+    tasks.spawn(persist_loop(
+        Arc::clone(&reporter),
+        pool.clone(),
+        Arc::clone(&db_health),
+        Duration::from_millis(config.progress.persist_interval_ms),
+        stop.clone(),
+    ));
+    tasks.spawn(worker.run(jobs, stop.clone()));
+    if let Some(e) = embedder.clone() {
+        tasks.spawn(sweep_missing_embeddings(e, stop.clone()));
+    }
+    tasks.spawn(watch_task.run(stop.clone()));
+    tasks.spawn(database.monitor(stop.clone()));
+    let _ = api.0.services.set(Services {
+        embedder: embedder.clone(),
+        embed_unavailable,
+    });
+
+    if !serving {
+        let listener = match activated_listener.take() {
+            Some(l) => l,
+            None => server::bind_with(&socket, socket_mode, gid).await?,
+        };
+        tasks.spawn(server::serve(
+            listener,
+            rpc.into_rpc(),
+            policy,
+            config.rpc.max_request_bytes,
+            stop.clone(),
+        ));
+    }
+    tracing::info!(socket = %socket.display(), pid = std::process::id(), "corald ready");
+
+    // Migrations ran and the socket accepts: ready (already said while waiting, if it waited).
+    let status = StatusReporter {
+        notifier: notifier.clone(),
+        reporter: Arc::clone(&reporter),
+        pool: pool.clone(),
+        db: Arc::clone(&db_health),
+    };
+    if waiting_for.is_none() {
+        notifier.ready(&status.line(true).await);
+    } else {
+        notifier.status(&status.line(true).await);
+    }
+    if notifier.enabled() {
+        tasks.spawn(status.clone().run(stop.clone()));
     }
     sync_libraries(&api, &[], &config.libraries, false).await;
 
@@ -270,22 +362,33 @@ struct StatusReporter {
     notifier: Notifier,
     reporter: Arc<ScanReporter>,
     pool: sqlx::PgPool,
+    db: Arc<DbHealth>,
 }
 
 impl StatusReporter {
     /// The current line; `count` re-counts the tracks (an idle line needs the count).
     async fn line(&self, count: bool) -> String {
         let active = self.reporter.active();
-        let tracks = if count
+        let available = self.db.is_available();
+        let tracks = if available
+            && count
             && active
                 .iter()
                 .all(|p| p.phase == coral_proto::ScanPhase::Queued)
         {
-            db::tracks::count(&self.pool).await.ok()
+            tokio::time::timeout(Duration::from_secs(1), db::tracks::count(&self.pool))
+                .await
+                .ok()
+                .and_then(Result::ok)
         } else {
             None
         };
-        crate::systemd::status_line(&active, tracks)
+        let line = crate::systemd::status_line(&active, tracks);
+        if available {
+            line
+        } else {
+            format!("database unavailable, retrying · {line}")
+        }
     }
 
     async fn run(self, stop: CancellationToken) {
@@ -302,7 +405,10 @@ impl StatusReporter {
             // Count the tracks when a scan just ended and every 30 s while idle; otherwise keep
             // the idle line's previous count.
             let recount = !busy && (was_busy || last_count.elapsed() >= Duration::from_secs(30));
-            let line = if busy || recount {
+            // An outage starting or ending changes the line too.
+            let outage_shown = last.starts_with("database unavailable");
+            let outage_changed = self.db.is_available() == outage_shown;
+            let line = if busy || recount || outage_changed {
                 if recount {
                     last_count = std::time::Instant::now();
                 }
@@ -311,12 +417,15 @@ impl StatusReporter {
                 last.clone()
             };
             was_busy = busy;
+            let outage = line.starts_with("database unavailable");
             if line != last {
                 self.notifier.status(&line);
                 last = line;
             }
             let wait = if busy {
                 Duration::from_millis(250)
+            } else if outage || !self.db.is_available() {
+                Duration::from_secs(1) // show the outage and its end promptly
             } else {
                 Duration::from_secs(30)
             };
@@ -491,6 +600,7 @@ async fn resume_interrupted(pool: &sqlx::PgPool, queue: &ScanQueue) {
 async fn persist_loop(
     reporter: Arc<ScanReporter>,
     pool: sqlx::PgPool,
+    db: Arc<DbHealth>,
     interval: Duration,
     stop: CancellationToken,
 ) {
@@ -512,9 +622,16 @@ async fn persist_loop(
             if persisted.get(&h.request_id()) == Some(&v) {
                 continue;
             }
+            // No wait for an unavailable database: the next tick tries again, and the worker
+            // persists every phase change itself.
             match scans::upsert(&pool, &h.latest()).await {
                 Ok(()) => {
+                    db.succeeded();
                     persisted.insert(h.request_id(), v);
+                }
+                Err(e) if crate::db::health::is_transient(&e) => {
+                    db.failed(&e.to_string());
+                    break; // the other scans would fail the same way
                 }
                 Err(e) => {
                     tracing::warn!(request_id = %h.request_id(), error = %e, "could not persist scan state")
@@ -529,6 +646,7 @@ async fn persist_loop(
 async fn start_embedder(
     config: &Config,
     pool: &sqlx::PgPool,
+    db: &Arc<DbHealth>,
     stop: &CancellationToken,
     liveness: &Liveness,
 ) -> (Option<crate::embed::Embedder>, Option<String>) {
@@ -541,11 +659,12 @@ async fn start_embedder(
     // The inference thread is watched once it runs: a forward pass that never returns stops the
     // watchdog pings.
     let heartbeat = crate::systemd::Heartbeat::detached("inference");
-    let started = crate::embed::Embedder::start_watched(
+    let started = crate::embed::Embedder::start_with_health(
         &config.embed,
         pool.clone(),
         stop.clone(),
         Some(Arc::clone(&heartbeat)),
+        Arc::clone(db),
     )
     .await;
     match started {

@@ -265,6 +265,49 @@ pub struct DaemonStatus {
     /// How each library is watched for changes (absent from daemons that predate it).
     #[serde(default)]
     pub watch: Vec<LibraryWatch>,
+    /// Whether the database answers right now (absent from daemons that predate it). While it
+    /// is unavailable, `libraries` and `tracks` are the last counts read.
+    #[serde(default)]
+    pub database_health: Option<DatabaseHealth>,
+}
+
+/// Whether corald can reach its database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatabaseState {
+    /// The last query or health check succeeded.
+    Ok,
+    /// Queries fail or get no answer; corald retries with back-off and loses nothing meanwhile
+    /// (scans wait, their batches are written once the database is back).
+    Unavailable,
+}
+
+impl DatabaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatabaseState::Ok => "ok",
+            DatabaseState::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// `daemon.status` → `database_health`: the database's reachability and its outage history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatabaseHealth {
+    pub state: DatabaseState,
+    /// When the current state began.
+    pub since: DateTime<Utc>,
+    /// The last error seen (kept after recovery, to say what the last outage was).
+    pub last_error: Option<String>,
+    /// Outages since corald started (each a change from ok to unavailable).
+    #[serde(default)]
+    pub outages: u64,
+    /// Failed attempts retried since corald started (queries, health checks, reconnects).
+    #[serde(default)]
+    pub retries: u64,
+    /// Times corald restarted its managed PostgreSQL after it died.
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// How corald notices changes in a library.

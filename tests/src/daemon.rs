@@ -51,6 +51,7 @@ pub struct Daemon {
     /// Run corald in a user namespace where this uid and gid are unmapped (see
     /// [`Daemon::start_hiding_owner`]).
     hide_owner: Option<u32>,
+    extra_env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -60,7 +61,12 @@ impl Daemon {
     }
 
     pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
-        Self::start_opts(extra_args, None).await
+        Self::start_opts(extra_args, None, &[]).await
+    }
+
+    /// [`Daemon::start_with`], with extra environment variables for corald (test hooks).
+    pub async fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        Self::start_opts(extra_args, None, env).await
     }
 
     /// Start corald (the test must run as root) in a new user namespace that maps every uid
@@ -77,10 +83,14 @@ impl Daemon {
             id > 0 && id < 65_534,
             "hidden id {id} must be between 1 and 65533"
         );
-        Self::start_opts(extra_args, Some(id)).await
+        Self::start_opts(extra_args, Some(id), &[]).await
     }
 
-    async fn start_opts(extra_args: &[&str], hide_owner: Option<u32>) -> Result<Daemon> {
+    async fn start_opts(
+        extra_args: &[&str],
+        hide_owner: Option<u32>,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let dir = traversable_tempdir()?;
         let socket = dir.path().join("corald.sock");
         let state_dir = dir.path().join("state");
@@ -102,6 +112,10 @@ impl Daemon {
             child: None,
             extra_args,
             hide_owner,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn().await?;
         Ok(d)
@@ -137,6 +151,7 @@ impl Daemon {
             .arg(&self.state_dir)
             .args(&self.extra_args)
             .env("RUST_LOG", "info,corald=debug")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env_remove("CORAL_CONFIG")
             .stdout(log.try_clone()?)
             .stderr(log)

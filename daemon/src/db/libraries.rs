@@ -41,6 +41,13 @@ pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<LibraryRow>> {
         .await
 }
 
+/// How many libraries are registered.
+pub async fn count(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM libraries")
+        .fetch_one(pool)
+        .await
+}
+
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<LibraryRow>> {
     sqlx::query_as(concat!(library_select!(), " WHERE l.id = $1"))
         .bind(id)

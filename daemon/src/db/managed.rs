@@ -870,7 +870,6 @@ impl ManagedPostgres {
         }
         runner.check_traversable(&data_dir, false)?;
 
-        let log = data_dir.join(LOG_FILE);
         let mut pg = ManagedPostgres {
             data_dir: data_dir.clone(),
             install_dir: install.clone(),
@@ -894,25 +893,7 @@ impl ManagedPostgres {
                 pg.init_cluster().await?;
             }
             pg.check_cluster_dir(&install).await?;
-            pg.socket_dir = prepare_socket_dir(&data_dir, &pg.runner)?;
-            write_settings(&data_dir, &pg.socket_dir, &pg.runner)?;
-            if let Postmaster::Stale { pid } = read_postmaster(&data_dir) {
-                remove_stale_lock(&data_dir, pid)?;
-            }
-            if log.exists() {
-                pg.runner.own(&log)?;
-            }
-            let mut cmd = pg_command(&install, "pg_ctl", &pg.runner);
-            cmd.arg("start")
-                .arg("-w")
-                .arg("-t")
-                .arg(PG_CTL_TIMEOUT_S.to_string())
-                .arg("-D")
-                .arg(&data_dir)
-                .arg("-l")
-                .arg(&log);
-            run(cmd, "starting PostgreSQL (pg_ctl start)", Some(&log)).await?;
-            pg.stopped = false;
+            pg.launch().await?;
             tracing::info!(
                 data_dir = %data_dir.display(),
                 socket_dir = %pg.socket_dir.display(),
@@ -927,6 +908,47 @@ impl ManagedPostgres {
             "managed PostgreSQL ready"
         );
         Ok(pg)
+    }
+
+    /// Whether this cluster's postmaster is alive (running, starting or stopping).
+    pub fn is_running(&self) -> bool {
+        matches!(read_postmaster(&self.data_dir), Postmaster::Running { .. })
+    }
+
+    /// Start the server again after its postmaster died (killed, crashed, stopped behind
+    /// corald's back), on the same socket directory; nothing when it runs. PostgreSQL recovers
+    /// from its write-ahead log by itself.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        self.launch().await
+    }
+
+    /// Socket directory, settings, stale lock, then `pg_ctl start -w`.
+    async fn launch(&mut self) -> Result<()> {
+        let data_dir = self.data_dir.clone();
+        let log = data_dir.join(LOG_FILE);
+        self.socket_dir = prepare_socket_dir(&data_dir, &self.runner)?;
+        write_settings(&data_dir, &self.socket_dir, &self.runner)?;
+        if let Postmaster::Stale { pid } = read_postmaster(&data_dir) {
+            remove_stale_lock(&data_dir, pid)?;
+        }
+        if log.exists() {
+            self.runner.own(&log)?;
+        }
+        let mut cmd = pg_command(&self.install_dir, "pg_ctl", &self.runner);
+        cmd.arg("start")
+            .arg("-w")
+            .arg("-t")
+            .arg(PG_CTL_TIMEOUT_S.to_string())
+            .arg("-D")
+            .arg(&data_dir)
+            .arg("-l")
+            .arg(&log);
+        run(cmd, "starting PostgreSQL (pg_ctl start)", Some(&log)).await?;
+        self.stopped = false;
+        Ok(())
     }
 
     /// Connection options for database `coral` over the cluster's Unix socket.

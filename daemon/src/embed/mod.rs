@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::db::health::{DbHealth, RetryError, retry};
 use crate::progress::{ScanCounters, ScanHandle};
 use crate::systemd::Heartbeat;
 use model::{ModelError, ModelManifest};
@@ -225,6 +226,15 @@ pub enum EmbedError {
     Internal(String),
 }
 
+impl From<RetryError> for EmbedError {
+    fn from(e: RetryError) -> Self {
+        match e {
+            RetryError::Cancelled => EmbedError::Cancelled,
+            RetryError::Sql(e) => EmbedError::Database(e),
+        }
+    }
+}
+
 /// A track to embed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmbedTarget {
@@ -361,6 +371,8 @@ impl Shared {
 
 struct Inner {
     pool: PgPool,
+    /// Database reachability; reads and writes are retried through it during an outage.
+    db: Arc<DbHealth>,
     model: RegisteredModel,
     manifest: ModelManifest,
     model_path: PathBuf,
@@ -427,6 +439,18 @@ impl Embedder {
         stop: CancellationToken,
         heartbeat: Option<Arc<Heartbeat>>,
     ) -> Result<Embedder, EmbedError> {
+        Self::start_with_health(cfg, pool, stop, heartbeat, DbHealth::detached()).await
+    }
+
+    /// [`Embedder::start_watched`], reporting database outages to `db` (the daemon's record):
+    /// the pipeline waits for the database instead of failing tracks while it is down.
+    pub async fn start_with_health(
+        cfg: &EmbedConfig,
+        pool: PgPool,
+        stop: CancellationToken,
+        heartbeat: Option<Arc<Heartbeat>>,
+        db: Arc<DbHealth>,
+    ) -> Result<Embedder, EmbedError> {
         cfg.validate().map_err(EmbedError::Config)?;
         if !phase_4_infer::available() {
             return Err(InferError::FeatureDisabled.into());
@@ -481,14 +505,21 @@ impl Embedder {
             EmbedError::Internal("the inference thread ended while loading".into())
         })??;
 
-        let registered =
-            phase_5_store::register_model(&pool, &manifest, &cfg.window_params()).await?;
-        let embedded = phase_5_store::count_embedded(&pool, registered.id).await?;
+        let params = cfg.window_params();
+        let registered = retry(&db, "register the model", &stop, None, || {
+            phase_5_store::register_model(&pool, &manifest, &params)
+        })
+        .await?;
+        let embedded = retry(&db, "count embeddings", &stop, None, || {
+            phase_5_store::count_embedded(&pool, registered.id)
+        })
+        .await?;
         shared.embedded.store(embedded, Ordering::Relaxed);
         let (decode_tx, decode_rx) = mpsc::channel::<WorkItem>(2 * decode_threads + 2);
 
         let inner = Arc::new(Inner {
             pool: pool.clone(),
+            db: Arc::clone(&db),
             model: registered,
             manifest: manifest.clone(),
             model_path: path.clone(),
@@ -515,6 +546,8 @@ impl Embedder {
         tokio::spawn(store_task(
             Arc::clone(&shared),
             pool.clone(),
+            db,
+            stop.clone(),
             registered,
             store_rx,
         ));
@@ -635,17 +668,21 @@ impl Embedder {
     /// duration limits, and without a recorded failure for that file.
     pub async fn missing_targets(&self) -> Result<Vec<EmbedTarget>, EmbedError> {
         let i = &self.inner;
-        Ok(
-            phase_5_store::missing(&i.pool, i.model.id, i.min_ms, i.max_ms)
-                .await?
-                .into_iter()
-                .map(|m| EmbedTarget {
-                    track_id: m.id,
-                    path: m.path,
-                    duration_ms: m.duration_ms,
-                })
-                .collect(),
+        Ok(retry(
+            &i.db,
+            "list tracks lacking embeddings",
+            &i.stop,
+            None,
+            || phase_5_store::missing(&i.pool, i.model.id, i.min_ms, i.max_ms),
         )
+        .await?
+        .into_iter()
+        .map(|m| EmbedTarget {
+            track_id: m.id,
+            path: m.path,
+            duration_ms: m.duration_ms,
+        })
+        .collect())
     }
 
     /// Nearest neighbours by cosine distance (HNSW index), excluding the track itself:
@@ -711,7 +748,11 @@ impl Embedder {
             if cancel.is_cancelled() {
                 return Err(EmbedError::Cancelled);
             }
-            for s in phase_5_store::target_states(&inner.pool, inner.model.id, chunk).await? {
+            let found = retry(&inner.db, "read embedding states", &cancel, None, || {
+                phase_5_store::target_states(&inner.pool, inner.model.id, chunk)
+            })
+            .await?;
+            for s in found {
                 states.insert(s.id, s);
             }
         }
@@ -787,7 +828,10 @@ impl Embedder {
             work.push((t, s.size, s.mtime_ns));
         }
         if !stale_skipped.is_empty() {
-            phase_5_store::delete_embeddings(&inner.pool, inner.model.id, &stale_skipped).await?;
+            retry(&inner.db, "delete stale embeddings", &cancel, None, || {
+                phase_5_store::delete_embeddings(&inner.pool, inner.model.id, &stale_skipped)
+            })
+            .await?;
         }
         tracing::debug!(
             queued = work.len(),
@@ -905,9 +949,15 @@ async fn flush_issues(inner: &Inner, request_id: Uuid, issues: &mut Vec<NewIssue
     if issues.is_empty() {
         return;
     }
-    if let Err(e) =
-        phase_5_store::record_issues(&inner.pool, inner.model.id, Some(request_id), issues).await
-    {
+    let r = retry(
+        &inner.db,
+        "record embedding issues",
+        &inner.stop,
+        None,
+        || phase_5_store::record_issues(&inner.pool, inner.model.id, Some(request_id), issues),
+    )
+    .await;
+    if let Err(e) = r {
         tracing::warn!(error = %e, "could not record embedding issues; they will be retried");
     }
     issues.clear();
@@ -1045,7 +1095,11 @@ fn inference_thread(
             model.as_mut(),
             rx,
             |out| match out {
-                InferOutput::Done(f) => store_tx.blocking_send(f).is_ok(),
+                InferOutput::Done(f) => send_to_store(&store_tx, f, &|| {
+                    if let Some(h) = &heartbeat {
+                        h.beat();
+                    }
+                }),
                 InferOutput::Failed(f) => {
                     let _ = f.meta.job.outcomes.send(Outcome::Failed {
                         track_id: f.meta.track_id,
@@ -1080,10 +1134,29 @@ fn inference_thread(
     shared.mark_broken(&stop, why.to_owned());
 }
 
+/// Hand a finished track to the store task (false once it is gone). A full queue means the
+/// store task is waiting, for the database during an outage: the inference thread keeps
+/// beating meanwhile, since waiting for the database is not a wedged model.
+fn send_to_store<T>(tx: &mpsc::Sender<T>, mut item: T, beat: &dyn Fn()) -> bool {
+    loop {
+        match tx.try_send(item) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                item = back;
+                beat();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 /// Store task: finished tracks → `track_embeddings`, batched; reports each track.
 async fn store_task(
     shared: Arc<Shared>,
     pool: PgPool,
+    db: Arc<DbHealth>,
+    stop: CancellationToken,
     model: RegisteredModel,
     mut rx: mpsc::Receiver<Finished<WorkItem>>,
 ) {
@@ -1105,11 +1178,13 @@ async fn store_task(
                 windows: i32::try_from(f.windows).unwrap_or(i32::MAX),
             })
             .collect();
-        let results: Vec<Result<bool, String>> = match phase_5_store::store_embeddings(
-            &pool, model.id, &rows,
-        )
-        .await
-        {
+        // While the database is down the batch waits (the pipeline behind it backs up) and is
+        // written once it is back; only a shutdown gives up on it.
+        let stored = retry(&db, "store embeddings", &stop, None, || {
+            phase_5_store::store_embeddings(&pool, model.id, &rows)
+        })
+        .await;
+        let results: Vec<Result<bool, String>> = match stored {
             Ok(stored) => {
                 let stored: std::collections::HashSet<i64> = stored.into_iter().collect();
                 rows.iter()
@@ -1191,6 +1266,37 @@ async fn housekeeping(inner: Weak<Inner>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_store_queue_keeps_the_inference_heartbeat_beating() {
+        let (tx, mut rx) = mpsc::channel::<u32>(1);
+        tx.try_send(0).expect("room for one");
+        let beats = Arc::new(AtomicU64::new(0));
+        let sender = {
+            let beats = Arc::clone(&beats);
+            std::thread::spawn(move || {
+                send_to_store(&tx, 1, &|| {
+                    beats.fetch_add(1, Ordering::Relaxed);
+                })
+            })
+        };
+        // The queue stays full for a while (the store task waits for the database).
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(beats.load(Ordering::Relaxed) >= 3, "beats while waiting");
+        assert_eq!(rx.try_recv().ok(), Some(0));
+        assert!(
+            sender.join().expect("sender thread"),
+            "delivered once there was room"
+        );
+        assert_eq!(rx.try_recv().ok(), Some(1));
+        drop(rx);
+        let (tx, rx) = mpsc::channel::<u32>(1);
+        drop(rx);
+        assert!(
+            !send_to_store(&tx, 2, &|| {}),
+            "a closed queue ends the loop"
+        );
+    }
 
     #[test]
     fn rate_window_measures_growth_over_the_last_minute() {

@@ -18,11 +18,20 @@ use jsonrpsee::{PendingSubscriptionSink, SubscriptionMessage};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::db::health::{self, DbHealth};
 use crate::db::{libraries, scans, tracks};
 use crate::progress::ScanReporter;
 use crate::progress::fanout::ProgressSubscriber;
 use crate::scan::queue::{QueueError, ScanQueue, ScanRequest};
 use crate::text_fold;
+
+/// What exists only once the database is ready (start-up may wait for it).
+pub struct Services {
+    /// The embedding pipeline, if it runs.
+    pub embedder: Option<crate::embed::Embedder>,
+    /// Why embeddings are unavailable, when they are.
+    pub embed_unavailable: Option<String>,
+}
 
 /// Everything the API needs, shared by all connections.
 pub struct RpcContext {
@@ -35,24 +44,34 @@ pub struct RpcContext {
     pub database: String,
     /// The filesystem watcher: told about added and removed libraries, reports its state.
     pub watcher: Arc<crate::watch::Watcher>,
-    /// The embedding pipeline, if it runs.
-    pub embedder: Option<crate::embed::Embedder>,
-    /// Why embeddings are unavailable, when they are.
-    pub embed_unavailable: Option<String>,
+    /// Set once start-up finished (database ready, migrations run, workers started); until
+    /// then methods that need the database answer `DATABASE_UNAVAILABLE`.
+    pub services: std::sync::OnceLock<Services>,
+    /// Database reachability, for `daemon.status` and to fail fast during an outage.
+    pub db: Arc<DbHealth>,
+    /// Library and track counts last read, shown by `daemon.status` while the database is down.
+    pub last_counts: std::sync::Mutex<(i64, i64)>,
 }
+
+/// How long `daemon.status` waits for its counts before showing the last ones read.
+const STATUS_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The API object registered with the server.
 #[derive(Clone)]
 pub struct CoralRpc(pub Arc<RpcContext>);
 
 fn db_error(e: sqlx::Error) -> ErrorObjectOwned {
-    tracing::error!(error = %e, "database error in RPC");
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => error(
+    if health::is_transient(&e) || matches!(e, sqlx::Error::PoolClosed) {
+        tracing::debug!(error = %e, "database unavailable in RPC");
+        error(
             codes::DATABASE_UNAVAILABLE,
-            format!("the database cannot be reached right now: {e}"),
-        ),
-        e => error(codes::INTERNAL, format!("database error: {e}")),
+            format!(
+                "the database cannot be reached right now: {e}; corald retries, try again shortly"
+            ),
+        )
+    } else {
+        tracing::error!(error = %e, "database error in RPC");
+        error(codes::INTERNAL, format!("database error: {e}"))
     }
 }
 
@@ -128,7 +147,80 @@ impl CoralRpc {
         &self.0
     }
 
+    /// The embedding pipeline and why it is missing (`None, None` during start-up).
+    fn embedder(&self) -> (Option<&crate::embed::Embedder>, Option<&str>) {
+        match self.ctx().services.get() {
+            Some(s) => (s.embedder.as_ref(), s.embed_unavailable.as_deref()),
+            None => (None, None),
+        }
+    }
+
+    /// `Ok` when the database may be used: start-up is over and the last check or query
+    /// succeeded. Otherwise a `DATABASE_UNAVAILABLE` error saying why, at once rather than
+    /// after a connection timeout.
+    fn need_db(&self) -> RpcResult<()> {
+        let ctx = self.ctx();
+        let why = ctx
+            .db
+            .last_error()
+            .unwrap_or_else(|| "not reachable yet".into());
+        if ctx.services.get().is_none() {
+            return Err(error(
+                codes::DATABASE_UNAVAILABLE,
+                format!(
+                    "corald is waiting for its database ({}): {why}; it retries with back-off \
+                     and completes start-up once the database answers",
+                    ctx.db.target()
+                ),
+            ));
+        }
+        if !ctx.db.is_available() {
+            return Err(error(
+                codes::DATABASE_UNAVAILABLE,
+                format!(
+                    "the database ({}) is unavailable: {why}; corald retries with back-off, \
+                     try again shortly",
+                    ctx.db.target()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Library and track counts: read now when the database answers within a second, else
+    /// the last ones read.
+    async fn counts(&self) -> (i64, i64) {
+        let ctx = self.ctx();
+        let cached = || {
+            *ctx.last_counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if self.need_db().is_err() {
+            return cached();
+        }
+        let read = async {
+            let libs = libraries::count(&ctx.pool).await?;
+            let tracks = tracks::count(&ctx.pool).await?;
+            Ok::<_, sqlx::Error>((libs, tracks))
+        };
+        match tokio::time::timeout(STATUS_QUERY_TIMEOUT, read).await {
+            Ok(Ok(c)) => {
+                *ctx.last_counts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = c;
+                c
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "daemon.status: counts unavailable");
+                cached()
+            }
+            Err(_) => cached(),
+        }
+    }
+
     async fn find_library(&self, sel: &LibrarySelector) -> RpcResult<libraries::LibraryRow> {
+        self.need_db()?;
         let pool = &self.ctx().pool;
         let row = match sel {
             LibrarySelector::Id(id) => libraries::get(pool, *id).await.map_err(db_error)?,
@@ -153,6 +245,7 @@ impl CoralRpc {
         if let Some(h) = self.ctx().reporter.get(request_id) {
             return Ok(Some((*h.latest()).clone()));
         }
+        self.need_db()?;
         Ok(scans::get(&self.ctx().pool, request_id)
             .await
             .map_err(db_error)?
@@ -160,6 +253,7 @@ impl CoralRpc {
     }
 
     async fn last_scans(&self) -> RpcResult<std::collections::HashMap<i64, ScanProgress>> {
+        self.need_db()?;
         let mut last: std::collections::HashMap<i64, ScanProgress> =
             scans::latest_per_library(&self.ctx().pool)
                 .await
@@ -184,8 +278,9 @@ impl CoralRpc {
 impl CoralApiServer for CoralRpc {
     async fn daemon_status(&self) -> RpcResult<DaemonStatus> {
         let ctx = self.ctx();
-        let libs = libraries::list(&ctx.pool).await.map_err(db_error)?;
-        let tracks = tracks::count(&ctx.pool).await.map_err(db_error)?;
+        // Answers during an outage too: the counts are then the last ones read.
+        let (libs, tracks) = self.counts().await;
+        let (embedder, embed_unavailable) = self.embedder();
         Ok(DaemonStatus {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
@@ -193,7 +288,7 @@ impl CoralApiServer for CoralRpc {
             socket: ctx.socket.to_string_lossy().into_owned(),
             state_dir: ctx.state_dir.to_string_lossy().into_owned(),
             database: ctx.database.clone(),
-            libraries: libs.len() as i64,
+            libraries: libs,
             tracks,
             active_scans: ctx
                 .reporter
@@ -202,20 +297,21 @@ impl CoralApiServer for CoralRpc {
                 .map(|p| (**p).clone())
                 .collect(),
             queued_scans: ctx.queue.waiting(),
-            embedding: match &ctx.embedder {
+            embedding: match embedder {
                 Some(e) => e.status(),
                 None => EmbeddingStatus::default(),
             },
             warnings: {
                 let mut w = ctx.watcher.warnings();
-                if let Some(reason) = &ctx.embed_unavailable
-                    && ctx.embedder.is_none()
+                if let Some(reason) = embed_unavailable
+                    && embedder.is_none()
                 {
-                    w.push(reason.clone());
+                    w.push(reason.to_owned());
                 }
                 w
             },
             watch: ctx.watcher.status(),
+            database_health: Some(ctx.db.snapshot()),
         })
     }
 
@@ -255,6 +351,7 @@ impl CoralApiServer for CoralRpc {
                 format!("library path {} is not valid UTF-8", canonical.display()),
             ));
         };
+        self.need_db()?;
         for other in libraries::list(&ctx.pool).await.map_err(db_error)? {
             let o = Path::new(&other.path);
             if o == canonical {
@@ -300,6 +397,7 @@ impl CoralApiServer for CoralRpc {
     }
 
     async fn library_list(&self) -> RpcResult<Vec<Library>> {
+        self.need_db()?;
         let rows = libraries::list(&self.ctx().pool).await.map_err(db_error)?;
         let mut last = self.last_scans().await?;
         Ok(rows
@@ -383,6 +481,7 @@ impl CoralApiServer for CoralRpc {
 
     async fn scan_list(&self, limit: Option<u32>) -> RpcResult<Vec<ScanProgress>> {
         let limit = i64::from(limit.unwrap_or(20).clamp(1, 1000));
+        self.need_db()?;
         let mut out: Vec<ScanProgress> = self.scan_active().await?;
         let mut seen: HashSet<Uuid> = out.iter().map(|p| p.request_id).collect();
         for row in scans::recent(&self.ctx().pool, limit)
@@ -467,6 +566,7 @@ impl CoralApiServer for CoralRpc {
     }
 
     async fn track_get(&self, id: i64) -> RpcResult<Track> {
+        self.need_db()?;
         tracks::get(&self.ctx().pool, id)
             .await
             .map_err(db_error)?
@@ -488,6 +588,7 @@ impl CoralApiServer for CoralRpc {
         };
         let limit = i64::from(limit.unwrap_or(20).clamp(1, 1000));
         let offset = i64::from(offset.unwrap_or(0));
+        self.need_db()?;
         Ok(tracks::search(&self.ctx().pool, &tsquery, limit, offset)
             .await
             .map_err(db_error)?
@@ -498,11 +599,12 @@ impl CoralApiServer for CoralRpc {
 
     async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
         let ctx = self.ctx();
-        let Some(embedder) = &ctx.embedder else {
-            let why = ctx
-                .embed_unavailable
-                .clone()
-                .unwrap_or_else(|| "embeddings are not available".into());
+        self.need_db()?;
+        let (embedder, unavailable) = self.embedder();
+        let Some(embedder) = embedder else {
+            let why = unavailable
+                .unwrap_or("embeddings are not available")
+                .to_owned();
             return Err(error(codes::EMBEDDING_UNAVAILABLE, why));
         };
         // The track must exist before asking for its neighbours.

@@ -22,6 +22,7 @@ use super::phase_1_walk::{self, FoundFile, WalkError, WalkObserver};
 use super::phase_2_probe;
 use super::phase_3_store::{self, display_path};
 use super::queue::{ScanJob, ScanQueue};
+use crate::db::health::{self, DbHealth, RetryError};
 use crate::db::scan_errors::ErrorRow;
 use crate::db::{scan_errors, scans, tracks};
 use crate::progress::{ScanCounters, ScanHandle, ScanReporter};
@@ -40,6 +41,15 @@ pub enum ScanFailure {
     Embedding(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<RetryError> for ScanFailure {
+    fn from(e: RetryError) -> Self {
+        match e {
+            RetryError::Cancelled => ScanFailure::Cancelled,
+            RetryError::Sql(e) => ScanFailure::Database(e),
+        }
+    }
 }
 
 /// How a completed scan ended: warnings for the progress object's `error` field.
@@ -62,6 +72,9 @@ pub struct ScanWorker {
     pub idle_beat: std::time::Duration,
     /// The embedding pipeline, when embeddings are enabled and the model loaded.
     pub embedder: Option<crate::embed::Embedder>,
+    /// Database reachability: every write is retried through it while the database is down,
+    /// so an outage delays a scan but neither fails it nor loses a batch.
+    pub db: Arc<DbHealth>,
 }
 
 struct Observer<'a>(&'a ScanHandle, &'a Heartbeat);
@@ -118,7 +131,7 @@ impl ScanWorker {
             r = self.scan(job) => r,
             _ = shutdown.cancelled() => {
                 tracing::info!("shutting down: scan will resume at next start");
-                self.persist(h).await;
+                self.persist(h, stop).await;
                 return;
             }
         };
@@ -149,20 +162,43 @@ impl ScanWorker {
             failed = p.tracks_failed,
             "scan finished"
         );
-        self.persist(h).await;
+        self.persist(h, stop).await;
     }
 
-    async fn persist(&self, h: &ScanHandle) {
-        if let Err(e) = scans::upsert(&self.pool, &h.latest()).await {
-            tracing::warn!(error = %e, "could not persist scan state");
+    /// Save the scan's state, waiting for the database if it is down (until `cancel`).
+    async fn persist(&self, h: &ScanHandle, cancel: &CancellationToken) {
+        let latest = h.latest();
+        let r = health::retry(
+            &self.db,
+            "persist scan",
+            cancel,
+            Some(&self.heartbeat),
+            || scans::upsert(&self.pool, &latest),
+        )
+        .await;
+        match r {
+            Ok(()) => {}
+            Err(RetryError::Cancelled) => {
+                tracing::debug!("scan state not persisted: the database is unavailable")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not persist scan state"),
         }
+    }
+
+    /// Run a database operation of scan `h`, retried while the database is unavailable.
+    async fn with_db<T, F, Fut>(&self, h: &ScanHandle, what: &str, op: F) -> Result<T, ScanFailure>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        Ok(health::retry(&self.db, what, h.cancel_token(), Some(&self.heartbeat), op).await?)
     }
 
     async fn set_phase(&self, h: &ScanHandle, phase: ScanPhase) {
         self.heartbeat.beat();
         tracing::debug!(phase = phase.as_str(), "scan phase");
         self.reporter.set_phase(h, phase);
-        self.persist(h).await;
+        self.persist(h, h.cancel_token()).await;
     }
 
     fn check_cancel(h: &ScanHandle) -> Result<(), ScanFailure> {
@@ -190,10 +226,16 @@ impl ScanWorker {
             .subdir
             .as_ref()
             .map(|s| s.as_os_str().as_bytes().to_vec());
-        let existing =
-            tracks::existing(&self.pool, job.library_id, subdir_bytes.as_deref()).await?;
-        let known_errors =
-            scan_errors::existing(&self.pool, job.library_id, subdir_bytes.as_deref()).await?;
+        let existing = self
+            .with_db(h, "read tracks", || {
+                tracks::existing(&self.pool, job.library_id, subdir_bytes.as_deref())
+            })
+            .await?;
+        let known_errors = self
+            .with_db(h, "read scan errors", || {
+                scan_errors::existing(&self.pool, job.library_id, subdir_bytes.as_deref())
+            })
+            .await?;
         Self::check_cancel(h)?;
 
         let walk_result = {
@@ -335,7 +377,10 @@ impl ScanWorker {
                     message: i.message.clone(),
                 })
                 .collect();
-            phase_3_store::write_batch(&self.pool, job.library_id, request_id, &[], &rows).await?;
+            self.with_db(h, "write walk issues", || {
+                phase_3_store::write_batch(&self.pool, job.library_id, request_id, &[], &rows)
+            })
+            .await?;
             ScanCounters::add(&c.tracks_failed, file_issues.len() as u64);
         }
 
@@ -343,22 +388,28 @@ impl ScanWorker {
         Self::check_cancel(h)?;
 
         if !vanished_ids.is_empty() || !vanished_errors.is_empty() {
-            let removed = phase_3_store::delete_vanished(
-                &self.pool,
-                job.library_id,
-                request_id,
-                &vanished_ids,
-                &vanished_errors,
-                removed_before,
-            )
-            .await?;
+            let removed = self
+                .with_db(h, "delete vanished files", || {
+                    phase_3_store::delete_vanished(
+                        &self.pool,
+                        job.library_id,
+                        request_id,
+                        &vanished_ids,
+                        &vanished_errors,
+                        removed_before,
+                    )
+                })
+                .await?;
             ScanCounters::add(&c.tracks_removed, removed);
         }
 
         if let Some(embedder) = &self.embedder {
             // Every track this scan wrote (before a restart too) is embedded, or found already
             // embedded from the same file and counted done without work.
-            let targets = tracks::written_by_scan(&self.pool, job.library_id, request_id)
+            let targets = self
+                .with_db(h, "list tracks to embed", || {
+                    tracks::written_by_scan(&self.pool, job.library_id, request_id)
+                })
                 .await?
                 .into_iter()
                 .map(
@@ -433,18 +484,24 @@ impl ScanWorker {
                 result = Err(ScanFailure::Cancelled);
                 break;
             }
-            if let Err(e) = phase_3_store::write_batch(
-                &self.pool,
-                job.library_id,
-                job.request_id(),
-                &rows,
-                &errors,
-            )
-            .await
+            // A batch that fails because the database is down is written again once it is
+            // back: never dropped, and the scan does not fail for it.
+            if let Err(e) = self
+                .with_db(&job.handle, "write batch", || {
+                    phase_3_store::write_batch(
+                        &self.pool,
+                        job.library_id,
+                        job.request_id(),
+                        &rows,
+                        &errors,
+                    )
+                })
+                .await
             {
-                result = Err(e.into());
+                result = Err(e);
                 break;
             }
+            test_batch_pause().await;
             ScanCounters::add(&c.tracks_indexed, rows.len() as u64);
             ScanCounters::add(&c.tracks_failed, errors.len() as u64);
             self.heartbeat.beat();
@@ -454,5 +511,19 @@ impl ScanWorker {
             .await
             .map_err(|e| ScanFailure::Internal(format!("probe task failed: {e}")))?;
         result
+    }
+}
+
+/// Test hook, debug builds only: `CORALD_TEST_BATCH_PAUSE_MS=N` pauses N ms after each written
+/// batch, so tests can act while a scan is indexing. Nothing in release builds.
+async fn test_batch_pause() {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let ms = std::env::var("CORALD_TEST_BATCH_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = ms {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }
