@@ -1,7 +1,11 @@
 //! Wiring: start the database, the ScanReporter, the scan channel and worker, resume scans a
 //! restart interrupted, serve the API, and shut everything down in order on SIGTERM/SIGINT.
 //!
-//! Under systemd (see [`crate::systemd`]): `READY=1` once migrations ran and the socket accepts,
+//! An external database that cannot be reached at start-up is waited for (with back-off) while
+//! the socket already serves; the workers start once it answers.
+//!
+//! Under systemd (see [`crate::systemd`]): `READY=1` once migrations ran and the socket accepts
+//! (or, while waiting for an unreachable external database, once the socket accepts),
 //! `STATUS=` kept current, watchdog pings while the workers live, `STOPPING=1` on shutdown, and
 //! SIGHUP reloads the configuration (`RELOADING=1` … `READY=1`): the log filter and the
 //! `libraries` list apply at once; other changed settings are reported as needing a restart.

@@ -5,6 +5,8 @@
 //!   API socket accepts, `STATUS=` changing during a scan, `WATCHDOG=1` at half `WATCHDOG_USEC`,
 //!   `RELOADING=1` then `READY=1` on SIGHUP with a library added to the configuration (and one
 //!   removed), `STOPPING=1` on SIGTERM.
+//! - An external database that cannot be reached at start-up: `READY=1` once the socket
+//!   accepts, `STATUS=` saying what corald waits for, watchdog pings meanwhile.
 //! - The watchdog stops pinging when the scan worker is really wedged (the debug-build hook
 //!   `CORALD_TEST_WEDGE_WORKER` makes the worker block on a job without heartbeats).
 //! - Socket activation: a socket this test binds, passed as fd 3 with `LISTEN_FDS`/`LISTEN_PID`
@@ -479,6 +481,63 @@ async fn fake_notify_socket_sees_ready_status_watchdog_reload_and_stopping() -> 
 /// Same formatting as corald's STATUS line.
 fn coral_tests_thousands(n: usize) -> String {
     corald::systemd::thousands(n as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_an_unreachable_database_is_ready_with_watchdog_pings() -> Result<()> {
+    let mut d = Corald::new()?;
+    // An external server that is not there: nothing listens in this directory.
+    let nowhere = d.dir.path().join("no-server");
+    d.write_config(&format!(
+        "[watch]\nenabled = false\n[embed]\nenabled = false\n[database]\nurl = \"postgres://coral@localhost/coral?host={}\"\n",
+        nowhere.display()
+    ))?;
+    let notify = NotifySocket::bind(d.dir.path().join("notify"), d.socket.clone())?;
+    let mut cmd = d.command(&[])?;
+    cmd.env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "1000000");
+    d.spawn(cmd)?;
+
+    // READY=1 once the socket accepts, although the database does not answer: a start timeout
+    // must not turn a database outage into a restart loop. STATUS= says what corald waits for.
+    let ready = notify
+        .wait_for(0, "READY=1", Duration::from_secs(60), |n| n.has("READY=1"))
+        .await?;
+    let n = &notify.all()[ready];
+    assert_eq!(n.socket_accepted, Some(true), "{n:?}");
+    let status = n.status().unwrap_or_default();
+    assert!(
+        status.starts_with("waiting for the database: cannot connect to PostgreSQL at"),
+        "{status}"
+    );
+    let s = d.wait_answering(&d.socket.clone()).await?;
+    assert_eq!(
+        s.database_health.map(|h| h.state),
+        Some(coral_proto::DatabaseState::Unavailable)
+    );
+
+    // The watchdog keeps being fed while corald waits (every 500 ms: about 6 in 3 s).
+    let window_start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pings = notify
+        .all()
+        .iter()
+        .filter(|n| n.at >= window_start && n.has("WATCHDOG=1"))
+        .count();
+    assert!(
+        pings >= 3,
+        "{pings} watchdog pings in 3 s: {:?}",
+        notify.texts()
+    );
+
+    // SIGTERM while waiting: a clean, prompt stop.
+    let began = Instant::now();
+    let exit = d.terminate()?;
+    assert!(exit.success(), "{exit:?}\n{}", d.log_text());
+    assert!(began.elapsed() < Duration::from_secs(10));
+    assert!(notify.all().iter().any(|n| n.has("STOPPING=1")));
+    assert!(!d.socket.exists(), "the socket file is removed");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
