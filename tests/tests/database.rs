@@ -571,3 +571,71 @@ async fn unreachable_external_database_at_start_is_waited_for_then_used() -> Res
     server.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_postmaster_during_embedding_loses_no_embedding() -> Result<()> {
+    const LONG: usize = 24;
+    let lib = traversable_tempdir()?;
+    let mut t = FixtureTrack::simple("source.flac", "flac", "Long take");
+    t.duration_s = 65.0;
+    let src = fixtures::make_track(lib.path(), &t)?;
+    for i in 0..LONG {
+        std::fs::copy(&src, lib.path().join(format!("long{i:02}.flac")))?;
+    }
+    std::fs::remove_file(&src)?;
+    let cfgdir = traversable_tempdir()?;
+    let cfg = cfgdir.path().join("corald.toml");
+    std::fs::write(&cfg, "[watch]\nenabled = false\n")?;
+    let d = Daemon::start_with(&["--config", &cfg.to_string_lossy()]).await?;
+    let c = d.client().await?;
+    let s = c.daemon_status().await?;
+    if !s.embedding.enabled {
+        eprintln!(
+            "skipped: embeddings unavailable in this build ({:?})",
+            s.warnings
+        );
+        return Ok(());
+    }
+    let lib_row = c
+        .library_add(lib.path().to_string_lossy().into_owned())
+        .await?;
+    let id = lib_row.last_scan.context("no scan")?.request_id;
+    eventually(Duration::from_secs(120), "embedding under way", || async {
+        c.scan_get(id)
+            .await
+            .ok()
+            .filter(|p| p.phase == ScanPhase::Embedding && p.embeddings_done >= 2)
+    })
+    .await?;
+    let before = c.scan_get(id).await?;
+    let (restarted, ok) = bring_down(&d, Signal::SIGKILL).await?;
+    let p = wait_scan(&c, id).await?;
+    assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
+    assert_eq!(p.embeddings_done, LONG as u64, "{p:?}");
+    assert_eq!((p.embeddings_failed, p.embeddings_skipped), (0, 0), "{p:?}");
+    let mut db = d.db().await?;
+    let (rows, tracks): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT track_id) FROM track_embeddings")
+            .fetch_one(&mut db)
+            .await?;
+    assert_eq!((rows, tracks), (LONG as i64, LONG as i64));
+    let issues: i64 = sqlx::query_scalar("SELECT count(*) FROM track_embedding_issues")
+        .fetch_one(&mut db)
+        .await?;
+    assert_eq!(issues, 0);
+    let h = c.daemon_status().await?.database_health.context("health")?;
+    eprintln!(
+        "killed at {}/{LONG} embedded; new postmaster after {:.1} s, status ok after {:.1} s; \
+         {} outage(s), {} retries",
+        before.embeddings_done,
+        restarted.as_secs_f64(),
+        ok.as_secs_f64(),
+        h.outages,
+        h.retries
+    );
+    let log = d.log_text();
+    print_database_lines(&log);
+    assert_eq!(count_lines(&log, "scan failed"), 0, "{log}");
+    assert_eq!(count_lines(&log, "track not embedded"), 0, "{log}");
+    Ok(())
+}
