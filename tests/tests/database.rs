@@ -1,8 +1,9 @@
 //! Database faults against a real corald and real PostgreSQL servers: the managed postmaster
-//! killed mid-scan (corald restarts it), the whole cluster frozen mid-scan (SIGSTOP: queries
-//! hang rather than fail), and an external `database.url` that is unreachable at start-up.
-//! Each asserts that the scan ends with exactly the tracks a clean scan writes, that
-//! `daemon.status` showed the outage while it lasted and shows `ok` after.
+//! killed (SIGKILL) and shut down (SIGQUIT, immediate) mid-scan, corald restarting it each
+//! time; killed during the embedding phase; the whole cluster frozen mid-scan (SIGSTOP: queries
+//! hang rather than fail); and an external `database.url` that is unreachable at start-up.
+//! Each asserts that the scan ends with exactly what a clean scan writes, that `daemon.status`
+//! showed the outage while it lasted and shows `ok` after.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -120,11 +121,11 @@ async fn assert_nothing_lost(d: &Daemon, library_id: i64, expected: &[String]) -
 /// with when they were seen.
 struct StatusLog {
     seen: Arc<Mutex<Vec<(Duration, DatabaseState)>>>,
-    stop: tokio_util_stop::Stop,
+    stop: stop_flag::Stop,
     started: Instant,
 }
 
-mod tokio_util_stop {
+mod stop_flag {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -144,7 +145,7 @@ impl StatusLog {
     async fn start(d: &Daemon) -> Result<StatusLog> {
         let c = d.client().await?;
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = tokio_util_stop::Stop::default();
+        let stop = stop_flag::Stop::default();
         let started = Instant::now();
         {
             let seen = Arc::clone(&seen);
