@@ -187,6 +187,18 @@ impl CoralRpc {
         Ok(())
     }
 
+    /// The database's state for `daemon.status`: unavailable until start-up is over too, so
+    /// "ok" always means that the methods needing the database work.
+    fn health(&self) -> coral_proto::DatabaseHealth {
+        let ctx = self.ctx();
+        let mut h = ctx.db.snapshot();
+        if ctx.services.get().is_none() && h.state == coral_proto::DatabaseState::Ok {
+            h.state = coral_proto::DatabaseState::Unavailable;
+            h.last_error = Some("the database answers; corald is completing start-up".into());
+        }
+        h
+    }
+
     /// Library and track counts: read now when the database answers within a second, else
     /// the last ones read.
     async fn counts(&self) -> (i64, i64) {
@@ -311,7 +323,7 @@ impl CoralApiServer for CoralRpc {
                 w
             },
             watch: ctx.watcher.status(),
-            database_health: Some(ctx.db.snapshot()),
+            database_health: Some(self.health()),
         })
     }
 
