@@ -182,6 +182,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
+    /// A bad value in a file: [`ConfigError::Invalid`] with the file and the key's line.
+    #[error("invalid configuration file {path}: {}key `{key}` {problem}", line.map(|l| format!("line {l}, ")).unwrap_or_default())]
+    Value {
+        path: PathBuf,
+        line: Option<usize>,
+        key: &'static str,
+        problem: String,
+    },
 }
 
 /// Overrides from the command line and environment (already merged by clap).
@@ -199,7 +207,15 @@ impl Config {
             path: origin.to_owned(),
             message: describe_toml_error(text, &e),
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, problem } => ConfigError::Value {
+                path: origin.to_owned(),
+                line: key_line(text, key),
+                key,
+                problem,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -337,6 +353,34 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// The line where the dotted `key` (e.g. `scan.batch_size`) is written, however the document
+/// spells it (`[scan]` table, dotted key, inline table).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut parts = key.split('.').peekable();
+    let mut start = None;
+    while let Some(part) = parts.next() {
+        let (k, v) = table.get_key_value(part)?;
+        start = Some(k.span().start);
+        if parts.peek().is_some() {
+            match v.get_ref() {
+                toml::de::DeValue::Table(t) => table = t,
+                _ => return None,
+            }
+        }
+    }
+    let start = start?;
+    Some(
+        text.as_bytes()
+            .get(..start)?
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1,
+    )
+}
+
 /// The dotted key whose entry contains byte `offset`: the nearest `[table]` header above it
 /// plus the key at the start of that line.
 fn dotted_key_at(text: &str, offset: usize) -> Option<String> {
@@ -411,6 +455,7 @@ mod tests {
             .expect_err("zero batch")
             .to_string();
         assert!(err.contains("scan.batch_size"), "{err}");
+        assert!(err.contains("/etc/coral/corald.toml: line 2,"), "{err}");
         let err = parse("[database]\nurl = \"mysql://x\"\n")
             .expect_err("bad url")
             .to_string();
@@ -423,6 +468,25 @@ mod tests {
             .expect_err("bad device")
             .to_string();
         assert!(err.contains("embed.device"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_file_and_line_however_the_key_is_written() {
+        for (text, line) in [
+            ("log = \"info\"\n\n[scan]\nthreads = 2\nbatch_size = 0\n", 5),
+            ("log = \"info\"\nscan.batch_size = 0\n", 2),
+            ("scan = { threads = 1, batch_size = 0 }\n", 1),
+            ("[watch]\n[scan]\nqueue_capacity = 0\n", 3),
+            ("libraries = [\"/a\",\n  \"b\"]\n", 1),
+        ] {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "invalid configuration file /etc/coral/corald.toml: line {line}, key `"
+                )),
+                "{text:?}: {err}"
+            );
+        }
     }
 
     #[test]
