@@ -435,8 +435,11 @@ pub fn embed_decode_bytes(data: &[u8]) -> Result<Outcome, Violation> {
     }
 }
 
+/// An entry point: bytes in, what the daemon made of them or the contract it broke.
+pub type Entry = fn(&[u8]) -> Result<Outcome, Violation>;
+
 /// The entry point of a fuzz target, by the target's name (`fuzz/fuzz_targets/<name>.rs`).
-pub fn by_target(name: &str) -> Option<fn(&[u8]) -> Result<Outcome, Violation>> {
+pub fn by_target(name: &str) -> Option<Entry> {
     Some(match name {
         "config" => config_text,
         "rpc_params" => rpc_request,
