@@ -304,7 +304,7 @@ impl Config {
             }
         }
         self.watch.validate()?;
-        if let Err(e) = self.log.parse::<tracing_subscriber::EnvFilter>() {
+        if let Err(e) = crate::logging::parse_filter(&self.log) {
             return Err(ConfigError::Invalid {
                 key: "log",
                 problem: format!("is not a valid log filter: {e}"),
@@ -487,6 +487,20 @@ mod tests {
                 "{text:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn log_filters_with_spaces_and_non_ascii_targets_do_not_panic() {
+        // Found by fuzzing: tracing-subscriber panicked on this directive (space, then `é`).
+        let c = parse("log = \"info, é=debug\"\n").expect("a valid filter");
+        assert_eq!(c.log, "info, é=debug");
+        let err = parse("log = \" infÿ[¬=debug\"\n")
+            .expect_err("not a filter")
+            .to_string();
+        assert!(err.contains("line 1, key `log`"), "{err}");
+        // A space after the comma no longer makes a valid filter invalid.
+        let f = crate::logging::parse_filter("info, corald=debug").expect("valid");
+        assert!(f.to_string().contains("corald=debug"), "{f}");
     }
 
     #[test]
