@@ -403,16 +403,25 @@ const FUZZ_PLAN: WindowPlan = WindowPlan {
 
 /// A file's bytes through the embedding pipeline's decode and resample stages, as the daemon
 /// runs them: the probe gives the duration (1 s when it refuses the file, so the decoder still
-/// sees every input), then [`WindowMaker::make`] decodes and resamples the windows. The windows
-/// must have the planned length and hold finite samples.
+/// sees every input), then [`WindowMaker::make`] decodes and resamples the windows under
+/// `catch_unwind`, as in the daemon. The windows must have the planned length and hold finite
+/// samples.
 pub fn embed_decode_bytes(data: &[u8]) -> Result<Outcome, Violation> {
     let result = with_file(data, |path| {
         let duration_s = match phase_2_probe::probe_file(path) {
             Ok(t) => t.duration_ms as f64 / 1000.0,
             Err(_) => 1.0,
         };
-        WindowMaker::new(FUZZ_PLAN).make(path, duration_s)
+        // As the daemon's decode threads do: a panic fails the track, not the daemon.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            WindowMaker::new(FUZZ_PLAN).make(path, duration_s)
+        }))
     })?;
+    let Ok(result) = result else {
+        return Ok(Outcome::Rejected(
+            "the decoder panicked (the daemon counts the track as failed)".into(),
+        ));
+    };
     match result {
         Ok(w) => {
             let want = FUZZ_PLAN.count * FUZZ_PLAN.window_samples;
@@ -433,6 +442,45 @@ pub fn embed_decode_bytes(data: &[u8]) -> Result<Outcome, Violation> {
         }
         Err(e) => Ok(Outcome::Rejected(e.to_string())),
     }
+}
+
+/// For the fuzz targets, called once at start: a panic raised inside one of `crates` (a
+/// dependency the daemon only calls under `catch_unwind`: lofty in the probe, symphonia and the
+/// resampler in the embedding decode) is reported once per place on stderr and unwinds to the
+/// daemon's handler, which turns it into an error. Any other panic goes to the previous hook
+/// (libFuzzer's, which aborts: a crash), wherever it would be caught.
+pub fn tolerate_caught_panics_in(crates: &'static [&'static str]) {
+    let previous = std::panic::take_hook();
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+    std::panic::set_hook(Box::new(move |info| {
+        let place = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        let in_dependency = place.as_deref().is_some_and(|p| {
+            crates
+                .iter()
+                .any(|c| p.contains(&format!("/{c}-")) && p.contains("/src/"))
+        });
+        if !in_dependency {
+            return previous(info);
+        }
+        let first = seen
+            .lock()
+            .map(|mut s| s.insert(place.clone()))
+            .unwrap_or(false);
+        if first {
+            let what = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            eprintln!(
+                "coral-fuzz: panic in a dependency, caught by the daemon: {what} at {}",
+                place.unwrap_or_default()
+            );
+        }
+    }));
 }
 
 /// An entry point: bytes in, what the daemon made of them or the contract it broke.
