@@ -186,6 +186,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
+    /// A bad value in a file: [`ConfigError::Invalid`] with the file and the key's line.
+    #[error("invalid configuration file {path}: {}key `{key}` {problem}", line.map(|l| format!("line {l}, ")).unwrap_or_default())]
+    Value {
+        path: PathBuf,
+        line: Option<usize>,
+        key: &'static str,
+        problem: String,
+    },
 }
 
 /// Overrides from the command line and environment (already merged by clap).
@@ -203,7 +211,15 @@ impl Config {
             path: origin.to_owned(),
             message: describe_toml_error(text, &e),
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, problem } => ConfigError::Value {
+                path: origin.to_owned(),
+                line: key_line(text, key),
+                key,
+                problem,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -298,7 +314,7 @@ impl Config {
             }
         }
         self.watch.validate()?;
-        if let Err(e) = self.log.parse::<tracing_subscriber::EnvFilter>() {
+        if let Err(e) = crate::logging::parse_filter(&self.log) {
             return Err(ConfigError::Invalid {
                 key: "log",
                 problem: format!("is not a valid log filter: {e}"),
@@ -345,6 +361,34 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
         }
         None => message,
     }
+}
+
+/// The line where the dotted `key` (e.g. `scan.batch_size`) is written, however the document
+/// spells it (`[scan]` table, dotted key, inline table).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut parts = key.split('.').peekable();
+    let mut start = None;
+    while let Some(part) = parts.next() {
+        let (k, v) = table.get_key_value(part)?;
+        start = Some(k.span().start);
+        if parts.peek().is_some() {
+            match v.get_ref() {
+                toml::de::DeValue::Table(t) => table = t,
+                _ => return None,
+            }
+        }
+    }
+    let start = start?;
+    Some(
+        text.as_bytes()
+            .get(..start)?
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1,
+    )
 }
 
 /// The dotted key whose entry contains byte `offset`: the nearest `[table]` header above it
@@ -421,6 +465,7 @@ mod tests {
             .expect_err("zero batch")
             .to_string();
         assert!(err.contains("scan.batch_size"), "{err}");
+        assert!(err.contains("/etc/coral/corald.toml: line 2,"), "{err}");
         let err = parse("[database]\nurl = \"mysql://x\"\n")
             .expect_err("bad url")
             .to_string();
@@ -439,6 +484,39 @@ mod tests {
         assert!(err.contains("rpc.max_request_bytes"), "{err}");
         let c = parse("[rpc]\nmax_request_bytes = 65536\n").expect("valid");
         assert_eq!(c.rpc.max_request_bytes, 65536);
+    }
+
+    #[test]
+    fn bad_values_name_the_file_and_line_however_the_key_is_written() {
+        for (text, line) in [
+            ("log = \"info\"\n\n[scan]\nthreads = 2\nbatch_size = 0\n", 5),
+            ("log = \"info\"\nscan.batch_size = 0\n", 2),
+            ("scan = { threads = 1, batch_size = 0 }\n", 1),
+            ("[watch]\n[scan]\nqueue_capacity = 0\n", 3),
+            ("libraries = [\"/a\",\n  \"b\"]\n", 1),
+        ] {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "invalid configuration file /etc/coral/corald.toml: line {line}, key `"
+                )),
+                "{text:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn log_filters_with_spaces_and_non_ascii_targets_do_not_panic() {
+        // Found by fuzzing: tracing-subscriber panicked on this directive (space, then `é`).
+        let c = parse("log = \"info, é=debug\"\n").expect("a valid filter");
+        assert_eq!(c.log, "info, é=debug");
+        let err = parse("log = \" infÿ[¬=debug\"\n")
+            .expect_err("not a filter")
+            .to_string();
+        assert!(err.contains("line 1, key `log`"), "{err}");
+        // A space after the comma no longer makes a valid filter invalid.
+        let f = crate::logging::parse_filter("info, corald=debug").expect("valid");
+        assert!(f.to_string().contains("corald=debug"), "{f}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod embed;
+pub mod fuzz_entry;
 pub mod logging;
 pub mod progress;
 pub mod rpc;

@@ -45,10 +45,31 @@ pub enum LogError {
     Reload(String),
 }
 
+/// Parses a `RUST_LOG`-style filter, trimming each comma-separated directive first.
+///
+/// tracing-subscriber 0.3 splits on commas but indexes each directive's trimmed text into the
+/// untrimmed one: `"info, corald=debug"` was refused (the level read as `=debug`), and a space
+/// followed by a non-ASCII character (`"info, é=debug"`) made it panic, so corald died on its
+/// own configuration or `RUST_LOG`. Found by fuzzing the configuration; every filter corald
+/// uses goes through here.
+pub fn parse_filter(filter: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    EnvFilter::try_new(directives.join(","))
+}
+
 /// Install the global subscriber. `default_filter` applies when `RUST_LOG` is unset.
 pub fn init(default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default_filter))
+    let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let filter = from_env
+        .ok_or(())
+        .and_then(|v| parse_filter(&v).map_err(|_| ()))
+        .or_else(|_| parse_filter(default_filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     if stderr_is_journal()
@@ -85,7 +106,7 @@ pub fn set_filter(filter: &str) -> Result<(), LogError> {
     if std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty()) {
         return Err(LogError::EnvOverride);
     }
-    let new = EnvFilter::try_new(filter).map_err(|e| LogError::Invalid {
+    let new = parse_filter(filter).map_err(|e| LogError::Invalid {
         filter: filter.to_owned(),
         message: e.to_string(),
     })?;

@@ -3,7 +3,7 @@
 //! code and a message a person can act on.
 
 use std::collections::HashSet;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -18,12 +18,12 @@ use jsonrpsee::{PendingSubscriptionSink, SubscriptionMessage};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::params;
 use crate::db::health::{self, DbHealth};
 use crate::db::{libraries, scans, tracks};
 use crate::progress::ScanReporter;
 use crate::progress::fanout::ProgressSubscriber;
 use crate::scan::queue::{QueueError, ScanQueue, ScanRequest};
-use crate::text_fold;
 
 /// What exists only once the database is ready (start-up may wait for it).
 pub struct Services {
@@ -100,38 +100,11 @@ fn to_library(row: libraries::LibraryRow, last_scan: Option<ScanProgress>) -> Li
     }
 }
 
-/// Resolve a relative or absolute subdirectory to a clean path relative to `root`.
+/// Resolve a relative or absolute subdirectory to a clean path relative to `root` that exists.
 fn resolve_subdir(root: &Path, path: &str) -> Result<Option<PathBuf>, ErrorObjectOwned> {
-    let p = Path::new(path);
-    let rel = if p.is_absolute() {
-        match p.strip_prefix(root) {
-            Ok(r) => r.to_owned(),
-            Err(_) => {
-                return Err(error(
-                    codes::PATH_OUTSIDE_LIBRARY,
-                    format!("{path} is not inside the library {}", root.display()),
-                ));
-            }
-        }
-    } else {
-        p.to_owned()
-    };
-    let mut clean = PathBuf::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(n) => clean.push(n),
-            Component::CurDir => {}
-            _ => {
-                return Err(error(
-                    codes::PATH_OUTSIDE_LIBRARY,
-                    format!("{path} must stay inside the library (no `..`)"),
-                ));
-            }
-        }
-    }
-    if clean.as_os_str().is_empty() {
+    let Some(clean) = params::clean_subdir(root, path)? else {
         return Ok(None);
-    }
+    };
     let abs = root.join(&clean);
     if !abs.is_dir() {
         return Err(error(
@@ -329,13 +302,7 @@ impl CoralApiServer for CoralRpc {
 
     async fn library_add(&self, path: String) -> RpcResult<Library> {
         let ctx = self.ctx();
-        let p = Path::new(&path);
-        if !p.is_absolute() {
-            return Err(error(
-                codes::INVALID_ARGUMENT,
-                format!("library path {path} must be absolute"),
-            ));
-        }
+        let p = params::library_path(&path)?;
         let canonical = match std::fs::canonicalize(p) {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -448,11 +415,7 @@ impl CoralApiServer for CoralRpc {
             Some(p) => resolve_subdir(&root, p)?,
             None => None,
         };
-        let mode = if full.unwrap_or(false) {
-            ScanMode::Full
-        } else {
-            ScanMode::Incremental
-        };
+        let mode = params::scan_mode(full);
         let (handle, merged) = self
             .ctx()
             .queue
@@ -492,7 +455,7 @@ impl CoralApiServer for CoralRpc {
     }
 
     async fn scan_list(&self, limit: Option<u32>) -> RpcResult<Vec<ScanProgress>> {
-        let limit = i64::from(limit.unwrap_or(20).clamp(1, 1000));
+        let limit = params::list_limit(limit);
         self.need_db()?;
         let mut out: Vec<ScanProgress> = self.scan_active().await?;
         let mut seen: HashSet<Uuid> = out.iter().map(|p| p.request_id).collect();
@@ -592,21 +555,19 @@ impl CoralApiServer for CoralRpc {
         limit: Option<u32>,
         offset: Option<u32>,
     ) -> RpcResult<Vec<Track>> {
-        let Some(tsquery) = text_fold::prefix_tsquery(&query) else {
-            return Err(error(
-                codes::INVALID_ARGUMENT,
-                "the search query has no words to look for",
-            ));
-        };
-        let limit = i64::from(limit.unwrap_or(20).clamp(1, 1000));
-        let offset = i64::from(offset.unwrap_or(0));
+        let search = params::search(&query, limit, offset)?;
         self.need_db()?;
-        Ok(tracks::search(&self.ctx().pool, &tsquery, limit, offset)
-            .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(Track::from)
-            .collect())
+        Ok(tracks::search(
+            &self.ctx().pool,
+            &search.tsquery,
+            search.limit,
+            search.offset,
+        )
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(Track::from)
+        .collect())
     }
 
     async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
@@ -620,8 +581,8 @@ impl CoralApiServer for CoralRpc {
             return Err(error(codes::EMBEDDING_UNAVAILABLE, why));
         };
         // The track must exist before asking for its neighbours.
+        let limit = params::similar_limit(limit);
         self.track_get(id).await?;
-        let limit = limit.unwrap_or(10).clamp(1, 1000);
         let neighbours = match embedder.similar(id, limit).await {
             Ok(n) => n,
             Err(crate::embed::EmbedError::NoEmbedding(_)) => {

@@ -39,7 +39,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -1442,6 +1442,14 @@ fn parse_with_lofty(path: &Path, file: &File, s: &Sniffed) -> Result<Parsed, Pro
 }
 
 fn lofty_attempt(file: &File, format: AudioFormat, read_tags: bool) -> Result<Parsed, ProbeError> {
+    // lofty reads from the reader's current position, and a failed attempt leaves the shared
+    // file offset anywhere (even past the end): every attempt starts at byte 0.
+    let mut start = file;
+    start
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| ProbeError::ReadFailed {
+            reason: io_reason(&e),
+        })?;
     let mut reader = BufReader::with_capacity(LOFTY_BUF, file);
     let result = catch_unwind(AssertUnwindSafe(|| {
         read_concrete(&mut reader, format, parse_options(read_tags))
@@ -1782,6 +1790,42 @@ mod tests {
         for name in ["a.txt", "b", "c.mp3.part", "d.jpg", ".mp3"] {
             assert!(!is_audio_candidate(Path::new(name)), "{name}");
         }
+    }
+
+    /// A minimal PCM WAV: 16-bit mono, 8 kHz, `frames` frames of silence.
+    fn tiny_wav(frames: u32) -> Vec<u8> {
+        let data_len = frames * 2;
+        let mut w = Vec::new();
+        w.extend_from_slice(b"RIFF");
+        w.extend_from_slice(&(36 + data_len).to_le_bytes());
+        w.extend_from_slice(b"WAVEfmt ");
+        w.extend_from_slice(&16u32.to_le_bytes());
+        w.extend_from_slice(&1u16.to_le_bytes()); // PCM
+        w.extend_from_slice(&1u16.to_le_bytes()); // mono
+        w.extend_from_slice(&8000u32.to_le_bytes());
+        w.extend_from_slice(&16000u32.to_le_bytes());
+        w.extend_from_slice(&2u16.to_le_bytes());
+        w.extend_from_slice(&16u16.to_le_bytes());
+        w.extend_from_slice(b"data");
+        w.extend_from_slice(&data_len.to_le_bytes());
+        w.resize(w.len() + data_len as usize, 0);
+        w
+    }
+
+    #[test]
+    fn a_retry_reads_from_the_start_wherever_the_last_attempt_left_the_file() {
+        // Found by fuzzing: after a failed first attempt the tag-less retry read from wherever
+        // lofty had left the shared file offset (here past the end), not from byte 0.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.wav");
+        std::fs::write(&path, tiny_wav(4000)).expect("write");
+        let mut file = File::open(&path).expect("open");
+        file.seek(SeekFrom::Start(1 << 20)).expect("seek");
+        let parsed = lofty_attempt(&file, AudioFormat::Wav, false).expect("retry reads the file");
+        assert_eq!(parsed.tagged.properties().sample_rate(), Some(8000));
+        assert_eq!(parsed.tagged.properties().duration().as_millis(), 500);
+        let track = probe_file(&path).expect("probe");
+        assert_eq!((track.format, track.duration_ms), (AudioFormat::Wav, 500));
     }
 
     #[test]
