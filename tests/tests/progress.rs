@@ -59,7 +59,14 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
     let lib = traversable_tempdir()?;
     let n = fixtures::big_library(lib.path(), 2000)? as u64;
     let cfgdir = traversable_tempdir()?;
-    let d = Daemon::start_with(&["--config", &slow_config(cfgdir.path())?]).await?;
+    // 200 batches with a 10 ms pause after each (a debug-build hook): indexing lasts ≈ 2 s on
+    // any machine, long enough for rates to be sampled (on a quiet machine it otherwise ended
+    // inside the first 200 ms rate window and no update carried a rate).
+    let d = Daemon::start_with_env(
+        &["--config", &slow_config(cfgdir.path())?],
+        &[("CORALD_TEST_BATCH_PAUSE_MS", "10")],
+    )
+    .await?;
     let c = d.client().await?;
 
     let mut sub = c.scan_subscribe(None).await?;
