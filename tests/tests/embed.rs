@@ -214,7 +214,15 @@ fn seeking_to_the_windows_gives_the_same_audio_as_decoding_everything() -> Resul
         window_samples: 47_616,
         sample_rate: 16_000,
     };
-    for format in ["mp3", "flac", "ogg_vorbis", "m4a_aac", "wav"] {
+    for format in [
+        "mp3",
+        "flac",
+        "ogg_vorbis",
+        "m4a_aac",
+        "m4a_alac",
+        "wav",
+        "aiff",
+    ] {
         let mut t = FixtureTrack::simple(format!("{format}.bin"), format, format);
         t.duration_s = 70.0;
         let path = fixtures::make_track(lib.path(), &t)?;
