@@ -347,6 +347,63 @@ pub fn stop_leftover_postgres(state_dir: &Path) {
     }
 }
 
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// A WebSocket client on corald's Unix socket, written by hand, that sends `subscriptions`
+/// `scan.subscribe` calls and then never reads another byte: the server's notifications pile
+/// up against it.
+pub fn stuck_subscriber(
+    socket: &Path,
+    subscriptions: usize,
+) -> Result<std::os::unix::net::UnixStream> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )?;
+    // The response head, byte by byte: nothing after it is consumed.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte)?;
+        head.push(byte[0]);
+    }
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "no websocket upgrade: {}",
+        String::from_utf8_lossy(&head)
+    );
+    for id in 0..subscriptions {
+        let payload =
+            format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"scan.subscribe","params":[]}}"#);
+        let len = u16::try_from(payload.len()).context("frame too long")?;
+        // One masked text frame.
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81u8];
+        if len < 126 {
+            frame.push(0x80 | len as u8);
+        } else {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&len.to_be_bytes());
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        s.write_all(&frame)?;
+    }
+    Ok(s)
+}
+
 /// Poll `f` until it returns `Some`, or fail after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
 where

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use coral_proto::CoralApiClient;
-use coral_tests::daemon::{Daemon, eventually};
+use coral_tests::daemon::{Daemon, eventually, rss_kib, stuck_subscriber};
 
 /// One plain HTTP POST of `body`; returns (status code, response body).
 fn post(socket: &Path, body: &[u8]) -> Result<(u16, String)> {
@@ -192,47 +192,6 @@ async fn the_request_size_limit_is_configurable() -> Result<()> {
     assert_eq!(status, 200, "{}", &text[..text.len().min(200)]);
     assert_eq!(error_code(&text), None, "{}", &text[..text.len().min(200)]);
     Ok(())
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
-}
-
-/// A WebSocket client on the Unix socket that subscribes `subscriptions` times and then never
-/// reads another byte: the server's notifications pile up against it.
-fn stuck_subscriber(socket: &Path, subscriptions: usize) -> Result<UnixStream> {
-    let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(
-        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte)?;
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "no upgrade: {head}");
-    for id in 0..subscriptions {
-        let body =
-            format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"scan.subscribe","params":[]}}"#);
-        let len = u8::try_from(body.len()).context("frame too long")?;
-        anyhow::ensure!(len < 126, "frame too long");
-        // A masked text frame; an all-zero mask leaves the payload as it is.
-        let mut frame = vec![0x81, 0x80 | len, 0, 0, 0, 0];
-        frame.extend_from_slice(body.as_bytes());
-        s.write_all(&frame)?;
-    }
-    Ok(s)
 }
 
 /// Issue 8 (RPC abuse): a flood of subscriptions, many on connections that never read, while

@@ -2,14 +2,15 @@
 //! exact final counts), reconnect, a subscriber that never reads, cancel, and resume after
 //! SIGKILL.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use coral_proto::{CoralApiClient, LibrarySelector, ScanFilter, ScanPhase, ScanProgress};
-use coral_tests::daemon::{Daemon, eventually, traversable_tempdir, wait_scan};
+use coral_tests::daemon::{
+    Daemon, eventually, rss_kib, stuck_subscriber, traversable_tempdir, wait_scan,
+};
 use coral_tests::fixtures;
 
 /// A config that makes scans take many small transactions (so there is a "mid-scan" to hit).
@@ -144,48 +145,6 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
     assert_eq!(c.scan_get(id).await?.phase, ScanPhase::Completed);
     assert!(c.scan_active().await?.iter().all(|p| p.request_id != id));
     Ok(())
-}
-
-/// Open a WebSocket connection by hand, subscribe, and never read again.
-fn stuck_subscriber(socket: &Path, subscriptions: usize) -> Result<UnixStream> {
-    let mut s = UnixStream::connect(socket)?;
-    s.write_all(
-        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )?;
-    let mut buf = [0u8; 1024];
-    let n = s.read(&mut buf)?;
-    anyhow::ensure!(
-        buf[..n].starts_with(b"HTTP/1.1 101"),
-        "no websocket upgrade"
-    );
-    for i in 0..subscriptions {
-        let payload =
-            format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"scan.subscribe","params":[]}}"#);
-        let mask = [1u8, 2, 3, 4];
-        let mut frame = vec![0x81u8];
-        let len = payload.len();
-        if len < 126 {
-            frame.push(0x80 | len as u8);
-        } else {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        s.write_all(&frame)?;
-    }
-    Ok(s)
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
