@@ -199,6 +199,38 @@ pub fn make_track(root: &Path, t: &FixtureTrack) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Encode what the ffmpeg `input` arguments produce into `root/rel`, the codec chosen by the
+/// extension (mp3, flac, ogg, opus, m4a, wav), with `rel` as the title tag. Encoded in a
+/// scratch directory and renamed into place, so a watching daemon never sees half a file.
+pub fn encode_into_place(root: &Path, rel: &str, input: &[&std::ffi::OsStr]) -> Result<PathBuf> {
+    require_ffmpeg()?;
+    let out = root.join(rel);
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let codec: &[&str] = match out.extension().and_then(|e| e.to_str()) {
+        Some("mp3") => &["-c:a", "libmp3lame", "-b:a", "160k"],
+        Some("flac") => &["-c:a", "flac"],
+        Some("ogg") => &["-c:a", "libvorbis", "-q:a", "4"],
+        Some("opus") => &["-c:a", "libopus", "-b:a", "96k", "-f", "ogg"],
+        Some("m4a") => &["-c:a", "aac", "-b:a", "160k"],
+        Some("wav") => &["-c:a", "pcm_s16le"],
+        other => bail!("no encoder for {other:?}"),
+    };
+    let scratch = tempfile::tempdir()?;
+    let tmp = scratch.path().join(out.file_name().context("file name")?);
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
+        .args(input)
+        .args(["-metadata", &format!("title={rel}")])
+        .args(codec)
+        .arg(&tmp)
+        .stdin(Stdio::null());
+    run(cmd, &out)?;
+    fs::rename(&tmp, &out)?;
+    Ok(out)
+}
+
 /// A tone between 220 and 880 Hz chosen from the title, so tracks sound different.
 fn tone_for(title: &str) -> u32 {
     let hash = title.bytes().fold(2_166_136_261u32, |h, b| {

@@ -4,13 +4,12 @@
 //! pattern and noise.
 //!
 //! Synthesised here (deterministic from the variant number) and encoded by ffmpeg into any
-//! container the fixtures know, so the embedding pipeline decodes real compressed audio.
+//! container [`fixtures::encode_into_place`] knows, so the embedding pipeline decodes real compressed audio.
 
 use std::f32::consts::TAU;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result};
 
 use crate::fixtures;
 
@@ -221,9 +220,8 @@ pub fn write_wav(path: &Path, samples: &[f32]) -> Result<()> {
     std::fs::write(path, b).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Encode `seconds` of `kind` (variant `v`) at `root/rel`; the extension picks the codec (mp3,
-/// flac, ogg, opus, m4a, wav). Encoded elsewhere and renamed into place, so a watching daemon
-/// never sees half a file. The title tag is `rel`.
+/// Encode `seconds` of `kind` (variant `v`) at `root/rel` with
+/// [`fixtures::encode_into_place`] (codec from the extension, title tag `rel`).
 pub fn make_music(
     root: &Path,
     rel: &str,
@@ -231,39 +229,10 @@ pub fn make_music(
     v: u32,
     seconds: f64,
 ) -> Result<PathBuf> {
-    fixtures::require_ffmpeg()?;
-    let out = root.join(rel);
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     let scratch = tempfile::tempdir()?;
     let wav = scratch.path().join("source.wav");
     write_wav(&wav, &synthesize(kind, v, seconds))?;
-    let tmp = scratch.path().join(out.file_name().context("file name")?);
-    let codec: &[&str] = match out.extension().and_then(|e| e.to_str()) {
-        Some("mp3") => &["-c:a", "libmp3lame", "-b:a", "160k"],
-        Some("flac") => &["-c:a", "flac"],
-        Some("ogg") => &["-c:a", "libvorbis", "-q:a", "4"],
-        Some("opus") => &["-c:a", "libopus", "-b:a", "96k", "-f", "ogg"],
-        Some("m4a") => &["-c:a", "aac", "-b:a", "160k"],
-        Some("wav") => &["-c:a", "pcm_s16le"],
-        other => bail!("no encoder for {other:?}"),
-    };
-    let output = Command::new("ffmpeg")
-        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i"])
-        .arg(&wav)
-        .args(["-metadata", &format!("title={rel}")])
-        .args(codec)
-        .arg(&tmp)
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "ffmpeg {rel}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    std::fs::rename(&tmp, &out)?;
-    Ok(out)
+    fixtures::encode_into_place(root, rel, &["-i".as_ref(), wav.as_os_str()])
 }
 
 #[cfg(test)]

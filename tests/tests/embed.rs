@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -269,14 +268,6 @@ enum Kind {
 
 /// Encode `seconds` of `kind` audio (variant `v` changes pitch or seed) at `root/rel`.
 fn make_clip(root: &Path, rel: &str, kind: Kind, v: u32, seconds: f64) -> Result<PathBuf> {
-    fixtures::require_ffmpeg()?;
-    let out = root.join(rel);
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    // Encoded elsewhere and renamed into place, so a watching daemon never sees half a file.
-    let scratch = tempfile::tempdir()?;
-    let tmp = scratch.path().join(out.file_name().context("file name")?);
     let source = match kind {
         Kind::Sine => format!(
             "sine=frequency={}:duration={seconds}:sample_rate=44100",
@@ -287,28 +278,8 @@ fn make_clip(root: &Path, rel: &str, kind: Kind, v: u32, seconds: f64) -> Result
             v + 1
         ),
     };
-    let codec: &[&str] = match out.extension().and_then(|e| e.to_str()) {
-        Some("mp3") => &["-c:a", "libmp3lame", "-b:a", "128k"],
-        Some("flac") => &["-c:a", "flac"],
-        Some("ogg") => &["-c:a", "libvorbis", "-q:a", "3"],
-        Some("opus") => &["-c:a", "libopus", "-b:a", "96k", "-f", "ogg"],
-        other => bail!("no encoder for {other:?}"),
-    };
-    let output = Command::new("ffmpeg")
-        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
-        .args(["-f", "lavfi", "-i", &source, "-ac", "2"])
-        .args(["-metadata", &format!("title={rel}")])
-        .args(codec)
-        .arg(&tmp)
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "ffmpeg {rel}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    std::fs::rename(&tmp, &out)?;
-    Ok(out)
+    let input = ["-f", "lavfi", "-i", &source, "-ac", "2"].map(std::ffi::OsStr::new);
+    fixtures::encode_into_place(root, rel, &input)
 }
 
 /// Three tracks of each kind of generated music (drum patterns, chord progressions,
