@@ -98,14 +98,14 @@ fn library(tracks: usize, seconds: usize) -> Result<Vec<(PathBuf, f64)>> {
     Ok(out)
 }
 
-fn plan() -> Result<WindowPlan> {
-    let files = model::load(&model_path())?;
+/// The daemon's default window choice for `manifest`'s model.
+fn plan(manifest: &model::ModelManifest) -> WindowPlan {
     let c = EmbedConfig::default();
-    Ok(WindowPlan {
+    WindowPlan {
         count: c.windows,
-        window_samples: files.manifest.window_samples * c.window_patches,
-        sample_rate: files.manifest.sample_rate,
-    })
+        window_samples: manifest.window_samples * c.window_patches,
+        sample_rate: manifest.sample_rate,
+    }
 }
 
 fn main() -> Result<()> {
@@ -123,7 +123,8 @@ fn main() -> Result<()> {
         std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "(unset)".into())
     );
     let lib = library(tracks, seconds)?;
-    let plan = plan()?;
+    let files = model::load(&model_path())?;
+    let plan = plan(&files.manifest);
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(2))
@@ -179,7 +180,6 @@ fn main() -> Result<()> {
 
     // Stage 4: inference only.
     if phase_4_infer::available() {
-        let files = model::load(&model_path())?;
         let row = plan.window_samples;
         let device = bench_device()?;
         let choice = DeviceChoice::parse(&device).context("CORAL_BENCH_DEVICE")?;

@@ -427,23 +427,13 @@ impl Embedder {
         pool: PgPool,
         stop: CancellationToken,
     ) -> Result<Embedder, EmbedError> {
-        Self::start_watched(cfg, pool, stop, None).await
+        Self::start_with_health(cfg, pool, stop, None, DbHealth::detached()).await
     }
 
-    /// Like [`start`](Self::start), with the inference thread beating `heartbeat` while it
-    /// waits for windows and after every forward pass, so the service watchdog notices a
-    /// wedged model (a forward pass that never returns).
-    pub async fn start_watched(
-        cfg: &EmbedConfig,
-        pool: PgPool,
-        stop: CancellationToken,
-        heartbeat: Option<Arc<Heartbeat>>,
-    ) -> Result<Embedder, EmbedError> {
-        Self::start_with_health(cfg, pool, stop, heartbeat, DbHealth::detached()).await
-    }
-
-    /// [`Embedder::start_watched`], reporting database outages to `db` (the daemon's record):
-    /// the pipeline waits for the database instead of failing tracks while it is down.
+    /// Like [`start`](Self::start), for the daemon: the inference thread beats `heartbeat`
+    /// while it waits for windows and after every forward pass (so the service watchdog notices
+    /// a wedged model), and database outages are reported to `db` (the daemon's record): the
+    /// pipeline waits for the database instead of failing tracks while it is down.
     pub async fn start_with_health(
         cfg: &EmbedConfig,
         pool: PgPool,
