@@ -284,9 +284,9 @@ pub fn tracks(list: &[Track]) {
         .map(|t| {
             vec![
                 t.id.to_string(),
-                opt(&t.artist),
-                opt(&t.album),
-                opt(&t.title),
+                opt(&t.tags.artist),
+                opt(&t.tags.album),
+                opt(&t.tags.title),
                 format_duration(t.duration_seconds),
                 t.format.clone(),
             ]
@@ -302,8 +302,8 @@ pub fn similar(list: &[SimilarTrack]) {
             vec![
                 format!("{:.3}", s.score),
                 s.track.id.to_string(),
-                opt(&s.track.artist),
-                opt(&s.track.title),
+                opt(&s.track.tags.artist),
+                opt(&s.track.tags.title),
                 s.track.path.clone(),
             ]
         })
@@ -315,14 +315,25 @@ pub fn track(t: &Track) {
     let kv = |k: &str, v: String| println!("{k:<13} {v}");
     kv("id", t.id.to_string());
     kv("path", t.path.clone());
-    kv("title", opt(&t.title));
-    kv("artist", opt(&t.artist));
-    kv("album", opt(&t.album));
-    kv("album artist", opt(&t.album_artist));
-    kv("track", opt(&t.track_number));
-    kv("disc", opt(&t.disc_number));
-    kv("year", opt(&t.year));
-    kv("genre", opt(&t.genre));
+    kv("title", opt(&t.tags.title));
+    kv("artist", opt(&t.tags.artist));
+    kv("album", opt(&t.tags.album));
+    kv("album artist", opt(&t.tags.album_artist));
+    kv("track", opt(&t.tags.track_number));
+    kv("disc", opt(&t.tags.disc_number));
+    kv("year", opt(&t.tags.year));
+    kv("genre", opt(&t.tags.genre));
+    kv("composer", opt(&t.tags.composer));
+    // The lists, when the display strings above hold several values.
+    if t.tags.artists.len() > 1 {
+        kv("artists", t.tags.artists.join(" | "));
+    }
+    if t.tags.genres.len() > 1 {
+        kv("genres", t.tags.genres.join(" | "));
+    }
+    kv("isrc", opt(&t.tags.isrc));
+    kv("mb recording", opt(&t.tags.musicbrainz_recording_id));
+    kv("mb release", opt(&t.tags.musicbrainz_release_id));
     kv("duration", format_duration(t.duration_seconds));
     kv("format", format!("{} ({})", t.format, opt(&t.codec)));
     kv("sample rate", opt(&t.sample_rate));

@@ -355,12 +355,31 @@ fn check_track(t: &ProbedTrack) -> Result<(), Violation> {
     if t.duration_ms < 0 {
         return violation(format!("negative duration: {t:?}"));
     }
-    let texts = [&t.title, &t.artist, &t.album, &t.album_artist, &t.genre];
-    if texts
+    let g = &t.tags;
+    let single = [
+        &g.title,
+        &g.artist,
+        &g.album,
+        &g.album_artist,
+        &g.genre,
+        &g.composer,
+        &g.musicbrainz_recording_id,
+        &g.musicbrainz_track_id,
+        &g.musicbrainz_release_id,
+        &g.isrc,
+    ];
+    let lists = [
+        &g.artists,
+        &g.album_artists,
+        &g.genres,
+        &g.composers,
+        &g.musicbrainz_artist_ids,
+    ];
+    let mut texts = single
         .iter()
         .filter_map(|s| s.as_deref())
-        .any(|s| s.is_empty() || s.len() > MAX_TAG_BYTES || s.contains('\0'))
-    {
+        .chain(lists.iter().flat_map(|l| l.iter().map(String::as_str)));
+    if texts.any(|s| s.is_empty() || s.len() > MAX_TAG_BYTES || s.chars().any(char::is_control)) {
         return violation(format!("tag text not cleaned: {t:?}"));
     }
     let positive = [t.sample_rate, t.channels, t.bit_depth, t.bitrate_kbps];
@@ -405,7 +424,9 @@ const FUZZ_PLAN: WindowPlan = WindowPlan {
 /// runs them: the probe gives the duration (1 s when it refuses the file, so the decoder still
 /// sees every input), then [`WindowMaker::make`] decodes and resamples the windows under
 /// `catch_unwind`, as in the daemon. The windows must have the planned length and hold finite
-/// samples.
+/// samples. The FFmpeg fallback is off: most fuzz inputs are files symphonia refuses, and a
+/// child process for each would slow fuzzing a hundredfold while testing FFmpeg, not corald
+/// (the fallback's own handling of FFmpeg's output is covered by the embed format tests).
 pub fn embed_decode_bytes(data: &[u8]) -> Result<Outcome, Violation> {
     let result = with_file(data, |path| {
         let duration_s = match phase_2_probe::probe_file(path) {
@@ -414,7 +435,9 @@ pub fn embed_decode_bytes(data: &[u8]) -> Result<Outcome, Violation> {
         };
         // As the daemon's decode threads do: a panic fails the track, not the daemon.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            WindowMaker::new(FUZZ_PLAN).make(path, duration_s)
+            WindowMaker::new(FUZZ_PLAN)
+                .with_ffmpeg_fallback(false)
+                .make(path, duration_s)
         }))
     })?;
     let Ok(result) = result else {

@@ -30,6 +30,11 @@ struct Args {
     /// Check the configuration, print the settings in effect and exit.
     #[arg(long)]
     check_config: bool,
+    /// Read FILEs as a scan would, print what would be indexed (one JSON object a line: the
+    /// format, audio properties and tags, or the reason it would fail) and exit: 0 when every
+    /// file would be indexed, 1 otherwise. Needs no database.
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with = "check_config")]
+    probe: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +47,9 @@ fn main() -> ExitCode {
         }
     };
     let args = Args::parse();
+    if !args.probe.is_empty() {
+        return probe_files(&args.probe);
+    }
     raise_fd_limit();
     let mut config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
@@ -109,5 +117,39 @@ fn raise_fd_limit() {
         && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
     {
         eprintln!("corald: cannot raise the open-files limit from {soft} to {hard}: {e}");
+    }
+}
+
+/// `--probe`: the scan's probe on each file, reported as JSON lines on stdout.
+fn probe_files(paths: &[PathBuf]) -> ExitCode {
+    let mut all_ok = true;
+    for path in paths {
+        let line = match corald::scan::phase_2_probe::probe_file(path) {
+            Ok(t) => serde_json::json!({
+                "path": path.to_string_lossy(),
+                "format": t.format.as_str(),
+                "codec": t.codec,
+                "duration_seconds": t.duration_ms as f64 / 1000.0,
+                "sample_rate": t.sample_rate,
+                "channels": t.channels,
+                "bit_depth": t.bit_depth,
+                "bitrate_kbps": t.bitrate_kbps,
+                "tags": t.tags,
+            }),
+            Err(e) => {
+                all_ok = false;
+                serde_json::json!({
+                    "path": path.to_string_lossy(),
+                    "error": e.to_string(),
+                    "stage": e.stage(),
+                })
+            }
+        };
+        println!("{line}");
+    }
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -59,16 +59,51 @@ pub struct Track {
     pub channels: Option<i32>,
     pub bit_depth: Option<i32>,
     pub bitrate_kbps: Option<i32>,
+    /// The track's tags (flattened into the track object on the wire).
+    #[serde(flatten)]
+    pub tags: TrackTags,
+    pub has_embedding: bool,
+    pub indexed_at: DateTime<Utc>,
+}
+
+/// The tags of a track, as indexed. Text is cleaned (no control characters, trimmed, at most
+/// 1024 bytes a value). Artists, album artists, genres and composers are lists of every value
+/// the file holds; `artist`, `album_artist`, `genre` and `composer` are their display strings:
+/// the credit as tagged ("A feat. B"), or the values joined with "; ".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackTags {
     pub title: Option<String>,
-    pub artist: Option<String>,
     pub album: Option<String>,
+    pub artist: Option<String>,
+    #[serde(default)]
+    pub artists: Vec<String>,
     pub album_artist: Option<String>,
+    #[serde(default)]
+    pub album_artists: Vec<String>,
+    pub genre: Option<String>,
+    #[serde(default)]
+    pub genres: Vec<String>,
+    #[serde(default)]
+    pub composer: Option<String>,
+    #[serde(default)]
+    pub composers: Vec<String>,
     pub track_number: Option<i32>,
     pub disc_number: Option<i32>,
     pub year: Option<i32>,
-    pub genre: Option<String>,
-    pub has_embedding: bool,
-    pub indexed_at: DateTime<Utc>,
+    /// MusicBrainz recording id (`MUSICBRAINZ_TRACKID`, ID3v2 `UFID`).
+    #[serde(default)]
+    pub musicbrainz_recording_id: Option<String>,
+    /// MusicBrainz release track id (`MUSICBRAINZ_RELEASETRACKID`).
+    #[serde(default)]
+    pub musicbrainz_track_id: Option<String>,
+    /// MusicBrainz release id (`MUSICBRAINZ_ALBUMID`).
+    #[serde(default)]
+    pub musicbrainz_release_id: Option<String>,
+    /// MusicBrainz artist ids, one per artist.
+    #[serde(default)]
+    pub musicbrainz_artist_ids: Vec<String>,
+    #[serde(default)]
+    pub isrc: Option<String>,
 }
 
 /// A neighbour returned by `track.similar`.

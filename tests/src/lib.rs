@@ -4,3 +4,4 @@ pub mod daemon;
 pub mod fixtures;
 pub mod hostile_corpus;
 pub mod music;
+pub mod tagger;

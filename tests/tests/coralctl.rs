@@ -57,7 +57,7 @@ async fn every_command_works_end_to_end() -> Result<()> {
     let hits: Vec<Track> =
         serde_json::from_str(&ok(&d.ctl(&["--json", "search", "zoe premiere"])?))?;
     assert_eq!(hits.len(), 1);
-    assert_eq!(hits[0].title.as_deref(), Some("Première"));
+    assert_eq!(hits[0].tags.title.as_deref(), Some("Première"));
     let human = ok(&d.ctl(&["search", "second"])?);
     assert!(
         human.contains("Second Song") && human.contains("ARTIST"),

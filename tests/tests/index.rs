@@ -99,7 +99,7 @@ async fn every_format_is_indexed_with_exact_tags_and_found_by_search() -> Result
 
     // Search: by title, by artist, accented and unaccented, case-insensitive, prefixes.
     let titles = |hits: Vec<coral_proto::Track>| -> Vec<String> {
-        hits.into_iter().filter_map(|t| t.title).collect()
+        hits.into_iter().filter_map(|t| t.tags.title).collect()
     };
     assert_eq!(
         titles(c.track_search("crème brûlée".into(), None, None).await?),

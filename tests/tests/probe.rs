@@ -64,26 +64,42 @@ fn assert_matches_fixture(got: &ProbedTrack, want: &FixtureTrack) {
         (16..=1500).contains(&bitrate),
         "{name}: bitrate {bitrate} kbit/s"
     );
-    assert_eq!(got.title.as_deref(), Some(want.title.as_str()), "{name}");
-    assert_eq!(got.artist.as_deref(), Some(want.artist.as_str()), "{name}");
-    assert_eq!(got.album.as_deref(), Some(want.album.as_str()), "{name}");
     assert_eq!(
-        got.album_artist.as_deref(),
+        got.tags.title.as_deref(),
+        Some(want.title.as_str()),
+        "{name}"
+    );
+    assert_eq!(
+        got.tags.artist.as_deref(),
+        Some(want.artist.as_str()),
+        "{name}"
+    );
+    assert_eq!(
+        got.tags.album.as_deref(),
+        Some(want.album.as_str()),
+        "{name}"
+    );
+    assert_eq!(
+        got.tags.album_artist.as_deref(),
         want.album_artist.as_deref(),
         "{name}: album artist"
     );
     assert_eq!(
-        got.track_number,
+        got.tags.track_number,
         want.track_number.map(|n| n as i32),
         "{name}"
     );
     assert_eq!(
-        got.disc_number,
+        got.tags.disc_number,
         want.disc_number.map(|n| n as i32),
         "{name}"
     );
-    assert_eq!(got.year, want.year, "{name}: year");
-    assert_eq!(got.genre.as_deref(), want.genre.as_deref(), "{name}: genre");
+    assert_eq!(got.tags.year, want.year, "{name}: year");
+    assert_eq!(
+        got.tags.genre.as_deref(),
+        want.genre.as_deref(),
+        "{name}: genre"
+    );
 }
 
 #[test]
@@ -130,7 +146,7 @@ fn content_decides_the_format_not_the_extension() {
         let path = fixtures::make_track(dir.path(), &t).expect("encode");
         let got = probe_ok(&path);
         assert_eq!(got.format, want, "{rel}");
-        assert_eq!(got.title.as_deref(), Some(rel), "{rel}");
+        assert_eq!(got.tags.title.as_deref(), Some(rel), "{rel}");
     }
 }
 
@@ -242,7 +258,7 @@ fn non_utf8_file_names_work() {
     fs::copy(dir.path().join(&flac.rel_path), &path).expect("copy");
     let got = probe_ok(&path);
     assert_eq!(got.format, AudioFormat::Flac);
-    assert_eq!(got.title.as_deref(), Some(flac.title.as_str()));
+    assert_eq!(got.tags.title.as_deref(), Some(flac.title.as_str()));
 }
 
 #[test]
@@ -288,13 +304,13 @@ fn tag_text_is_trimmed_and_cleaned() {
 
     let got = probe_ok(&path);
     assert_eq!(got.format, AudioFormat::Mp3);
-    assert_eq!(got.title.as_deref(), Some("Padded Title"));
-    assert_eq!(got.artist.as_deref(), Some("Alpha; Beta"));
-    assert_eq!(got.album_artist.as_deref(), Some("Spaced Artist"));
-    assert_eq!(got.album, None);
-    assert_eq!(got.track_number, Some(3));
-    assert_eq!(got.year, Some(1999));
-    assert_eq!(got.genre, None);
+    assert_eq!(got.tags.title.as_deref(), Some("Padded Title"));
+    assert_eq!(got.tags.artist.as_deref(), Some("Alpha; Beta"));
+    assert_eq!(got.tags.album_artist.as_deref(), Some("Spaced Artist"));
+    assert_eq!(got.tags.album, None);
+    assert_eq!(got.tags.track_number, Some(3));
+    assert_eq!(got.tags.year, Some(1999));
+    assert_eq!(got.tags.genre, None);
 }
 
 /// A FLAC whose Vorbis comment carries NUL bytes, a tab and blank values.
@@ -326,11 +342,11 @@ fn nul_and_control_characters_in_vorbis_comments_are_cleaned() {
 
     let got = probe_ok(&path);
     assert_eq!(got.format, AudioFormat::Flac);
-    assert_eq!(got.title.as_deref(), Some("Nul; Inside"));
-    assert_eq!(got.artist, None);
-    assert_eq!(got.album.as_deref(), Some("Tab Album"));
-    assert_eq!(got.genre.as_deref(), Some("Rock"));
-    assert_eq!(got.year, Some(2003));
+    assert_eq!(got.tags.title.as_deref(), Some("Nul; Inside"));
+    assert_eq!(got.tags.artist, None);
+    assert_eq!(got.tags.album.as_deref(), Some("Tab Album"));
+    assert_eq!(got.tags.genre.as_deref(), Some("Rock"));
+    assert_eq!(got.tags.year, Some(2003));
 }
 
 /// Rebuilds a FLAC file's metadata: STREAMINFO, then the given VORBIS_COMMENT body as the last

@@ -69,6 +69,21 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether the server refused an operation because of the data it was given (one row's
+/// values), not because of the statement or the server's state: SQLSTATE class 22 (data
+/// exception: NUL in text, bad encoding, out-of-range numbers), 23 (integrity constraint) and
+/// 54 (program limit exceeded: an index row too large). Such a write is worth splitting to
+/// find the row; retrying it unchanged is not.
+pub fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54")),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
+}
+
 /// The error an attempt that got no answer is reported as (transient: an I/O timeout).
 fn timed_out(after: Duration) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::new(

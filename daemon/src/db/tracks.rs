@@ -2,7 +2,7 @@
 //! `UNNEST`), lookups and full-text search for the API.
 
 use chrono::{DateTime, TimeZone, Utc};
-use coral_proto::Track;
+use coral_proto::{Track, TrackTags};
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -30,15 +30,17 @@ pub struct TrackRow {
     pub channels: Option<i32>,
     pub bit_depth: Option<i32>,
     pub bitrate_kbps: Option<i32>,
-    pub title: Option<String>,
-    pub artist: Option<String>,
-    pub album: Option<String>,
-    pub album_artist: Option<String>,
-    pub track_number: Option<i32>,
-    pub disc_number: Option<i32>,
-    pub year: Option<i32>,
-    pub genre: Option<String>,
+    pub tags: TrackTags,
     pub search_text: String,
+}
+
+/// Separates the values of a list inside one `text` parameter of the bulk upsert (PostgreSQL
+/// has no arrays of arrays of different lengths). Tag text never holds control characters:
+/// the probe replaced them.
+const LIST_SEPARATOR: char = '\u{1F}';
+
+fn packed(values: &[String]) -> String {
+    values.join(&LIST_SEPARATOR.to_string())
 }
 
 /// The byte range `[lo, hi)` of relative paths under `subdir` (`subdir/` … `subdir0`, since
@@ -94,14 +96,40 @@ pub async fn upsert_batch(
             rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
         };
     }
+    macro_rules! tag {
+        ($f:ident) => {
+            rows.iter().map(|r| r.tags.$f.clone()).collect::<Vec<_>>()
+        };
+    }
+    macro_rules! list {
+        ($f:ident) => {
+            rows.iter().map(|r| packed(&r.tags.$f)).collect::<Vec<_>>()
+        };
+    }
     let done = sqlx::query(
         "INSERT INTO tracks (library_id, last_scan_id, rel_path, rel_path_text, size, mtime_ns,
             format, codec, duration_ms, sample_rate, channels, bit_depth, bitrate_kbps, title,
-            artist, album, album_artist, track_number, disc_number, year, genre, search_text)
-         SELECT $1, $2, * FROM UNNEST($3::bytea[], $4::text[], $5::int8[], $6::int8[],
+            artist, album, album_artist, track_number, disc_number, year, genre, search_text,
+            artists, album_artists, genres, composer, composers, musicbrainz_recording_id,
+            musicbrainz_track_id, musicbrainz_release_id, musicbrainz_artist_ids, isrc)
+         SELECT $1, $2, u.rel_path, u.rel_path_text, u.size, u.mtime_ns, u.format, u.codec,
+            u.duration_ms, u.sample_rate, u.channels, u.bit_depth, u.bitrate_kbps, u.title,
+            u.artist, u.album, u.album_artist, u.track_number, u.disc_number, u.year, u.genre,
+            u.search_text, string_to_array(u.artists, E'\\x1F'),
+            string_to_array(u.album_artists, E'\\x1F'), string_to_array(u.genres, E'\\x1F'),
+            u.composer, string_to_array(u.composers, E'\\x1F'), u.mb_recording, u.mb_track,
+            u.mb_release, string_to_array(u.mb_artists, E'\\x1F'), u.isrc
+         FROM UNNEST($3::bytea[], $4::text[], $5::int8[], $6::int8[],
             $7::text[], $8::text[], $9::int8[], $10::int4[], $11::int4[], $12::int4[],
             $13::int4[], $14::text[], $15::text[], $16::text[], $17::text[], $18::int4[],
-            $19::int4[], $20::int4[], $21::text[], $22::text[])
+            $19::int4[], $20::int4[], $21::text[], $22::text[], $23::text[], $24::text[],
+            $25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::text[],
+            $31::text[], $32::text[])
+            AS u(rel_path, rel_path_text, size, mtime_ns, format, codec, duration_ms,
+                 sample_rate, channels, bit_depth, bitrate_kbps, title, artist, album,
+                 album_artist, track_number, disc_number, year, genre, search_text, artists,
+                 album_artists, genres, composer, composers, mb_recording, mb_track,
+                 mb_release, mb_artists, isrc)
          ON CONFLICT (library_id, rel_path) DO UPDATE SET
             last_scan_id = EXCLUDED.last_scan_id, rel_path_text = EXCLUDED.rel_path_text,
             size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, format = EXCLUDED.format,
@@ -111,7 +139,14 @@ pub async fn upsert_batch(
             title = EXCLUDED.title, artist = EXCLUDED.artist, album = EXCLUDED.album,
             album_artist = EXCLUDED.album_artist, track_number = EXCLUDED.track_number,
             disc_number = EXCLUDED.disc_number, year = EXCLUDED.year, genre = EXCLUDED.genre,
-            search_text = EXCLUDED.search_text, indexed_at = now()",
+            search_text = EXCLUDED.search_text, artists = EXCLUDED.artists,
+            album_artists = EXCLUDED.album_artists, genres = EXCLUDED.genres,
+            composer = EXCLUDED.composer, composers = EXCLUDED.composers,
+            musicbrainz_recording_id = EXCLUDED.musicbrainz_recording_id,
+            musicbrainz_track_id = EXCLUDED.musicbrainz_track_id,
+            musicbrainz_release_id = EXCLUDED.musicbrainz_release_id,
+            musicbrainz_artist_ids = EXCLUDED.musicbrainz_artist_ids, isrc = EXCLUDED.isrc,
+            indexed_at = now()",
     )
     .bind(library_id)
     .bind(request_id)
@@ -126,15 +161,25 @@ pub async fn upsert_batch(
     .bind(col!(channels))
     .bind(col!(bit_depth))
     .bind(col!(bitrate_kbps))
-    .bind(col!(title))
-    .bind(col!(artist))
-    .bind(col!(album))
-    .bind(col!(album_artist))
-    .bind(col!(track_number))
-    .bind(col!(disc_number))
-    .bind(col!(year))
-    .bind(col!(genre))
+    .bind(tag!(title))
+    .bind(tag!(artist))
+    .bind(tag!(album))
+    .bind(tag!(album_artist))
+    .bind(tag!(track_number))
+    .bind(tag!(disc_number))
+    .bind(tag!(year))
+    .bind(tag!(genre))
     .bind(col!(search_text))
+    .bind(list!(artists))
+    .bind(list!(album_artists))
+    .bind(list!(genres))
+    .bind(tag!(composer))
+    .bind(list!(composers))
+    .bind(tag!(musicbrainz_recording_id))
+    .bind(tag!(musicbrainz_track_id))
+    .bind(tag!(musicbrainz_release_id))
+    .bind(list!(musicbrainz_artist_ids))
+    .bind(tag!(isrc))
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
@@ -176,6 +221,16 @@ pub struct TrackRecord {
     pub disc_number: Option<i32>,
     pub year: Option<i32>,
     pub genre: Option<String>,
+    pub artists: Vec<String>,
+    pub album_artists: Vec<String>,
+    pub genres: Vec<String>,
+    pub composer: Option<String>,
+    pub composers: Vec<String>,
+    pub musicbrainz_recording_id: Option<String>,
+    pub musicbrainz_track_id: Option<String>,
+    pub musicbrainz_release_id: Option<String>,
+    pub musicbrainz_artist_ids: Vec<String>,
+    pub isrc: Option<String>,
     pub has_embedding: bool,
     pub indexed_at: DateTime<Utc>,
 }
@@ -200,14 +255,26 @@ impl From<TrackRecord> for Track {
             channels: r.channels,
             bit_depth: r.bit_depth,
             bitrate_kbps: r.bitrate_kbps,
-            title: r.title,
-            artist: r.artist,
-            album: r.album,
-            album_artist: r.album_artist,
-            track_number: r.track_number,
-            disc_number: r.disc_number,
-            year: r.year,
-            genre: r.genre,
+            tags: TrackTags {
+                title: r.title,
+                album: r.album,
+                artist: r.artist,
+                artists: r.artists,
+                album_artist: r.album_artist,
+                album_artists: r.album_artists,
+                genre: r.genre,
+                genres: r.genres,
+                composer: r.composer,
+                composers: r.composers,
+                track_number: r.track_number,
+                disc_number: r.disc_number,
+                year: r.year,
+                musicbrainz_recording_id: r.musicbrainz_recording_id,
+                musicbrainz_track_id: r.musicbrainz_track_id,
+                musicbrainz_release_id: r.musicbrainz_release_id,
+                musicbrainz_artist_ids: r.musicbrainz_artist_ids,
+                isrc: r.isrc,
+            },
             has_embedding: r.has_embedding,
             indexed_at: r.indexed_at,
         }
@@ -222,7 +289,9 @@ macro_rules! record_columns {
         "t.id, t.library_id, l.path AS library_path, t.rel_path_text,
     t.size, t.mtime_ns, t.format, t.codec, t.duration_ms, t.sample_rate, t.channels, t.bit_depth,
     t.bitrate_kbps, t.title, t.artist, t.album, t.album_artist, t.track_number, t.disc_number,
-    t.year, t.genre,
+    t.year, t.genre, t.artists, t.album_artists, t.genres, t.composer, t.composers,
+    t.musicbrainz_recording_id, t.musicbrainz_track_id, t.musicbrainz_release_id,
+    t.musicbrainz_artist_ids, t.isrc,
             EXISTS (SELECT 1 FROM track_embeddings e
                     WHERE e.track_id = t.id AND e.file_size = t.size AND e.file_mtime_ns = t.mtime_ns
                       AND e.model_id = (SELECT m.id FROM models m

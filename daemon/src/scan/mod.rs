@@ -1,6 +1,7 @@
 //! Indexing: the scan channel and the worker that runs each job through its phases —
 //! walk the tree, probe changed files, store rows in bulk.
 
+pub mod file_names;
 pub mod phase_1_walk;
 pub mod phase_2_probe;
 pub mod phase_3_store;

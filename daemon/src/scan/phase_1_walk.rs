@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::phase_2_probe::is_audio_candidate;
+use super::file_names::{is_audio_candidate, is_ignored_name};
 
 /// A candidate audio file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +72,7 @@ pub(crate) fn mtime_ns(md: &fs::Metadata) -> i64 {
 }
 
 fn skip_name(name: &OsStr) -> bool {
-    let b = name.as_bytes();
-    b.first() == Some(&b'.') || b == b"@eaDir" || b == b"#recycle" || b == b"#snapshot"
+    is_ignored_name(name.as_bytes())
 }
 
 fn join_rel(parent: &[u8], name: &OsStr) -> Vec<u8> {

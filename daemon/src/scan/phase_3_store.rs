@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::phase_1_walk::FoundFile;
 use super::phase_2_probe::{ProbeError, ProbedTrack};
+use crate::db::health::is_data_error;
 use crate::db::scan_errors::{self, ErrorRow};
 use crate::db::tracks::{self, TrackRow};
 use crate::text_fold;
@@ -23,15 +24,23 @@ fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// The row for a probed file.
+/// The row for a probed file. The search document holds every value of every list, so a
+/// track is found by each of its artists.
 pub fn track_row(found: &FoundFile, p: ProbedTrack) -> TrackRow {
-    let search_text = text_fold::search_document([
-        p.title.as_deref(),
-        p.artist.as_deref(),
-        p.album.as_deref(),
-        p.album_artist.as_deref(),
-        p.genre.as_deref(),
-    ]);
+    let t = &p.tags;
+    let lists = [&t.artists, &t.album_artists, &t.genres, &t.composers];
+    let search_text = text_fold::search_document(
+        [
+            t.title.as_deref(),
+            t.artist.as_deref(),
+            t.album.as_deref(),
+            t.album_artist.as_deref(),
+            t.genre.as_deref(),
+            t.composer.as_deref(),
+        ]
+        .into_iter()
+        .chain(lists.into_iter().flatten().map(|v| Some(v.as_str()))),
+    );
     TrackRow {
         rel_path_text: display_path(&found.rel_path),
         rel_path: found.rel_path.clone(),
@@ -44,32 +53,132 @@ pub fn track_row(found: &FoundFile, p: ProbedTrack) -> TrackRow {
         channels: p.channels,
         bit_depth: p.bit_depth,
         bitrate_kbps: p.bitrate_kbps,
-        title: p.title,
-        artist: p.artist,
-        album: p.album,
-        album_artist: p.album_artist,
-        track_number: p.track_number,
-        disc_number: p.disc_number,
-        year: p.year,
-        genre: p.genre,
+        tags: p.tags,
         search_text,
     }
 }
 
 /// The error row for a file that could not be probed.
 pub fn probe_error_row(found: &FoundFile, e: &ProbeError) -> ErrorRow {
+    error_row(
+        found.rel_path.clone(),
+        found.size,
+        found.mtime_ns,
+        e.stage(),
+        &e.to_string(),
+    )
+}
+
+/// An error row; the message is made safe to store (a reader's message may quote the bytes
+/// of a damaged file).
+pub fn error_row(
+    rel_path: Vec<u8>,
+    size: u64,
+    mtime_ns: i64,
+    stage: &str,
+    message: &str,
+) -> ErrorRow {
+    let message: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(2000)
+        .collect();
     ErrorRow {
-        rel_path: found.rel_path.clone(),
-        rel_path_text: display_path(&found.rel_path),
-        size: clamp_i64(found.size),
-        mtime_ns: found.mtime_ns,
-        stage: e.stage().to_owned(),
-        message: e.to_string(),
+        rel_path_text: display_path(&rel_path),
+        rel_path,
+        size: clamp_i64(size),
+        mtime_ns,
+        stage: stage.to_owned(),
+        message,
     }
 }
 
-/// Write one batch in one transaction.
+/// What a batch write did: rows the database refused become errors of their files.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchWritten {
+    pub indexed: u64,
+    pub failed: u64,
+}
+
+/// Write one batch: tracks upserted, their old errors cleared, new errors recorded, in one
+/// transaction. When the database refuses the batch because of the data in it (see
+/// [`is_data_error`]), the tracks are written one by one instead and each refused one is
+/// recorded as a failed file with the database's reason: one file never fails a scan. Errors
+/// that mean the database is unavailable are returned (the caller retries the whole batch:
+/// every write is an upsert, so repeating one is safe).
 pub async fn write_batch(
+    pool: &PgPool,
+    library_id: i64,
+    request_id: Uuid,
+    tracks_rows: &[TrackRow],
+    errors: &[ErrorRow],
+) -> sqlx::Result<BatchWritten> {
+    match write_together(pool, library_id, request_id, tracks_rows, errors).await {
+        Ok(()) => {
+            return Ok(BatchWritten {
+                indexed: tracks_rows.len() as u64,
+                failed: errors.len() as u64,
+            });
+        }
+        Err(e) if !is_data_error(&e) => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, rows = tracks_rows.len(), "the database refused a batch; writing its rows one by one");
+        }
+    }
+    let mut errors = errors.to_vec();
+    let mut indexed = 0;
+    for row in tracks_rows {
+        match write_together(pool, library_id, request_id, std::slice::from_ref(row), &[]).await {
+            Ok(()) => indexed += 1,
+            Err(e) if is_data_error(&e) => {
+                let reason = refusal_reason(&e);
+                tracing::warn!(track_path = %row.rel_path_text, error = %reason, "track not stored");
+                errors.push(error_row(
+                    row.rel_path.clone(),
+                    u64::try_from(row.size).unwrap_or(0),
+                    row.mtime_ns,
+                    "store",
+                    &format!("the database refused its data: {reason}"),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let failed = errors.len() as u64;
+    match write_together(pool, library_id, request_id, &[], &errors).await {
+        Ok(()) => return Ok(BatchWritten { indexed, failed }),
+        Err(e) if !is_data_error(&e) => return Err(e),
+        Err(_) => {}
+    }
+    // One by one; a message the database refuses is replaced by a plain one.
+    for err in &errors {
+        match write_together(pool, library_id, request_id, &[], std::slice::from_ref(err)).await {
+            Ok(()) => {}
+            Err(e) if is_data_error(&e) => {
+                let plain = ErrorRow {
+                    message:
+                        "the file could not be indexed, and its error message could not be stored"
+                            .into(),
+                    ..err.clone()
+                };
+                write_together(pool, library_id, request_id, &[], &[plain]).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(BatchWritten { indexed, failed })
+}
+
+/// The server's reason for refusing a row, for a person: "invalid byte sequence for encoding
+/// \"UTF8\": 0x00".
+fn refusal_reason(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
+async fn write_together(
     pool: &PgPool,
     library_id: i64,
     request_id: Uuid,

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::phase_1_walk::{self, FoundFile, WalkError, WalkObserver};
 use super::phase_2_probe;
-use super::phase_3_store::{self, display_path};
+use super::phase_3_store;
 use super::queue::{ScanJob, ScanQueue};
 use crate::db::health::{self, DbHealth, RetryError};
 use crate::db::scan_errors::ErrorRow;
@@ -368,13 +368,14 @@ impl ScanWorker {
             let rows: Vec<ErrorRow> = walked
                 .issues
                 .iter()
-                .map(|i| ErrorRow {
-                    rel_path: i.rel_path.clone(),
-                    rel_path_text: display_path(&i.rel_path),
-                    size: i64::try_from(i.size).unwrap_or(i64::MAX),
-                    mtime_ns: i.mtime_ns,
-                    stage: "walk".into(),
-                    message: i.message.clone(),
+                .map(|i| {
+                    phase_3_store::error_row(
+                        i.rel_path.clone(),
+                        i.size,
+                        i.mtime_ns,
+                        "walk",
+                        &i.message,
+                    )
                 })
                 .collect();
             self.with_db(h, "write walk issues", || {
@@ -486,7 +487,7 @@ impl ScanWorker {
             }
             // A batch that fails because the database is down is written again once it is
             // back: never dropped, and the scan does not fail for it.
-            if let Err(e) = self
+            let written = match self
                 .with_db(&job.handle, "write batch", || {
                     phase_3_store::write_batch(
                         &self.pool,
@@ -498,12 +499,15 @@ impl ScanWorker {
                 })
                 .await
             {
-                result = Err(e);
-                break;
-            }
+                Ok(written) => written,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
             test_batch_pause().await;
-            ScanCounters::add(&c.tracks_indexed, rows.len() as u64);
-            ScanCounters::add(&c.tracks_failed, errors.len() as u64);
+            ScanCounters::add(&c.tracks_indexed, written.indexed);
+            ScanCounters::add(&c.tracks_failed, written.failed);
             self.heartbeat.beat();
         }
         drop(rx);

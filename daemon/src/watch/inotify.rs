@@ -52,7 +52,7 @@ use super::debounce::{Debouncer, is_under, join, parent_of, rebase};
 use super::{Command, Published, WatchConfig, mounts, poll};
 use crate::db::{libraries, tracks};
 use crate::progress::{ScanHandle, ScanReporter};
-use crate::scan::phase_2_probe::is_audio_candidate;
+use crate::scan::file_names::{is_audio_candidate, is_ignored_name};
 use crate::scan::queue::{QueueError, ScanQueue, ScanRequest};
 
 const EVENT_BUFFER: usize = 64 * 1024;
@@ -78,11 +78,6 @@ fn watch_mask() -> WatchMask {
         | WatchMask::MOVE_SELF
         | WatchMask::ONLYDIR
         | WatchMask::EXCL_UNLINK
-}
-
-/// Names the scanner skips (hidden entries, NAS metadata folders); the watcher ignores them.
-pub fn ignored_name(name: &[u8]) -> bool {
-    name.first() == Some(&b'.') || name == b"@eaDir" || name == b"#recycle" || name == b"#snapshot"
 }
 
 fn is_audio(name: &[u8]) -> bool {
@@ -176,7 +171,7 @@ pub fn arm_tree(
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            if ignored_name(name.as_bytes()) {
+            if is_ignored_name(name.as_bytes()) {
                 continue;
             }
             let Ok(ft) = entry.file_type() else {
@@ -992,7 +987,7 @@ impl Actor {
             match ev.name {
                 None => self.self_event(id, &dir, ev.mask, now, &mut new_dirs),
                 Some(name) => {
-                    if ignored_name(&name) {
+                    if is_ignored_name(&name) {
                         continue;
                     }
                     self.child_event(id, dir, name, ev.mask, ev.cookie, now, &mut new_dirs)
@@ -1325,16 +1320,6 @@ async fn read_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ignored_names_match_the_scanner() {
-        assert!(ignored_name(b".hidden"));
-        assert!(ignored_name(b".song.mp3.tmp"));
-        assert!(ignored_name(b"@eaDir"));
-        assert!(!ignored_name(b"Album"));
-        assert!(is_audio(b"x.FLAC"));
-        assert!(!is_audio(b"x.mp3.part"));
-    }
 
     #[test]
     fn arming_watches_every_directory_once_and_honours_the_limit() {

@@ -1,0 +1,276 @@
+//! Phase 2 of a scan: probe one file — decide its audio format from its content, check cheaply
+//! that it is complete, then read its tags and audio properties with lofty.
+//!
+//! [`probe_file`] is called from the scan worker's rayon threads, many files at once; it opens
+//! the file once, sniffs the first bytes itself (the extension is never trusted: a FLAC stream
+//! named `.mp3` is indexed as FLAC), runs the format's integrity checks with positioned reads on
+//! the same descriptor, and then hands that descriptor to lofty's parser for the detected type.
+//! Any panic inside lofty is caught and reported as a [`ProbeError`]; nothing here panics on
+//! file contents.
+
+mod detect;
+mod ffprobe;
+mod integrity;
+mod lofty_reader;
+mod source;
+mod tags;
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+pub use super::file_names::is_audio_candidate;
+pub use tags::TrackTags;
+
+use source::{Source, io_reason};
+
+/// Bytes read from the start of the file (and again after a leading ID3v2 tag) to sniff it.
+const SNIFF_LEN: usize = 4096;
+/// Junk allowed before the first MPEG/ADTS frame sync (lofty's default `max_junk_bytes`).
+const MAX_JUNK: usize = 1024;
+
+/// The container/stream format of an audio file, decided from its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AudioFormat {
+    /// MPEG-1/2/2.5 audio (layer III, or layer I/II with the same framing).
+    Mp3,
+    Flac,
+    OggVorbis,
+    Opus,
+    /// Speex in Ogg.
+    Speex,
+    /// FLAC in Ogg (read with FFmpeg).
+    OggFlac,
+    /// MPEG-4 container (m4a, m4b, mp4): AAC, ALAC, …
+    Mp4,
+    /// Raw AAC stream (`.aac`): ADTS, or ADIF (read with FFmpeg).
+    Aac,
+    /// WAV, including RF64/BW64 and stream-written WAV (those read with FFmpeg).
+    Wav,
+    /// AIFF and AIFC.
+    Aiff,
+    /// Monkey's Audio.
+    Ape,
+    WavPack,
+    Musepack,
+    /// Windows Media Audio in ASF (read with FFmpeg).
+    Wma,
+    /// DSD stream files (read with FFmpeg).
+    Dsf,
+    /// DSDIFF (read with FFmpeg).
+    Dff,
+    /// TrueAudio (read with FFmpeg).
+    TrueAudio,
+    /// Tom's lossless Audio Kompressor (read with FFmpeg).
+    Tak,
+    /// OptimFROG (read with FFmpeg where it has a decoder; counted otherwise).
+    OptimFrog,
+    /// Raw AC-3 / E-AC-3 (read with FFmpeg).
+    Ac3,
+    /// Raw DTS (read with FFmpeg).
+    Dts,
+    /// Shorten (read with FFmpeg).
+    Shorten,
+    /// Matroska / WebM with an audio track (read with FFmpeg).
+    Matroska,
+}
+
+impl AudioFormat {
+    /// Stable lower-case name, as stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mp3 => "mp3",
+            Self::Flac => "flac",
+            Self::OggVorbis => "ogg_vorbis",
+            Self::Opus => "opus",
+            Self::Speex => "speex",
+            Self::OggFlac => "ogg_flac",
+            Self::Mp4 => "mp4",
+            Self::Aac => "aac",
+            Self::Wav => "wav",
+            Self::Aiff => "aiff",
+            Self::Ape => "ape",
+            Self::WavPack => "wavpack",
+            Self::Musepack => "musepack",
+            Self::Wma => "wma",
+            Self::Dsf => "dsf",
+            Self::Dff => "dff",
+            Self::TrueAudio => "tta",
+            Self::Tak => "tak",
+            Self::OptimFrog => "optimfrog",
+            Self::Ac3 => "ac3",
+            Self::Dts => "dts",
+            Self::Shorten => "shorten",
+            Self::Matroska => "matroska",
+        }
+    }
+}
+
+impl fmt::Display for AudioFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a probe learns about one audio file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbedTrack {
+    pub format: AudioFormat,
+    /// Codec inside the container, e.g. "mp3", "flac", "vorbis", "opus", "aac", "alac",
+    /// "pcm_s16le", "pcm_s16be", "wmav2".
+    pub codec: Option<String>,
+    pub duration_ms: i64,
+    pub sample_rate: Option<i32>,
+    pub channels: Option<i32>,
+    pub bit_depth: Option<i32>,
+    pub bitrate_kbps: Option<i32>,
+    pub tags: TrackTags,
+}
+
+/// Why a file could not be probed. Each message is meant for a person reading a scan report.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The file could not be opened (or is not a regular file).
+    #[error("unreadable: {reason}")]
+    Unreadable { reason: String },
+    /// Reading failed after the file was opened (I/O error).
+    #[error("read error: {reason}")]
+    ReadFailed { reason: String },
+    #[error("empty file (0 bytes)")]
+    Empty,
+    /// The content is not an audio format we know.
+    #[error("not an audio file: {reason}")]
+    NotAudio { reason: String },
+    /// Audio, but a variant we cannot read (e.g. FLAC inside Ogg, RF64).
+    #[error("unsupported audio format: {reason}")]
+    Unsupported { reason: String },
+    /// The headers declare more audio than the file holds.
+    #[error("truncated: {reason}")]
+    Truncated { format: AudioFormat, reason: String },
+    /// The headers are damaged or inconsistent.
+    #[error("corrupt {format} file: {reason}")]
+    Corrupt { format: AudioFormat, reason: String },
+}
+
+impl ProbeError {
+    /// Which scan stage failed: "open" (could not open the file) or "probe" (its content).
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Self::Unreadable { .. } => "open",
+            _ => "probe",
+        }
+    }
+}
+
+/// Probes one file: format from content, integrity checks, tags and audio properties.
+pub fn probe_file(path: &Path) -> Result<ProbedTrack, ProbeError> {
+    // O_NONBLOCK: opening a FIFO must not block the scan; no effect on regular files.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| ProbeError::Unreadable {
+            reason: io_reason(&e),
+        })?;
+    let meta = file.metadata().map_err(|e| ProbeError::Unreadable {
+        reason: io_reason(&e),
+    })?;
+    if meta.is_dir() {
+        return Err(ProbeError::Unreadable {
+            reason: "is a directory".into(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(ProbeError::Unreadable {
+            reason: "not a regular file".into(),
+        });
+    }
+    let len = meta.len();
+    if len == 0 {
+        return Err(ProbeError::Empty);
+    }
+    if let Some(kind) = super::file_names::out_of_scope_kind(path) {
+        return Err(ProbeError::Unsupported {
+            reason: format!("{kind}: out of scope, not indexed"),
+        });
+    }
+    let src = Source::new(&file, len)?;
+    let sniffed = detect::sniff(&src)?;
+    let track = match integrity::precheck(&src, &sniffed) {
+        // A variant of a known container that lofty refuses (a WAV written as a stream):
+        // FFmpeg may read it.
+        Err(e @ ProbeError::Unsupported { .. }) => ffmpeg_or(path, sniffed.format, e)?,
+        Err(e) => return Err(e),
+        Ok(()) if !sniffed.lofty_reads() => ffprobe::probe(path, sniffed.format)?,
+        Ok(()) => match lofty_reader::parse_with_lofty(path, &file, sniffed.format) {
+            Ok(parsed) => lofty_reader::build_track(path, sniffed.format, parsed),
+            // lofty refuses some valid files (odd metadata blocks, damaged frames lofty cannot
+            // skip): the audio decides, so FFmpeg gets a say before the file is called corrupt.
+            Err(e @ (ProbeError::Corrupt { .. } | ProbeError::Unsupported { .. })) => {
+                ffmpeg_or(path, sniffed.format, e)?
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    integrity::postcheck(&src, &sniffed, &track)?;
+    Ok(track)
+}
+
+/// FFmpeg's reading of a file the primary path refused with `first`; `first` when FFmpeg
+/// cannot read it either.
+fn ffmpeg_or(
+    path: &Path,
+    format: AudioFormat,
+    first: ProbeError,
+) -> Result<ProbedTrack, ProbeError> {
+    match ffprobe::probe(path, format) {
+        Ok(track) => {
+            tracing::warn!(track_path = %path.display(), error = %first, "read with FFmpeg after the tag reader refused it");
+            Ok(track)
+        }
+        Err(e) => {
+            tracing::debug!(track_path = %path.display(), error = %e, "FFmpeg cannot read it either");
+            Err(first)
+        }
+    }
+}
+
+impl AudioFormat {
+    /// Whether lofty has a reader for the format.
+    fn lofty_reads(self) -> bool {
+        matches!(
+            self,
+            Self::Mp3
+                | Self::Flac
+                | Self::OggVorbis
+                | Self::Opus
+                | Self::Speex
+                | Self::Mp4
+                | Self::Aac
+                | Self::Wav
+                | Self::Aiff
+                | Self::Ape
+                | Self::WavPack
+                | Self::Musepack
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_stages() {
+        assert_eq!(
+            ProbeError::Unreadable {
+                reason: "permission denied".into()
+            }
+            .stage(),
+            "open"
+        );
+        assert_eq!(ProbeError::Empty.stage(), "probe");
+        assert_eq!(ProbeError::Empty.to_string(), "empty file (0 bytes)");
+    }
+}
