@@ -228,6 +228,11 @@ pub fn id3_txxx(description: &str, value: &[u8]) -> Vec<u8> {
     b
 }
 
+/// A TXXX frame.
+fn id3_txxx_frame(description: &str, value: &[u8]) -> Vec<u8> {
+    id3_frame(b"TXXX", &id3_txxx(description, value), None)
+}
+
 /// An ID3v2.4 tag around `frames`; `declared` overrides the tag size field.
 pub fn id3_tag(frames: &[u8], declared: Option<u32>) -> Vec<u8> {
     let mut t = b"ID3\x04\x00\x00".to_vec();
@@ -450,7 +455,102 @@ pub fn build(root: &Path, opts: CorpusOptions) -> Result<Corpus> {
         short_audio.to_vec(),
     ]
     .concat();
+    // What real taggers and damaged files put in tags: NUL-separated values (ID3v2.4, as
+    // Picard writes several artists), NUL and control bytes inside text, two ID3v2 tags,
+    // duplicate frames, a broken rating (POPM) frame and a TYER frame cut short. Each indexes.
+    let nul_artists = [
+        id3_tag(
+            &[
+                id3_frame(b"TIT2", &id3_text("Two Artists"), None),
+                id3_frame(b"TPE1", &id3_text("Alpha\0Beta"), None),
+                id3_frame(b"TCON", &id3_text("Rock\0Jazz\0"), None),
+            ]
+            .concat(),
+            None,
+        ),
+        short_audio.to_vec(),
+    ]
+    .concat();
+    let control_bytes = [
+        id3_tag(
+            &[
+                id3_frame(b"TIT2", &id3_text("Bell\u{7}\0\u{1b}[31mRed"), None),
+                id3_frame(b"TALB", &[0u8, 0, 0, 0], None),
+                id3_txxx_frame("MusicBrainz Album Id", b"\0\0id\0"),
+            ]
+            .concat(),
+            None,
+        ),
+        short_audio.to_vec(),
+    ]
+    .concat();
+    let two_tags = [
+        id3_tag(&id3_frame(b"TIT2", &id3_text("First Tag"), None), None),
+        id3_tag(&id3_frame(b"TIT2", &id3_text("Second Tag"), None), None),
+        short_audio.to_vec(),
+    ]
+    .concat();
+    let duplicate_frames = [
+        id3_tag(
+            &[
+                id3_frame(b"TIT2", &id3_text("Once"), None),
+                id3_frame(b"TIT2", &id3_text("Twice"), None),
+                id3_frame(b"TPE1", &id3_text("Same"), None),
+                id3_frame(b"TPE1", &id3_text("Same"), None),
+            ]
+            .concat(),
+            None,
+        ),
+        short_audio.to_vec(),
+    ]
+    .concat();
+    let broken_frames = [
+        id3_tag(
+            &[
+                id3_frame(b"TIT2", &id3_text("Broken Rating"), None),
+                // POPM: e-mail, then the rating byte and counter are missing.
+                id3_frame(b"POPM", b"no-terminator", None),
+                // TYER with an encoding byte only.
+                id3_frame(b"TYER", &[3u8], None),
+                id3_frame(b"TPE1", &id3_text("Still Read"), None),
+            ]
+            .concat(),
+            None,
+        ),
+        short_audio.to_vec(),
+    ]
+    .concat();
     for (name, bytes, expect, embed) in [
+        (
+            "tags/nul-separated-artists.mp3",
+            nul_artists,
+            Expect::Indexed,
+            EmbedExpect::Nothing,
+        ),
+        (
+            "tags/control-bytes.mp3",
+            control_bytes,
+            Expect::Indexed,
+            EmbedExpect::Nothing,
+        ),
+        (
+            "tags/two-id3v2-tags.mp3",
+            two_tags,
+            Expect::Indexed,
+            EmbedExpect::Nothing,
+        ),
+        (
+            "tags/duplicate-frames.mp3",
+            duplicate_frames,
+            Expect::Indexed,
+            EmbedExpect::Nothing,
+        ),
+        (
+            "tags/broken-popm-and-tyer.mp3",
+            broken_frames,
+            Expect::Indexed,
+            EmbedExpect::Nothing,
+        ),
         (
             "tags/huge-frame.mp3",
             huge_frame,

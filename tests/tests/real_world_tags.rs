@@ -278,3 +278,35 @@ fn missing_ffmpeg_is_named_in_the_reason() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn adts_aac_and_headerless_vbr_mpeg_durations_are_within_one_percent() -> Result<()> {
+    let dir = TempDir::new()?;
+    let noise = |rate: u32| format!("anoisesrc=duration=60:sample_rate={rate}:amplitude=0.3");
+    let cases: [(&str, String, &[&str]); 3] = [
+        (
+            "vbr.aac",
+            noise(44_100),
+            &["-c:a", "aac", "-q:a", "1", "-f", "adts"],
+        ),
+        (
+            "cbr.aac",
+            noise(44_100),
+            &["-c:a", "aac", "-b:a", "128k", "-f", "adts"],
+        ),
+        // MPEG-2.5 (8 kHz), VBR, no Xing header: only the frames tell the length.
+        (
+            "mpeg25.mp3",
+            noise(8_000),
+            &["-c:a", "libmp3lame", "-q:a", "5", "-write_xing", "0"],
+        ),
+    ];
+    for (name, src, codec) in cases {
+        let args = ["-f", "lavfi", "-i", src.as_str()];
+        let input: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let path = encode_into_place_with(dir.path(), name, &input, codec)?;
+        let secs = probe_ok(&path).duration_ms as f64 / 1000.0;
+        assert!((secs - 60.0).abs() < 0.6, "{name}: {secs} s");
+    }
+    Ok(())
+}

@@ -29,6 +29,10 @@ pub(crate) enum Layout {
     Aiff {
         aifc: bool,
     },
+    /// Raw ADTS AAC: the first frame header is at `frame_offset`.
+    Adts {
+        frame_offset: u64,
+    },
     /// A format lofty has no reader for, or a variant of one it refuses (RF64): no integrity
     /// check of ours, read with FFmpeg.
     FfmpegOnly,
@@ -277,7 +281,7 @@ pub(crate) fn sniff_mpeg_or_adts(
                 return Ok(Some(Sniffed {
                     format: AudioFormat::Aac,
                     start,
-                    layout: Layout::Other,
+                    layout: Layout::Adts { frame_offset: here },
                 }));
             }
         }

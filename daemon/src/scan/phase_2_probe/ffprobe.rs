@@ -4,8 +4,10 @@
 //!
 //! ffprobe runs as a child process: a crash or hang in its C code cannot take corald down. It
 //! gets [`TIME_LIMIT`] (then it is killed), its output is read up to [`OUTPUT_LIMIT`], and
-//! stderr up to a few kB for the error message. The binary is `ffprobe` on `PATH`, or the one
-//! named by the environment variable `CORAL_FFPROBE`.
+//! stderr up to a few kB for the error message. A file whose headers state no length (Shorten,
+//! some WMA and WavPack files) is decoded once by `ffmpeg` to measure it, within
+//! [`DECODE_TIME_LIMIT`]. The binaries are `ffprobe` and `ffmpeg` on `PATH`, or those named by
+//! the environment variables `CORAL_FFPROBE` and `CORAL_FFMPEG`.
 
 use std::io::Read;
 use std::path::Path;
@@ -19,6 +21,8 @@ use super::{AudioFormat, ProbeError, ProbedTrack};
 
 /// Longest an ffprobe run may take.
 pub const TIME_LIMIT: Duration = Duration::from_secs(10);
+/// Longest a decode to measure a file's length may take.
+pub const DECODE_TIME_LIMIT: Duration = Duration::from_secs(60);
 /// Most bytes of ffprobe's JSON read.
 const OUTPUT_LIMIT: u64 = 1 << 20;
 /// Most bytes of ffprobe's stderr kept for the error message.
@@ -57,10 +61,28 @@ fn ffprobe_binary() -> std::ffi::OsString {
     std::env::var_os("CORAL_FFPROBE").unwrap_or_else(|| "ffprobe".into())
 }
 
+fn ffmpeg_binary() -> std::ffi::OsString {
+    std::env::var_os("CORAL_FFMPEG").unwrap_or_else(|| "ffmpeg".into())
+}
+
 /// Reads `path` with ffprobe. `format` is what the content sniff decided (it names the file's
 /// format in messages and in the database).
 pub fn probe(path: &Path, format: AudioFormat) -> Result<ProbedTrack, ProbeError> {
-    let out = run(path, format)?;
+    let mut cmd = Command::new(ffprobe_binary());
+    cmd.args([
+        "-v",
+        "error",
+        "-hide_banner",
+        "-of",
+        "json",
+        "-show_format",
+        "-show_streams",
+        "-select_streams",
+        "a:0",
+        "-i",
+    ])
+    .arg(path);
+    let out = run(cmd, format, TIME_LIMIT)?;
     let parsed: Output = serde_json::from_slice(&out).map_err(|e| ProbeError::Corrupt {
         format,
         reason: format!("FFmpeg's report could not be read: {e}"),
@@ -68,21 +90,35 @@ pub fn probe(path: &Path, format: AudioFormat) -> Result<ProbedTrack, ProbeError
     track_from(path, format, parsed)
 }
 
-fn run(path: &Path, format: AudioFormat) -> Result<Vec<u8>, ProbeError> {
-    let mut child = Command::new(ffprobe_binary())
-        .args([
-            "-v",
-            "error",
-            "-hide_banner",
-            "-of",
-            "json",
-            "-show_format",
-            "-show_streams",
-            "-select_streams",
-            "a:0",
-            "-i",
-        ])
-        .arg(path)
+/// The length of the first audio stream of `path`, found by decoding it with FFmpeg (for files
+/// whose headers state none: Shorten, WMA and WavPack written as streams).
+pub fn decoded_duration(path: &Path, format: AudioFormat) -> Result<f64, ProbeError> {
+    let mut cmd = Command::new(ffmpeg_binary());
+    cmd.args(["-nostdin", "-v", "error", "-i"]).arg(path).args([
+        "-map",
+        "0:a:0",
+        "-f",
+        "null",
+        "-progress",
+        "pipe:1",
+        "-",
+    ]);
+    let out = run(cmd, format, DECODE_TIME_LIMIT)?;
+    let text = String::from_utf8_lossy(&out);
+    text.lines()
+        .filter_map(|l| l.strip_prefix("out_time_us="))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .next_back()
+        .map(|us| us / 1e6)
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .ok_or_else(|| ProbeError::Corrupt {
+            format,
+            reason: "FFmpeg decodes no audio from it".into(),
+        })
+}
+
+fn run(mut cmd: Command, format: AudioFormat, limit: Duration) -> Result<Vec<u8>, ProbeError> {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -109,7 +145,7 @@ fn run(path: &Path, format: AudioFormat) -> Result<Vec<u8>, ProbeError> {
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
-            Ok(None) if started.elapsed() >= TIME_LIMIT => {
+            Ok(None) if started.elapsed() >= limit => {
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
@@ -129,7 +165,7 @@ fn run(path: &Path, format: AudioFormat) -> Result<Vec<u8>, ProbeError> {
             format,
             reason: format!(
                 "FFmpeg did not finish reading it within {} s",
-                TIME_LIMIT.as_secs()
+                limit.as_secs()
             ),
         });
     };
@@ -180,11 +216,9 @@ fn track_from(path: &Path, format: AudioFormat, out: Output) -> Result<ProbedTra
     let secs = number::<f64>(stream.duration.as_ref())
         .or_else(|| number::<f64>(fmt.duration.as_ref()))
         .filter(|d| d.is_finite() && *d > 0.0);
-    let Some(secs) = secs else {
-        return Err(ProbeError::Corrupt {
-            format,
-            reason: "FFmpeg finds no audio duration in it".into(),
-        });
+    let secs = match secs {
+        Some(secs) => secs,
+        None => decoded_duration(path, format)?,
     };
     let positive = |v: Option<i64>| v.filter(|v| *v > 0).and_then(|v| i32::try_from(v).ok());
     let bitrate = number::<i64>(stream.bit_rate.as_ref())

@@ -1,12 +1,22 @@
 //! Phase 2 of a scan: probe one file — decide its audio format from its content, check cheaply
-//! that it is complete, then read its tags and audio properties with lofty.
+//! that it is complete, then read its tags and audio properties.
 //!
 //! [`probe_file`] is called from the scan worker's rayon threads, many files at once; it opens
-//! the file once, sniffs the first bytes itself (the extension is never trusted: a FLAC stream
-//! named `.mp3` is indexed as FLAC), runs the format's integrity checks with positioned reads on
-//! the same descriptor, and then hands that descriptor to lofty's parser for the detected type.
-//! Any panic inside lofty is caught and reported as a [`ProbeError`]; nothing here panics on
-//! file contents.
+//! the file once, and:
+//! 1. `detect` sniffs the first bytes (the extension is never trusted: a FLAC stream named
+//!    `.mp3` is indexed as FLAC);
+//! 2. `integrity` runs the format's truncation checks with positioned reads on the same
+//!    descriptor;
+//! 3. `lofty_reader` hands that descriptor to lofty's parser for the detected type (any panic
+//!    inside lofty is caught), or, for formats lofty has no reader for (WMA, DSF/DFF, TrueAudio,
+//!    TAK, AC-3, DTS, Shorten, Matroska/WebM, Ogg FLAC, RF64), `ffprobe` reads the file in a
+//!    time-limited child process. A file lofty refuses as corrupt is given to FFmpeg as well
+//!    before it is called corrupt: a damaged tag frame is not damaged audio;
+//! 4. `tags` cleans every tag value where it enters (NUL splits values, control characters,
+//!    length) and builds the lists (artists, genres, …).
+//!
+//! Nothing here panics on file contents. Tracker modules and MIDI files are counted as out of
+//! scope (an `Unsupported` error that names them), never silently skipped.
 
 mod detect;
 mod ffprobe;
@@ -197,14 +207,27 @@ pub fn probe_file(path: &Path) -> Result<ProbedTrack, ProbeError> {
     }
     let src = Source::new(&file, len)?;
     let sniffed = detect::sniff(&src)?;
-    let track = match integrity::precheck(&src, &sniffed) {
+    let mut track = match integrity::precheck(&src, &sniffed) {
         // A variant of a known container that lofty refuses (a WAV written as a stream):
         // FFmpeg may read it.
         Err(e @ ProbeError::Unsupported { .. }) => ffmpeg_or(path, sniffed.format, e)?,
         Err(e) => return Err(e),
         Ok(()) if !sniffed.lofty_reads() => ffprobe::probe(path, sniffed.format)?,
         Ok(()) => match lofty_reader::parse_with_lofty(path, &file, sniffed.format) {
-            Ok(parsed) => lofty_reader::build_track(path, sniffed.format, parsed),
+            Ok(parsed) => {
+                let mut track = lofty_reader::build_track(path, sniffed.format, parsed);
+                if track.duration_ms == 0 {
+                    // lofty found no length in the headers (a WavPack or APE file written as
+                    // a stream): measure it.
+                    match ffprobe::decoded_duration(path, sniffed.format) {
+                        Ok(secs) => track.duration_ms = (secs * 1000.0).round() as i64,
+                        Err(e) => {
+                            tracing::debug!(track_path = %path.display(), error = %e, "length unknown")
+                        }
+                    }
+                }
+                track
+            }
             // lofty refuses some valid files (odd metadata blocks, damaged frames lofty cannot
             // skip): the audio decides, so FFmpeg gets a say before the file is called corrupt.
             Err(e @ (ProbeError::Corrupt { .. } | ProbeError::Unsupported { .. })) => {
@@ -213,6 +236,9 @@ pub fn probe_file(path: &Path) -> Result<ProbedTrack, ProbeError> {
             Err(e) => return Err(e),
         },
     };
+    if let Some(secs) = integrity::counted_duration(&src, &sniffed)? {
+        track.duration_ms = (secs * 1000.0).round() as i64;
+    }
     integrity::postcheck(&src, &sniffed, &track)?;
     Ok(track)
 }

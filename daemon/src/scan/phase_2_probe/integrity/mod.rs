@@ -17,16 +17,17 @@
 //! Not detected (cheaply, or at all): an MP3 without a Xing/VBRI header cut at a frame
 //! boundary (it is simply a shorter CBR stream, and lofty's duration is then computed from
 //! the size, so it is honest); an MP3 missing less than 10 % of its Xing byte count (some
-//! encoders count their ID3v2 tag in it); WAV/AIFF missing less than 0.1 % of the data size;
+//! encoders count their ID3v2 tag in it); WAV/AIFF missing less than 1 % of the data size;
 //! an Ogg stream cut exactly at a page boundary (indistinguishable from a stream capture
 //! without an end-of-stream page; its duration comes from the last page, so it is honest);
 //! a FLAC file cut inside its very last frame, or one whose STREAMINFO leaves the total
 //! sample count at 0 (written to a pipe); raw ADTS AAC, APE, WavPack and Musepack files (no
 //! declared length is checked).
 //!
-//! WAV/AIFF files written to a pipe (data size left at 0 or 0xFFFFFFFF) are reported as
-//! unsupported: lofty cannot read them. When lofty fails on a file's tags but reads its audio
-//! properties, the file is kept without tags and a warning is logged.
+//! A file shorter than its headers declare is reported as truncated, whatever reads it: that is
+//! what a half-copied album looks like, and indexing it would show a length it cannot play.
+//! WAV/AIFF files written to a pipe (data size left at 0 or 0xFFFFFFFF) are handed to FFmpeg,
+//! which reads them (lofty cannot).
 
 pub(crate) mod flac;
 pub(crate) mod mp4;
@@ -47,13 +48,29 @@ pub(crate) fn precheck(src: &Source<'_>, s: &Sniffed) -> Result<(), ProbeError> 
         Layout::Mp4 => mp4::check_atoms(src),
         Layout::Wav => riff::check_wav(src),
         Layout::Aiff { aifc } => riff::check_aiff(src, *aifc),
-        Layout::FfmpegOnly | Layout::Other => Ok(()),
+        Layout::Adts { .. } | Layout::FfmpegOnly | Layout::Other => Ok(()),
     }
 }
 
-/// Tolerated shortfall for exact container sizes: buggy writers are off by a little.
+/// Tolerated shortfall for exact container sizes: buggy writers are off by a little, and a file
+/// missing up to 1 % of its declared audio (or one sample frame) still plays.
 pub(crate) fn slack(declared: u64, unit: u64) -> u64 {
-    (declared / 1000).max(unit)
+    (declared / 100).max(unit)
+}
+
+/// The length of a stream whose headers cannot give it exactly, from its frames: raw ADTS AAC
+/// (lofty estimates it from the first frames' bitrate, several % off) and MPEG audio without a
+/// Xing/VBRI header whose first frames' bitrates differ (VBR: an estimate from the first
+/// frame can be off by half). Reads the frame headers to the end of the file; `None` for
+/// every other stream, where the header's length is kept.
+pub(crate) fn counted_duration(src: &Source<'_>, s: &Sniffed) -> Result<Option<f64>, ProbeError> {
+    match &s.layout {
+        Layout::Adts { frame_offset } => mpeg::adts_duration(src, *frame_offset),
+        Layout::Mpeg(info) if info.vbr_frames.is_none() && mpeg::starts_variable(src, info)? => {
+            mpeg::mpeg_duration(src, info)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// The checks that need the reader's results.

@@ -4,6 +4,13 @@ use super::super::detect::MpegInfo;
 use super::super::source::{Source, human_bytes};
 use super::super::{AudioFormat, ProbeError};
 
+/// Bytes read at a time while walking frame headers.
+const WALK_CHUNK: usize = 256 * 1024;
+/// Frames walked at most (≈ 7 h of 44.1 kHz AAC): a bound on a hostile file's cost.
+const MAX_FRAMES: u64 = 1 << 20;
+/// Frames looked at to tell a variable from a constant bitrate.
+const VBR_SAMPLE_FRAMES: usize = 16;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MpegVersion {
     V1,
@@ -206,6 +213,82 @@ pub(crate) fn check_min_bitrate(
         });
     }
     Ok(())
+}
+
+/// Walks frames from `start`: `frame(bytes) → (length, samples, sample rate)` of a frame header
+/// at the start of `bytes`. Stops at the end of the file or at the first non-frame (a trailing
+/// ID3v1/APE tag). Returns the seconds of the frames found, `None` when there are none.
+fn walk_frames(
+    src: &Source<'_>,
+    start: u64,
+    frame: impl Fn(&[u8]) -> Option<(u64, u64, u32)>,
+) -> Result<Option<f64>, ProbeError> {
+    let mut pos = start;
+    let mut buf_start = start;
+    let mut buf: Vec<u8> = Vec::new();
+    let (mut samples, mut rate, mut frames) = (0u64, 0u32, 0u64);
+    while pos < src.len && frames < MAX_FRAMES {
+        let mut at = (pos - buf_start) as usize;
+        if at + 8 > buf.len() {
+            buf = src.read_at(pos, WALK_CHUNK)?;
+            buf_start = pos;
+            at = 0;
+        }
+        // Every iteration stops or moves `pos` forward.
+        let Some((len, n, r)) = buf.get(at..).and_then(&frame) else {
+            break;
+        };
+        samples += n;
+        rate = r;
+        frames += 1;
+        pos += len.max(1);
+    }
+    Ok((rate > 0 && samples > 0).then(|| samples as f64 / f64::from(rate)))
+}
+
+/// Length of a raw ADTS AAC stream from its frames.
+pub(crate) fn adts_duration(src: &Source<'_>, start: u64) -> Result<Option<f64>, ProbeError> {
+    const RATES: [u32; 13] = [
+        96_000, 88_200, 64_000, 48_000, 44_100, 32_000, 24_000, 22_050, 16_000, 12_000, 11_025,
+        8_000, 7_350,
+    ];
+    walk_frames(src, start, |b| {
+        let len = adts_frame_len(b)?;
+        let rate = *RATES.get(usize::from((b.get(2)? >> 2) & 0xF))?;
+        let blocks = u64::from(b.get(6)? & 3) + 1;
+        Some((len, 1024 * blocks, rate))
+    })
+}
+
+/// Length of an MPEG audio stream from its frames.
+pub(crate) fn mpeg_duration(src: &Source<'_>, info: &MpegInfo) -> Result<Option<f64>, ProbeError> {
+    let first = info.header;
+    walk_frames(src, info.frame_offset, |b| {
+        let h = MpegHeader::parse(b).filter(|h| h.compatible(&first))?;
+        Some((
+            h.frame_len(),
+            u64::from(h.samples_per_frame()),
+            h.sample_rate,
+        ))
+    })
+}
+
+/// Whether the first frames of an MPEG stream have different bitrates (VBR).
+pub(crate) fn starts_variable(src: &Source<'_>, info: &MpegInfo) -> Result<bool, ProbeError> {
+    let b = src.read_at(info.frame_offset, 32 * 1024)?;
+    let mut at = 0usize;
+    let mut seen: Option<u32> = None;
+    for _ in 0..VBR_SAMPLE_FRAMES {
+        let Some(h) = b.get(at..).and_then(MpegHeader::parse) else {
+            break;
+        };
+        match seen {
+            Some(rate) if rate != h.bitrate_kbps => return Ok(true),
+            _ => seen = Some(h.bitrate_kbps),
+        }
+        at += h.frame_len().max(1) as usize;
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
