@@ -8,6 +8,16 @@ pub mod scan_errors;
 pub mod scans;
 pub mod tracks;
 
+/// `text` as a message column can always hold it: control characters (NUL, which PostgreSQL
+/// refuses in `text`, among them) become spaces, and it is cut at 2000 characters. For reasons
+/// and messages that quote what a reader found in a damaged file.
+pub fn storable_text(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(2000)
+        .collect()
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -78,11 +78,7 @@ pub fn error_row(
     stage: &str,
     message: &str,
 ) -> ErrorRow {
-    let message: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(2000)
-        .collect();
+    let message = crate::db::storable_text(message);
     ErrorRow {
         rel_path_text: display_path(&rel_path),
         rel_path,

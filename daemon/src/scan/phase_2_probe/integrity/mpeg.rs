@@ -275,7 +275,7 @@ pub(crate) fn mpeg_duration(src: &Source<'_>, info: &MpegInfo) -> Result<Option<
 
 /// Whether the first frames of an MPEG stream have different bitrates (VBR).
 pub(crate) fn starts_variable(src: &Source<'_>, info: &MpegInfo) -> Result<bool, ProbeError> {
-    let b = src.read_at(info.frame_offset, 32 * 1024)?;
+    let b = src.bytes(info.frame_offset, 8 * 1024)?;
     let mut at = 0usize;
     let mut seen: Option<u32> = None;
     for _ in 0..VBR_SAMPLE_FRAMES {
