@@ -205,7 +205,10 @@ pub async fn record_issues(
     let sizes: Vec<i64> = rows.iter().map(|r| r.file_size).collect();
     let mtimes: Vec<i64> = rows.iter().map(|r| r.file_mtime_ns).collect();
     let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome).collect();
-    let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
+    let reasons: Vec<String> = rows
+        .iter()
+        .map(|r| crate::db::storable_text(&r.reason))
+        .collect();
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO track_embedding_issues
