@@ -200,8 +200,9 @@ pub fn make_track(root: &Path, t: &FixtureTrack) -> Result<PathBuf> {
 }
 
 /// Encode what the ffmpeg `input` arguments produce into `root/rel`, the codec chosen by the
-/// extension (mp3, flac, ogg, opus, m4a, wav), with `rel` as the title tag. Encoded in a
-/// scratch directory and renamed into place, so a watching daemon never sees half a file.
+/// extension (mp3, flac, ogg, opus, m4a, wav; wma, wv, tta, webm, mka, ac3, spx), with `rel` as
+/// the title tag. Encoded in a scratch directory and renamed into place, so a watching daemon
+/// never sees half a file.
 pub fn encode_into_place(root: &Path, rel: &str, input: &[&std::ffi::OsStr]) -> Result<PathBuf> {
     require_ffmpeg()?;
     let out = root.join(rel);
@@ -215,8 +216,44 @@ pub fn encode_into_place(root: &Path, rel: &str, input: &[&std::ffi::OsStr]) -> 
         Some("opus") => &["-c:a", "libopus", "-b:a", "96k", "-f", "ogg"],
         Some("m4a") => &["-c:a", "aac", "-b:a", "160k"],
         Some("wav") => &["-c:a", "pcm_s16le"],
+        // Formats whose embedding decode goes through FFmpeg (or libopus in Matroska).
+        Some("wma") => &["-c:a", "wmav2", "-b:a", "128k"],
+        Some("wv") => &["-c:a", "wavpack"],
+        Some("tta") => &["-c:a", "tta"],
+        Some("webm") => &["-c:a", "libopus", "-b:a", "96k"],
+        Some("mka") => &["-c:a", "ac3", "-b:a", "192k"],
+        Some("ac3") => &["-c:a", "ac3", "-b:a", "192k"],
+        Some("spx") => &["-c:a", "libspeex", "-ar", "32000"],
         other => bail!("no encoder for {other:?}"),
     };
+    let scratch = tempfile::tempdir()?;
+    let tmp = scratch.path().join(out.file_name().context("file name")?);
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
+        .args(input)
+        .args(["-metadata", &format!("title={rel}")])
+        .args(codec)
+        .arg(&tmp)
+        .stdin(Stdio::null());
+    run(cmd, &out)?;
+    fs::rename(&tmp, &out)?;
+    Ok(out)
+}
+
+/// Like [`encode_into_place`], with the codec arguments given (`-c:a alac` for ALAC in an
+/// `.m4a`, which [`encode_into_place`] fills with AAC); the container still follows the
+/// extension.
+pub fn encode_into_place_with(
+    root: &Path,
+    rel: &str,
+    input: &[&std::ffi::OsStr],
+    codec: &[&str],
+) -> Result<PathBuf> {
+    require_ffmpeg()?;
+    let out = root.join(rel);
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent)?;
+    }
     let scratch = tempfile::tempdir()?;
     let tmp = scratch.path().join(out.file_name().context("file name")?);
     let mut cmd = Command::new("ffmpeg");

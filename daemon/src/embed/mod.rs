@@ -20,6 +20,7 @@
 
 pub mod model;
 pub mod phase_1_decode;
+pub mod phase_1_decode_ffmpeg;
 pub mod phase_2_resample;
 pub mod phase_3_batch;
 pub mod phase_4_infer;

@@ -4,22 +4,33 @@
 //! decoding only the packets near a window. Output: one mono (channel mean) `f32` buffer per
 //! requested region, at the file's own sample rate.
 //!
-//! Never panics on input: damaged packets are skipped (up to a limit), a file that ends long
-//! before its header says is reported as truncated, and codecs without a decoder (Opus: symphonia
-//! 0.6 has none) are reported as unsupported so the caller can count the track as skipped.
+//! Codecs: symphonia's own decoders (MP3, AAC, ALAC, FLAC, Vorbis, PCM, ADPCM) and Opus
+//! through libopus (`symphonia-adapter-libopus`), in the containers symphonia reads (MP3,
+//! MP4/M4A, Ogg, FLAC, WAV, AIFF, Matroska/WebM). What symphonia cannot open, or has no
+//! decoder for, goes to FFmpeg as a child process ([`super::phase_1_decode_ffmpeg`]: WMA,
+//! APE, WavPack, Musepack, TrueAudio, DSF/DFF, TAK, Shorten, AC-3, Speex, …), with the same
+//! output and rules; without FFmpeg such a track is reported as unsupported (skipped).
+//!
+//! Never panics on input: damaged packets are skipped (up to a limit), and a file that ends long
+//! before its header says is reported as truncated.
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::Path;
+use std::sync::LazyLock;
 
 use symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS;
 use symphonia::core::codecs::audio::{AudioCodecId, AudioDecoder, AudioDecoderOptions};
+use symphonia::core::codecs::registry::CodecRegistry;
 use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::probe::Hint;
 use symphonia::core::formats::{FormatOptions, FormatReader, SeekMode, SeekTo, TrackType};
 use symphonia::core::io::MediaSourceStream;
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::units::{TimeBase, Timestamp};
+use symphonia_adapter_libopus::OpusDecoder;
+
+use super::phase_1_decode_ffmpeg;
 
 /// Seek instead of decoding through when the next region starts this far ahead.
 const SEEK_GAP_S: f64 = 3.0;
@@ -29,7 +40,15 @@ const WARMUP_S: f64 = 0.5;
 /// Damaged packets tolerated per file before giving up.
 const MAX_DAMAGED_PACKETS: u64 = 200;
 /// A region needs at least this share of real audio; less means the file is truncated.
-const MIN_REGION_COVERAGE: f64 = 0.5;
+pub(super) const MIN_REGION_COVERAGE: f64 = 0.5;
+
+/// symphonia's decoders and libopus for Opus.
+static CODECS: LazyLock<CodecRegistry> = LazyLock::new(|| {
+    let mut registry = CodecRegistry::new();
+    symphonia::default::register_enabled_codecs(&mut registry);
+    registry.register_audio_decoder::<OpusDecoder>();
+    registry
+});
 
 /// A stretch of audio to decode, in seconds from the start of the track. May start before 0
 /// (that part is silence).
@@ -51,6 +70,15 @@ pub enum SeekPolicy {
     DecodeAll,
 }
 
+/// Which decoder produced a [`DecodedRegions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodedBy {
+    /// symphonia (libopus for Opus), in-process.
+    Symphonia,
+    /// The FFmpeg fallback, a child process.
+    Ffmpeg,
+}
+
 /// The decoded regions, mono, at `sample_rate`, in the order requested.
 #[derive(Debug, Clone)]
 pub struct DecodedRegions {
@@ -62,6 +90,7 @@ pub struct DecodedRegions {
     pub decoded_frames: u64,
     /// Damaged packets skipped.
     pub damaged_packets: u64,
+    pub decoded_by: DecodedBy,
 }
 
 /// Why a file could not be decoded.
@@ -85,21 +114,42 @@ pub enum DecodeError {
     Truncated { ends_s: f64, needed_s: f64 },
     #[error("invalid window request: {0}")]
     Request(String),
+    /// symphonia cannot decode the file and FFmpeg, which might, is not installed.
+    #[error("ffmpeg not found; install ffmpeg to embed {0} files")]
+    FfmpegMissing(String),
+    #[error("ffmpeg: {0}")]
+    Ffmpeg(String),
+    #[error("{symphonia}; ffmpeg cannot decode it either: {ffmpeg}")]
+    Fallback { symphonia: String, ffmpeg: String },
 }
 
 impl DecodeError {
     /// True when the file is fine but corald cannot decode its codec: the track is skipped,
     /// not failed.
     pub fn is_unsupported(&self) -> bool {
-        matches!(self, DecodeError::NoDecoder(_))
+        matches!(
+            self,
+            DecodeError::NoDecoder(_) | DecodeError::FfmpegMissing(_)
+        )
+    }
+
+    /// True when FFmpeg may read what symphonia could not: an unknown container, a codec
+    /// without a decoder, no audio track or sample rate that symphonia can see.
+    fn ffmpeg_may_help(&self) -> bool {
+        matches!(
+            self,
+            DecodeError::Format(_)
+                | DecodeError::NoDecoder(_)
+                | DecodeError::NoAudioTrack
+                | DecodeError::NoSampleRate
+        )
     }
 }
 
 fn codec_name(id: AudioCodecId) -> String {
-    if id == CODEC_ID_OPUS {
-        "opus".to_owned()
-    } else {
-        format!("codec {id}")
+    match CODECS.get_audio_decoder(id) {
+        Some(d) => d.codec.info.short_name.to_owned(),
+        None => format!("codec {id}"),
     }
 }
 
@@ -164,6 +214,21 @@ struct Opened {
     decoder: Box<dyn AudioDecoder>,
     track_id: u32,
     clock: Clock,
+    /// Opus: the pre-skip, in frames. Ogg Opus timestamps count it (the granule position
+    /// includes it) and libopus drops it from the first packet it decodes, so packet times
+    /// are corrected by it (see `decode_regions_symphonia`).
+    opus_pre_skip: Option<i64>,
+}
+
+/// The pre-skip of an Opus stream: from its identification header (`OpusHead`, the codec's
+/// extra data in Ogg and Matroska), else the track's delay.
+fn opus_pre_skip(extra_data: Option<&[u8]>, track_delay: Option<u32>) -> i64 {
+    match extra_data {
+        Some(head) if head.len() >= 12 && head.starts_with(b"OpusHead") => {
+            i64::from(u16::from_le_bytes([head[10], head[11]]))
+        }
+        _ => i64::from(track_delay.unwrap_or(0)),
+    }
 }
 
 /// Open, probe and set up a decoder for the default audio track.
@@ -200,7 +265,9 @@ fn open(path: &Path) -> Result<Opened, DecodeError> {
         rate,
         time_base: track.time_base,
     };
-    let registry = symphonia::default::get_codecs();
+    let opus_pre_skip = (params.codec == CODEC_ID_OPUS)
+        .then(|| opus_pre_skip(params.extra_data.as_deref(), track.delay));
+    let registry = &*CODECS;
     if registry.get_audio_decoder(params.codec).is_none() {
         return Err(DecodeError::NoDecoder(codec_name(params.codec)));
     }
@@ -215,25 +282,76 @@ fn open(path: &Path) -> Result<Opened, DecodeError> {
         decoder,
         track_id,
         clock,
+        opus_pre_skip,
     })
 }
 
-/// Decode `regions` (sorted by start or not) of the file at `path`.
-pub fn decode_regions(
-    path: &Path,
-    regions: &[Region],
-    policy: SeekPolicy,
-) -> Result<DecodedRegions, DecodeError> {
+fn check_request(regions: &[Region]) -> Result<(), DecodeError> {
     for r in regions {
         if !(r.start_s.is_finite() && r.len_s.is_finite() && r.len_s > 0.0 && r.len_s < 3600.0) {
             return Err(DecodeError::Request(format!("{r:?}")));
         }
     }
+    Ok(())
+}
+
+/// Extensions of formats symphonia has no reader for. Such files go to FFmpeg directly:
+/// symphonia's probe, which scans for any format's sync pattern, can take one for MP3 and then
+/// fail on "damaged packets".
+const FFMPEG_ONLY_EXTENSIONS: [&str; 20] = [
+    "wma", "asf", "wv", "ape", "mpc", "mp+", "mpp", "tta", "dsf", "dff", "tak", "shn", "ac3",
+    "eac3", "dts", "spx", "w64", "caf", "amr", "ra",
+];
+
+fn ffmpeg_only(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        FFMPEG_ONLY_EXTENSIONS
+            .iter()
+            .any(|x| x.eq_ignore_ascii_case(e))
+    })
+}
+
+/// Decode `regions` (sorted by start or not) of the file at `path`: with symphonia, and with
+/// FFmpeg when symphonia cannot open the file or has no decoder for its codec, or when the
+/// file's extension names a format symphonia has no reader for.
+pub fn decode_regions(
+    path: &Path,
+    regions: &[Region],
+    policy: SeekPolicy,
+) -> Result<DecodedRegions, DecodeError> {
+    if ffmpeg_only(path) {
+        check_request(regions)?;
+        File::open(path).map_err(DecodeError::Open)?;
+        return phase_1_decode_ffmpeg::decode_regions(path, regions);
+    }
+    match decode_regions_symphonia(path, regions, policy) {
+        Err(e) if e.ffmpeg_may_help() => {
+            tracing::debug!(path = %path.display(), error = %e, "symphonia cannot decode: ffmpeg");
+            match phase_1_decode_ffmpeg::decode_regions(path, regions) {
+                Err(DecodeError::Ffmpeg(ffmpeg)) => Err(DecodeError::Fallback {
+                    symphonia: e.to_string(),
+                    ffmpeg,
+                }),
+                other => other,
+            }
+        }
+        other => other,
+    }
+}
+
+/// Like [`decode_regions`], with symphonia only (no FFmpeg fallback).
+pub fn decode_regions_symphonia(
+    path: &Path,
+    regions: &[Region],
+    policy: SeekPolicy,
+) -> Result<DecodedRegions, DecodeError> {
+    check_request(regions)?;
     let Opened {
         mut format,
         mut decoder,
         track_id,
         clock,
+        opus_pre_skip,
     } = open(path)?;
     let rate = f64::from(clock.rate);
 
@@ -258,6 +376,8 @@ pub fn decode_regions(
     // Each seek goes further than the last: a seek that lands early is not repeated.
     let mut last_seek: Option<i64> = None;
     let mut seeks = 0u32;
+    // After a seek: whether the first packet still has to be checked for landing too late.
+    let mut check_landing = false;
     let mut decoded_frames = 0u64;
     let mut damaged = 0u64;
     let mut last_frame_seen = 0i64;
@@ -286,6 +406,7 @@ pub fn decode_regions(
                     needs_reset = false;
                     seeks += 1;
                     pos = Some(target.max(0));
+                    check_landing = true;
                 }
                 Err(e) => {
                     tracing::debug!(path = %path.display(), error = %e, "seek failed: reading on");
@@ -318,6 +439,40 @@ pub fn decode_regions(
                 .saturating_add(packet.trim_start.get() as i64),
         );
         let p_len = clock.ts_to_frame(packet.dur.get().min(i64::MAX as u64) as i64);
+        if std::mem::take(&mut check_landing) {
+            let need = wants[first]
+                .start
+                .saturating_add(wants[first].written as i64);
+            if p0 > need {
+                // The seek went past the region (symphonia's Matroska reader can land a
+                // cluster late): read from the start instead, decoding only near regions.
+                tracing::debug!(
+                    path = %path.display(),
+                    landed_s = p0 as f64 / rate,
+                    needed_s = need as f64 / rate,
+                    "seek landed late: reading from the start"
+                );
+                can_seek = false;
+                format
+                    .seek(
+                        SeekMode::Accurate,
+                        SeekTo::Timestamp {
+                            ts: Timestamp::new(0),
+                            track_id,
+                        },
+                    )
+                    .map_err(|e| {
+                        DecodeError::Stream(format!(
+                            "a seek landed past {:.1} s and the stream cannot rewind: {e}",
+                            need as f64 / rate
+                        ))
+                    })?;
+                decoder.reset();
+                needs_reset = false;
+                pos = Some(0);
+                continue;
+            }
+        }
         // Far before the next region: demux only (no decode), and reset the decoder before
         // decoding again, as after a seek.
         if policy != SeekPolicy::DecodeAll
@@ -354,6 +509,12 @@ pub fn decode_regions(
         if frames == 0 {
             continue;
         }
+        // Opus: timestamps include the pre-skip, and libopus drops it from the front of the
+        // first packet it decodes (which is then shorter than its duration).
+        let p0 = match opus_pre_skip {
+            Some(skip) => p0 - skip + (p_len - frames as i64).max(0),
+            None => p0,
+        };
         if buf.spec().rate() != clock.rate {
             return Err(DecodeError::Stream(format!(
                 "sample rate changes mid-stream ({} → {} Hz)",
@@ -418,6 +579,7 @@ pub fn decode_regions(
         seeks,
         decoded_frames,
         damaged_packets: damaged,
+        decoded_by: DecodedBy::Symphonia,
     })
 }
 

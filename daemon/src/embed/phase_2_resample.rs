@@ -92,6 +92,7 @@ pub struct TrackWindows {
 pub struct WindowMaker {
     plan: WindowPlan,
     policy: SeekPolicy,
+    ffmpeg_fallback: bool,
     resamplers: HashMap<u32, Fft<f32>>,
 }
 
@@ -100,6 +101,7 @@ impl WindowMaker {
         WindowMaker {
             plan,
             policy: SeekPolicy::Seek,
+            ffmpeg_fallback: true,
             resamplers: HashMap::new(),
         }
     }
@@ -110,6 +112,12 @@ impl WindowMaker {
         self
     }
 
+    /// Whether files symphonia cannot decode go to FFmpeg (the default: yes).
+    pub fn with_ffmpeg_fallback(mut self, on: bool) -> Self {
+        self.ffmpeg_fallback = on;
+        self
+    }
+
     pub fn plan(&self) -> &WindowPlan {
         &self.plan
     }
@@ -117,7 +125,11 @@ impl WindowMaker {
     /// The windows of the track at `path`, whose duration is `duration_s`.
     pub fn make(&mut self, path: &Path, duration_s: f64) -> Result<TrackWindows, WindowError> {
         let regions = self.plan.regions(duration_s);
-        let decoded = phase_1_decode::decode_regions(path, &regions, self.policy)?;
+        let decoded = if self.ffmpeg_fallback {
+            phase_1_decode::decode_regions(path, &regions, self.policy)?
+        } else {
+            phase_1_decode::decode_regions_symphonia(path, &regions, self.policy)?
+        };
         let from = decoded.sample_rate;
         let n = self.plan.window_samples;
         let mut samples = Vec::with_capacity(n * regions.len());
