@@ -560,10 +560,10 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
     Ok(())
 }
 
-/// Opus decodes through libopus: its tracks get vectors like any other (they were once
-/// skipped as "no decoder for opus").
+/// Opus decodes through libopus and WMA through the FFmpeg fallback: their tracks get vectors
+/// like any other (Opus was once skipped as "no decoder for opus", WMA could not be read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opus_tracks_get_embeddings_stored() -> Result<()> {
+async fn opus_and_wma_tracks_get_embeddings_stored() -> Result<()> {
     if !embed_available().await? {
         return Ok(());
     }
@@ -571,13 +571,14 @@ async fn opus_tracks_get_embeddings_stored() -> Result<()> {
     let root = lib.path();
     make_clip(root, "opus/tone.opus", Kind::Sine, 6, 70.0)?;
     make_clip(root, "opus/noise.opus", Kind::PinkNoise, 6, 70.0)?;
+    make_clip(root, "wma/tone.wma", Kind::Sine, 7, 70.0)?;
     let d = daemon_without_embeddings().await?;
     let c = d.client().await?;
     let (_, p) = add_and_scan(&c, root).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
     let pool = pool_of(&d).await?;
     let targets = all_targets(&pool, root).await?;
-    assert_eq!(targets.len(), 2, "{:?}", targets.keys());
+    assert_eq!(targets.len(), 3, "{:?}", targets.keys());
 
     let stop = CancellationToken::new();
     let embedder = Embedder::start(&test_config(), pool.clone(), stop.clone()).await?;
@@ -589,7 +590,7 @@ async fn opus_tracks_get_embeddings_stored() -> Result<()> {
     let v = h.counters().values();
     assert_eq!(
         (v.embeddings_done, v.embeddings_skipped, v.embeddings_failed),
-        (2, 0, 0),
+        (3, 0, 0),
         "{v:?}\n{}",
         d.log_text()
     );

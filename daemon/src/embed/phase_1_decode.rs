@@ -298,9 +298,9 @@ fn check_request(regions: &[Region]) -> Result<(), DecodeError> {
 /// Extensions of formats symphonia has no reader for. Such files go to FFmpeg directly:
 /// symphonia's probe, which scans for any format's sync pattern, can take one for MP3 and then
 /// fail on "damaged packets".
-const FFMPEG_ONLY_EXTENSIONS: [&str; 20] = [
-    "wma", "asf", "wv", "ape", "mpc", "mp+", "mpp", "tta", "dsf", "dff", "tak", "shn", "ac3",
-    "eac3", "dts", "spx", "w64", "caf", "amr", "ra",
+const FFMPEG_ONLY_EXTENSIONS: [&str; 22] = [
+    "wma", "asf", "wv", "ape", "mpc", "mp+", "mpp", "tta", "dsf", "dff", "tak", "ofr", "ofs",
+    "shn", "ac3", "eac3", "dts", "spx", "w64", "caf", "amr", "ra",
 ];
 
 fn ffmpeg_only(path: &Path) -> bool {
