@@ -8,6 +8,10 @@
 //!
 //! * `embed/decode`: stage 1 alone, one thread: symphonia seeks to the 8 windows of each track
 //!   and decodes them (plus a 50 ms margin each side), downmixed to mono;
+//! * `embed/decode_formats`: stage 1 alone, one thread, on one track of the same length per
+//!   format (chord music encoded by ffmpeg): symphonia for MP3, FLAC, Vorbis, AAC, ALAC and WAV,
+//!   libopus (through symphonia) for Opus, the FFmpeg fallback (a child process) for WMA,
+//!   WavPack and TrueAudio, cached under `target/bench-embed-library/formats-<seconds>s/`;
 //! * `embed/resample`: stage 2 alone, one thread: rubato FFT resampling of those decoded regions
 //!   from 44.1 kHz to the model's 16 kHz;
 //! * `embed/inference`: stage 4 alone: forward passes of the committed musicnn model via
@@ -28,6 +32,10 @@
 //! OMP_WAIT_POLICY=PASSIVE cargo bench -p coral-benches --features corald/embed,coral-benches/bliss --bench embed
 //! ```
 //!
+//! `CORAL_BENCH_EMBED_ONLY=decode_formats` runs that group alone (no music library, model
+//! inference or database), e.g.
+//! `cargo bench -p coral-benches --bench embed -- --warm-up-time 1 --measurement-time 3`.
+//!
 //! Without the `embed` feature only decode and resample run. `CORAL_BENCH_DEVICE` (default
 //! `cpu`) picks the device of the inference and end-to-end groups: `cuda` on a GPU machine (see
 //! `benches/gpu.sh`, which also records the accelerator's utilisation).
@@ -40,7 +48,7 @@ use anyhow::{Context, Result, ensure};
 use coral_tests::daemon::Daemon;
 use coral_tests::music::{self, MusicKind};
 use corald::embed::model;
-use corald::embed::phase_1_decode::{self, SeekPolicy};
+use corald::embed::phase_1_decode::{self, DecodedBy, SeekPolicy};
 use corald::embed::phase_2_resample::{WindowMaker, WindowPlan};
 use corald::embed::phase_4_infer::{self, DeviceChoice};
 use corald::embed::{CancellationToken, EmbedConfig, EmbedTarget, Embedder};
@@ -122,7 +130,6 @@ fn main() -> Result<()> {
         coral_benches::loadavg(),
         std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "(unset)".into())
     );
-    let lib = library(tracks, seconds)?;
     let files = model::load(&model_path())?;
     let plan = plan(&files.manifest);
     let mut c = Criterion::default()
@@ -130,6 +137,15 @@ fn main() -> Result<()> {
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(8))
         .configure_from_args();
+
+    // Stage 1 per format.
+    let format_figures = decode_formats(&mut c, &plan, seconds)?;
+    if std::env::var("CORAL_BENCH_EMBED_ONLY").is_ok_and(|v| v == "decode_formats") {
+        c.final_summary();
+        format_summary(&format_figures);
+        return Ok(());
+    }
+    let lib = library(tracks, seconds)?;
 
     // Stage 1: decode only.
     let regions: Vec<_> = lib.iter().map(|(_, d)| plan.regions(*d)).collect();
@@ -235,8 +251,108 @@ fn main() -> Result<()> {
     }
 
     c.final_summary();
+    format_summary(&format_figures);
     summary(tracks, seconds, cores);
     Ok(())
+}
+
+/// The per-format tracks: (name, file, codec arguments when the extension does not choose
+/// them, expected decoder).
+const DECODE_FORMATS: [(&str, &str, Option<&[&str]>, DecodedBy); 10] = [
+    ("mp3", "music.mp3", None, DecodedBy::Symphonia),
+    ("flac", "music.flac", None, DecodedBy::Symphonia),
+    ("vorbis", "music.ogg", None, DecodedBy::Symphonia),
+    ("aac", "music-aac.m4a", None, DecodedBy::Symphonia),
+    (
+        "alac",
+        "music-alac.m4a",
+        Some(&["-c:a", "alac"]),
+        DecodedBy::Symphonia,
+    ),
+    ("wav", "music.wav", None, DecodedBy::Symphonia),
+    ("opus", "music.opus", None, DecodedBy::Symphonia),
+    ("wma", "music.wma", None, DecodedBy::Ffmpeg),
+    ("wavpack", "music.wv", None, DecodedBy::Ffmpeg),
+    ("tta", "music.tta", None, DecodedBy::Ffmpeg),
+];
+
+/// What one format's decode pass does: (benchmark id, audio-s decoded per track).
+type FormatFigures = Vec<(String, f64)>;
+
+/// `embed/decode_formats`: the windows of one `seconds`-long track per format, one thread.
+fn decode_formats(c: &mut Criterion, plan: &WindowPlan, seconds: usize) -> Result<FormatFigures> {
+    let root = workspace_dir().join(format!("target/bench-embed-library/formats-{seconds}s"));
+    let source = root.join("source.wav");
+    if !source.is_file() {
+        std::fs::create_dir_all(&root)?;
+        music::write_wav(
+            &source,
+            &music::synthesize(MusicKind::Chords, 0, seconds as f64),
+        )?;
+    }
+    let input = ["-i".as_ref(), source.as_os_str()];
+    let regions = plan.regions(seconds as f64);
+    let mut tracks = Vec::new();
+    for (name, rel, codec, expected) in DECODE_FORMATS {
+        let path = root.join(rel);
+        if !path.is_file() {
+            match codec {
+                Some(codec) => {
+                    coral_tests::fixtures::encode_into_place_with(&root, rel, &input, codec)?
+                }
+                None => coral_tests::fixtures::encode_into_place(&root, rel, &input)?,
+            };
+        }
+        let d = phase_1_decode::decode_regions(&path, &regions, SeekPolicy::Seek)
+            .with_context(|| format!("decoding {name}"))?;
+        ensure!(
+            d.decoded_by == expected,
+            "{name}: decoded by {:?}, expected {expected:?}",
+            d.decoded_by
+        );
+        let decoder = match (name, d.decoded_by) {
+            ("opus", DecodedBy::Symphonia) => "libopus",
+            (_, DecodedBy::Symphonia) => "symphonia",
+            (_, DecodedBy::Ffmpeg) => "ffmpeg",
+        };
+        let id = format!("{name}, {decoder}");
+        let decoded_s = d.decoded_frames as f64 / f64::from(d.sample_rate.max(1));
+        tracks.push((id, path, decoded_s));
+    }
+    let mut g = c.benchmark_group("embed/decode_formats");
+    g.throughput(Throughput::Elements(1));
+    for (id, path, _) in &tracks {
+        g.bench_with_input(
+            BenchmarkId::new("8 windows, 1 thread", id),
+            path,
+            |b, path| {
+                b.iter(|| {
+                    let d = phase_1_decode::decode_regions(path, &regions, SeekPolicy::Seek);
+                    std::hint::black_box(d.map(|d| d.decoded_frames).unwrap_or(0));
+                })
+            },
+        );
+    }
+    g.finish();
+    Ok(tracks.into_iter().map(|(id, _, s)| (id, s)).collect())
+}
+
+fn format_summary(figures: &FormatFigures) {
+    let medians = medians("embed/decode_formats");
+    println!("\nper-format decode (criterion medians; one track, its 8 windows, 1 thread):");
+    for (id, decoded_s) in figures {
+        let leaf = |k: &String| k.rsplit('/').next() == Some(id.as_str());
+        let Some((_, s)) = medians.iter().find(|(k, _)| leaf(k)) else {
+            println!("  {id:<22} (no estimate)");
+            continue;
+        };
+        println!(
+            "  {id:<22} {:>8.2} ms/track {:>8.1} tracks/s {:>9.0} audio-s decoded/s ({decoded_s:.1} s per track)",
+            s * 1e3,
+            1.0 / s,
+            decoded_s / s
+        );
+    }
 }
 
 /// The daemon's pipeline on every track, from an empty `track_embeddings` each iteration.

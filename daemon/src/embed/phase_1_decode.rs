@@ -313,7 +313,8 @@ fn ffmpeg_only(path: &Path) -> bool {
 
 /// Decode `regions` (sorted by start or not) of the file at `path`: with symphonia, and with
 /// FFmpeg when symphonia cannot open the file or has no decoder for its codec, or when the
-/// file's extension names a format symphonia has no reader for.
+/// file's extension names a format symphonia has no reader for. `policy` applies to symphonia;
+/// FFmpeg always seeks to each region.
 pub fn decode_regions(
     path: &Path,
     regions: &[Region],
