@@ -286,7 +286,8 @@ fn open(path: &Path) -> Result<Opened, DecodeError> {
     })
 }
 
-fn check_request(regions: &[Region]) -> Result<(), DecodeError> {
+/// Every region finite, positive and under an hour long.
+pub(super) fn check_request(regions: &[Region]) -> Result<(), DecodeError> {
     for r in regions {
         if !(r.start_s.is_finite() && r.len_s.is_finite() && r.len_s > 0.0 && r.len_s < 3600.0) {
             return Err(DecodeError::Request(format!("{r:?}")));

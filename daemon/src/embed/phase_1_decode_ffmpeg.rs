@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::phase_1_decode::{DecodeError, DecodedBy, DecodedRegions, MIN_REGION_COVERAGE, Region};
+use super::phase_1_decode::{
+    DecodeError, DecodedBy, DecodedRegions, MIN_REGION_COVERAGE, Region, check_request,
+};
 
 /// Time the `ffmpeg` process gets per region; it is killed when all of it is spent.
 pub const TIMEOUT_PER_REGION: Duration = Duration::from_secs(30);
@@ -59,13 +61,15 @@ fn kind_of(path: &Path) -> String {
 
 /// Decode `regions` of the file at `path` with the `ffmpeg` found on `PATH`.
 pub fn decode_regions(path: &Path, regions: &[Region]) -> Result<DecodedRegions, DecodeError> {
+    check_request(regions)?;
     let path_var = std::env::var_os("PATH");
     let ffmpeg = find_ffmpeg(path_var.as_deref())
         .ok_or_else(|| DecodeError::FfmpegMissing(kind_of(path)))?;
     decode_regions_with(&ffmpeg, path, regions)
 }
 
-/// The regions' own input, when any of the region lies after the track's start.
+/// Where FFmpeg reads a region from and for how long (seconds): the part after the track's
+/// start, if there is one.
 fn input_span(r: &Region) -> Option<(f64, f64)> {
     let end = r.start_s + r.len_s;
     (end > 0.0).then(|| (r.start_s.max(0.0), end - r.start_s.max(0.0)))
@@ -77,6 +81,7 @@ pub fn decode_regions_with(
     path: &Path,
     regions: &[Region],
 ) -> Result<DecodedRegions, DecodeError> {
+    check_request(regions)?;
     let scratch = tempfile::Builder::new()
         .prefix("corald-ffmpeg-")
         .tempdir()
@@ -441,6 +446,24 @@ mod tests {
             "ffmpeg not found; install ffmpeg to embed wma files"
         );
         assert!(e.is_unsupported());
+    }
+
+    #[test]
+    fn impossible_regions_are_refused_before_anything_runs() {
+        for r in [
+            Region {
+                start_s: f64::NAN,
+                len_s: 1.0,
+            },
+            Region {
+                start_s: 0.0,
+                len_s: 1e300,
+            },
+        ] {
+            let e = decode_regions_with(Path::new("/nonexistent/ffmpeg"), Path::new("x.wma"), &[r])
+                .unwrap_err();
+            assert!(matches!(e, DecodeError::Request(_)), "{e}");
+        }
     }
 
     #[test]
