@@ -310,3 +310,30 @@ fn adts_aac_and_headerless_vbr_mpeg_durations_are_within_one_percent() -> Result
     }
     Ok(())
 }
+
+#[test]
+fn a_broken_rating_or_year_frame_loses_only_that_frame() -> Result<()> {
+    use coral_tests::hostile_corpus::{id3_frame, id3_tag, id3_text, strip_id3};
+    let dir = TempDir::new()?;
+    let clean = encode(dir.path(), "clean.mp3", 3.0, &["-c:a", "libmp3lame"])?;
+    let audio = fs::read(&clean)?;
+    let frames = [
+        id3_frame(b"TIT2", &id3_text("Broken Rating"), None),
+        // POPM: the e-mail's terminator, the rating and the counter are missing.
+        id3_frame(b"POPM", b"no-terminator", None),
+        // TYER: an encoding byte and no text.
+        id3_frame(b"TYER", &[3u8], None),
+        id3_frame(b"TPE1", &id3_text("Still Read"), None),
+    ]
+    .concat();
+    let path = dir.path().join("broken.mp3");
+    fs::write(
+        &path,
+        [id3_tag(&frames, None), strip_id3(&audio).to_vec()].concat(),
+    )?;
+    let t = probe_ok(&path);
+    assert_eq!(t.tags.title.as_deref(), Some("Broken Rating"));
+    assert_eq!(t.tags.artists, ["Still Read"]);
+    assert!((t.duration_ms as f64 / 1000.0 - 3.0).abs() < 0.1, "{t:?}");
+    Ok(())
+}

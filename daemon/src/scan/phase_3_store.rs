@@ -28,19 +28,29 @@ fn clamp_i64(v: u64) -> i64 {
 /// track is found by each of its artists.
 pub fn track_row(found: &FoundFile, p: ProbedTrack) -> TrackRow {
     let t = &p.tags;
-    let lists = [&t.artists, &t.album_artists, &t.genres, &t.composers];
-    let search_text = text_fold::search_document(
-        [
-            t.title.as_deref(),
-            t.artist.as_deref(),
-            t.album.as_deref(),
-            t.album_artist.as_deref(),
-            t.genre.as_deref(),
-            t.composer.as_deref(),
-        ]
+    let mut fields: Vec<&str> = [
+        &t.title,
+        &t.artist,
+        &t.album,
+        &t.album_artist,
+        &t.genre,
+        &t.composer,
+    ]
+    .into_iter()
+    .flatten()
+    .map(String::as_str)
+    .collect();
+    // A list's values, unless a display string already holds them (one artist: the same word
+    // twice would only make the document bigger).
+    for v in [&t.artists, &t.album_artists, &t.genres, &t.composers]
         .into_iter()
-        .chain(lists.into_iter().flatten().map(|v| Some(v.as_str()))),
-    );
+        .flatten()
+    {
+        if !fields.contains(&v.as_str()) {
+            fields.push(v);
+        }
+    }
+    let search_text = text_fold::search_document(fields.into_iter().map(Some));
     TrackRow {
         rel_path_text: display_path(&found.rel_path),
         rel_path: found.rel_path.clone(),

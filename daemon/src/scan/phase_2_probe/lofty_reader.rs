@@ -42,20 +42,21 @@ pub(crate) fn parse_options(read_tags: bool) -> ParseOptions {
 }
 
 /// Reads the file with lofty. When that fails (or panics) but the audio properties alone can
-/// be read, the file is kept without tags: a damaged tag frame must not hide a playable file.
+/// be read, the file is kept (a damaged tag frame must not hide a playable file) and
+/// `tags_dropped` is set, so the caller can get the tags elsewhere.
 pub(crate) fn parse_with_lofty(
     path: &Path,
     file: &File,
     format: AudioFormat,
-) -> Result<Parsed, ProbeError> {
-    let first = lofty_attempt(file, format, true);
-    let Err(first_error) = first else {
-        return first;
+) -> Result<(Parsed, bool), ProbeError> {
+    let first_error = match lofty_attempt(file, format, true) {
+        Ok(parsed) => return Ok((parsed, false)),
+        Err(e) => e,
     };
     match lofty_attempt(file, format, false) {
         Ok(parsed) => {
-            tracing::warn!(track_path = %path.display(), error = %first_error, "tags unreadable; indexing the file without them");
-            Ok(parsed)
+            tracing::warn!(track_path = %path.display(), error = %first_error, "the tag reader refused the tags; the audio is fine");
+            Ok((parsed, true))
         }
         Err(_) => Err(first_error),
     }

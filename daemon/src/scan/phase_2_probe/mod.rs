@@ -213,33 +213,46 @@ pub fn probe_file(path: &Path) -> Result<ProbedTrack, ProbeError> {
         Err(e @ ProbeError::Unsupported { .. }) => ffmpeg_or(path, sniffed.format, e)?,
         Err(e) => return Err(e),
         Ok(()) if !sniffed.lofty_reads() => ffprobe::probe(path, sniffed.format)?,
-        Ok(()) => match lofty_reader::parse_with_lofty(path, &file, sniffed.format) {
-            Ok(parsed) => {
-                let mut track = lofty_reader::build_track(path, sniffed.format, parsed);
-                if track.duration_ms == 0 {
-                    // lofty found no length in the headers (a WavPack or APE file written as
-                    // a stream): measure it.
-                    match ffprobe::decoded_duration(path, sniffed.format) {
-                        Ok(secs) => track.duration_ms = (secs * 1000.0).round() as i64,
-                        Err(e) => {
-                            tracing::debug!(track_path = %path.display(), error = %e, "length unknown")
-                        }
-                    }
-                }
-                track
-            }
+        Ok(()) => match read_with_lofty(path, &file, sniffed.format) {
             // lofty refuses some valid files (odd metadata blocks, damaged frames lofty cannot
             // skip): the audio decides, so FFmpeg gets a say before the file is called corrupt.
             Err(e @ (ProbeError::Corrupt { .. } | ProbeError::Unsupported { .. })) => {
                 ffmpeg_or(path, sniffed.format, e)?
             }
-            Err(e) => return Err(e),
+            other => other?,
         },
     };
     if let Some(secs) = integrity::counted_duration(&src, &sniffed)? {
         track.duration_ms = (secs * 1000.0).round() as i64;
     }
     integrity::postcheck(&src, &sniffed, &track)?;
+    Ok(track)
+}
+
+/// lofty's reading of a file, completed by FFmpeg where lofty left gaps: the tags when lofty
+/// refused them (FFmpeg skips a damaged frame and reads the others), the length when the
+/// headers state none (a WavPack or APE file written as a stream).
+fn read_with_lofty(
+    path: &Path,
+    file: &std::fs::File,
+    format: AudioFormat,
+) -> Result<ProbedTrack, ProbeError> {
+    let (parsed, tags_dropped) = lofty_reader::parse_with_lofty(path, file, format)?;
+    let mut track = lofty_reader::build_track(path, format, parsed);
+    if tags_dropped {
+        match ffprobe::probe(path, format) {
+            Ok(ff) => track.tags = ff.tags,
+            Err(e) => {
+                tracing::warn!(track_path = %path.display(), error = %e, "indexing the file without tags")
+            }
+        }
+    }
+    if track.duration_ms == 0 {
+        match ffprobe::decoded_duration(path, format) {
+            Ok(secs) => track.duration_ms = (secs * 1000.0).round() as i64,
+            Err(e) => tracing::debug!(track_path = %path.display(), error = %e, "length unknown"),
+        }
+    }
     Ok(track)
 }
 
