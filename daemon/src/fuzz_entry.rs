@@ -393,6 +393,7 @@ fn check_track(t: &ProbedTrack) -> Result<(), Violation> {
 /// truncation checks and lofty. A probed track must have a non-negative duration, positive
 /// audio properties and cleaned tag text; an error must say something.
 pub fn probe_bytes(data: &[u8]) -> Result<Outcome, Violation> {
+    phase_2_probe::ffprobe::set_enabled(false);
     match with_file(data, phase_2_probe::probe_file)? {
         Ok(t) => {
             check_track(&t)?;
@@ -428,6 +429,7 @@ const FUZZ_PLAN: WindowPlan = WindowPlan {
 /// child process for each would slow fuzzing a hundredfold while testing FFmpeg, not corald
 /// (the fallback's own handling of FFmpeg's output is covered by the embed format tests).
 pub fn embed_decode_bytes(data: &[u8]) -> Result<Outcome, Violation> {
+    phase_2_probe::ffprobe::set_enabled(false);
     let result = with_file(data, |path| {
         let duration_s = match phase_2_probe::probe_file(path) {
             Ok(t) => t.duration_ms as f64 / 1000.0,

@@ -12,6 +12,7 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -57,6 +58,25 @@ struct Format {
     tags: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Whether the fallback runs at all (the fuzzing entry points turn it off: they test our own
+/// parsing, and a child process per input would cut their rate sevenfold).
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the FFmpeg fallback on or off for this process (default: on).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+fn disabled(format: AudioFormat) -> Result<(), ProbeError> {
+    if ENABLED.load(Ordering::Relaxed) {
+        Ok(())
+    } else {
+        Err(ProbeError::Unsupported {
+            reason: format!("{format} needs FFmpeg, which is turned off"),
+        })
+    }
+}
+
 fn ffprobe_binary() -> std::ffi::OsString {
     std::env::var_os("CORAL_FFPROBE").unwrap_or_else(|| "ffprobe".into())
 }
@@ -68,6 +88,7 @@ fn ffmpeg_binary() -> std::ffi::OsString {
 /// Reads `path` with ffprobe. `format` is what the content sniff decided (it names the file's
 /// format in messages and in the database).
 pub fn probe(path: &Path, format: AudioFormat) -> Result<ProbedTrack, ProbeError> {
+    disabled(format)?;
     let mut cmd = Command::new(ffprobe_binary());
     cmd.args([
         "-v",
@@ -93,6 +114,7 @@ pub fn probe(path: &Path, format: AudioFormat) -> Result<ProbedTrack, ProbeError
 /// The length of the first audio stream of `path`, found by decoding it with FFmpeg (for files
 /// whose headers state none: Shorten, WMA and WavPack written as streams).
 pub fn decoded_duration(path: &Path, format: AudioFormat) -> Result<f64, ProbeError> {
+    disabled(format)?;
     let mut cmd = Command::new(ffmpeg_binary());
     cmd.args(["-nostdin", "-v", "error", "-i"]).arg(path).args([
         "-map",

@@ -19,7 +19,7 @@
 //! scope (an `Unsupported` error that names them), never silently skipped.
 
 mod detect;
-mod ffprobe;
+pub mod ffprobe;
 mod integrity;
 mod lofty_reader;
 mod source;
