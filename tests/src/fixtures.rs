@@ -204,12 +204,7 @@ pub fn make_track(root: &Path, t: &FixtureTrack) -> Result<PathBuf> {
 /// the title tag. Encoded in a scratch directory and renamed into place, so a watching daemon
 /// never sees half a file.
 pub fn encode_into_place(root: &Path, rel: &str, input: &[&std::ffi::OsStr]) -> Result<PathBuf> {
-    require_ffmpeg()?;
-    let out = root.join(rel);
-    if let Some(parent) = out.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    let codec: &[&str] = match out.extension().and_then(|e| e.to_str()) {
+    let codec: &[&str] = match Path::new(rel).extension().and_then(|e| e.to_str()) {
         Some("mp3") => &["-c:a", "libmp3lame", "-b:a", "160k"],
         Some("flac") => &["-c:a", "flac"],
         Some("ogg") => &["-c:a", "libvorbis", "-q:a", "4"],
@@ -226,18 +221,7 @@ pub fn encode_into_place(root: &Path, rel: &str, input: &[&std::ffi::OsStr]) -> 
         Some("spx") => &["-c:a", "libspeex", "-ar", "32000"],
         other => bail!("no encoder for {other:?}"),
     };
-    let scratch = tempfile::tempdir()?;
-    let tmp = scratch.path().join(out.file_name().context("file name")?);
-    let mut cmd = Command::new("ffmpeg");
-    cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
-        .args(input)
-        .args(["-metadata", &format!("title={rel}")])
-        .args(codec)
-        .arg(&tmp)
-        .stdin(Stdio::null());
-    run(cmd, &out)?;
-    fs::rename(&tmp, &out)?;
-    Ok(out)
+    encode_into_place_with(root, rel, input, codec)
 }
 
 /// Like [`encode_into_place`], with the codec arguments given (`-c:a alac` for ALAC in an

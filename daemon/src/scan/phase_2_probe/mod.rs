@@ -152,7 +152,8 @@ pub enum ProbeError {
     /// The content is not an audio format we know.
     #[error("not an audio file: {reason}")]
     NotAudio { reason: String },
-    /// Audio, but a variant we cannot read (e.g. FLAC inside Ogg, RF64).
+    /// Audio, but a variant no reader here reads (an Ogg stream of another codec), or out of
+    /// scope (tracker modules, MIDI), or a format that needs FFmpeg where it is missing.
     #[error("unsupported audio format: {reason}")]
     Unsupported { reason: String },
     /// The headers declare more audio than the file holds.
