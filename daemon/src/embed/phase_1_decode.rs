@@ -41,6 +41,10 @@ const WARMUP_S: f64 = 0.5;
 const MAX_DAMAGED_PACKETS: u64 = 200;
 /// A region needs at least this share of real audio; less means the file is truncated.
 pub(super) const MIN_REGION_COVERAGE: f64 = 0.5;
+/// The highest sample rate believed: FLAC's limit (20 bits), above every PCM rate in use
+/// (768 kHz) and the PCM FFmpeg makes of DSD. A header stating more is damaged; believing it
+/// would size each region's buffer by it (4 GHz × a 10 s window is 160 GB).
+pub const MAX_SAMPLE_RATE: u32 = 1_048_575;
 
 /// symphonia's decoders and libopus for Opus.
 static CODECS: LazyLock<CodecRegistry> = LazyLock::new(|| {
@@ -106,6 +110,8 @@ pub enum DecodeError {
     NoDecoder(String),
     #[error("the stream does not state its sample rate")]
     NoSampleRate,
+    #[error("the stream states a sample rate of {0} Hz, over {max} Hz (a damaged header?)", max = MAX_SAMPLE_RATE)]
+    ImplausibleSampleRate(u32),
     #[error("cannot decode: {0}")]
     Stream(String),
     #[error("too many damaged packets ({0})")]
@@ -258,9 +264,7 @@ fn open(path: &Path) -> Result<Opened, DecodeError> {
         .ok_or(DecodeError::NoAudioTrack)?
         .clone();
     let rate = params.sample_rate.ok_or(DecodeError::NoSampleRate)?;
-    if rate == 0 {
-        return Err(DecodeError::NoSampleRate);
-    }
+    check_sample_rate(rate)?;
     let clock = Clock {
         rate,
         time_base: track.time_base,
@@ -287,6 +291,15 @@ fn open(path: &Path) -> Result<Opened, DecodeError> {
 }
 
 /// Every region finite, positive and under an hour long.
+/// A sample rate that can size a buffer: not zero, not over [`MAX_SAMPLE_RATE`].
+pub(super) fn check_sample_rate(rate: u32) -> Result<(), DecodeError> {
+    match rate {
+        0 => Err(DecodeError::NoSampleRate),
+        r if r > MAX_SAMPLE_RATE => Err(DecodeError::ImplausibleSampleRate(r)),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn check_request(regions: &[Region]) -> Result<(), DecodeError> {
     for r in regions {
         if !(r.start_s.is_finite() && r.len_s.is_finite() && r.len_s > 0.0 && r.len_s < 3600.0) {
@@ -636,13 +649,10 @@ mod tests {
         assert!(matches!(e, DecodeError::Request(_)), "{e}");
     }
 
-    #[test]
-    fn wav_regions_are_exact() {
-        // A 16-bit mono WAV at 8 kHz with a ramp, written by hand.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("ramp.wav");
+    /// A 16-bit mono WAV of `n` frames at 8 kHz holding a ramp, written by hand, whose header
+    /// states `stated_rate`.
+    fn ramp_wav(n: u32, stated_rate: u32) -> Vec<u8> {
         let rate = 8000u32;
-        let n = rate * 20;
         let mut data = Vec::new();
         for i in 0..n {
             let v = ((i % 30000) as i16).to_le_bytes();
@@ -655,14 +665,47 @@ mod tests {
         f.extend_from_slice(&16u32.to_le_bytes());
         f.extend_from_slice(&1u16.to_le_bytes());
         f.extend_from_slice(&1u16.to_le_bytes());
-        f.extend_from_slice(&rate.to_le_bytes());
+        f.extend_from_slice(&stated_rate.to_le_bytes());
         f.extend_from_slice(&(rate * 2).to_le_bytes());
         f.extend_from_slice(&2u16.to_le_bytes());
         f.extend_from_slice(&16u16.to_le_bytes());
         f.extend_from_slice(b"data");
         f.extend_from_slice(&(data.len() as u32).to_le_bytes());
         f.extend_from_slice(&data);
-        std::fs::write(&p, f).expect("write");
+        f
+    }
+
+    #[test]
+    fn a_header_stating_a_gigahertz_sample_rate_is_refused_before_any_buffer_is_sized() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("damaged.wav");
+        std::fs::write(&p, ramp_wav(8000, 0xFFFF_FFF0)).expect("write");
+        let regions = [Region {
+            start_s: 0.0,
+            len_s: 10.0,
+        }];
+        let e = decode_regions_symphonia(&p, &regions, SeekPolicy::Seek).unwrap_err();
+        assert!(
+            matches!(e, DecodeError::ImplausibleSampleRate(0xFFFF_FFF0)),
+            "{e}"
+        );
+        assert!(e.to_string().contains("4294967280 Hz"), "{e}");
+        // The limit itself is a rate like any other.
+        std::fs::write(&p, ramp_wav(8000, MAX_SAMPLE_RATE)).expect("write");
+        let short = [Region {
+            start_s: 0.0,
+            len_s: 0.001,
+        }];
+        let d = decode_regions_symphonia(&p, &short, SeekPolicy::Seek).expect("decodes");
+        assert_eq!(d.sample_rate, MAX_SAMPLE_RATE);
+    }
+
+    #[test]
+    fn wav_regions_are_exact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("ramp.wav");
+        let rate = 8000u32;
+        std::fs::write(&p, ramp_wav(rate * 20, rate)).expect("write");
 
         let regions = [
             Region {

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use super::phase_1_decode::{
     DecodeError, DecodedBy, DecodedRegions, MIN_REGION_COVERAGE, Region, check_request,
+    check_sample_rate,
 };
 
 /// Time the `ffmpeg` process gets per region; it is killed when all of it is spent.
@@ -170,6 +171,7 @@ pub fn decode_regions_with(
         }
     }
     let rate_hz = sample_rate.ok_or(DecodeError::NoSampleRate)?;
+    check_sample_rate(rate_hz)?;
     let rate = f64::from(rate_hz);
 
     // Place each region as symphonia's decoder does: silence before frame 0 and after the end.
