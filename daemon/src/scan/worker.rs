@@ -1,6 +1,7 @@
 //! The ScanWorker: drains the scan channel one job at a time and runs each through its phases —
 //! discover (walk + compare with the database), index (probe changed files in parallel while the
 //! previous batch is written), remove vanished files — reporting every step to the ScanReporter.
+//! A job's last phase, embedding, runs as a task beside the next jobs.
 //!
 //! Safety rule: when the library root (or target directory) is missing, unreadable or suddenly
 //! empty, or a directory below it cannot be read, nothing there is deleted.
@@ -15,6 +16,7 @@ use coral_proto::{ScanMode, ScanPhase};
 use rayon::prelude::*;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -52,10 +54,12 @@ impl From<RetryError> for ScanFailure {
     }
 }
 
-/// How a completed scan ended: warnings for the progress object's `error` field.
+/// How a scan's indexing ended: warnings for the progress object's `error` field, and the
+/// tracks left to embed (`None` without embeddings).
 #[derive(Debug, Default)]
 pub struct ScanOutcome {
     pub warnings: Vec<String>,
+    pub embed: Option<Vec<crate::embed::EmbedTarget>>,
 }
 
 /// Runs scan jobs.
@@ -91,14 +95,21 @@ impl WalkObserver for Observer<'_> {
 
 impl ScanWorker {
     /// Take jobs until `stop` is cancelled or the channel closes.
+    ///
+    /// A job holds the worker while it indexes. Its embedding then runs as a task of its own,
+    /// beside the next jobs (several scans may be embedding at once, sharing the pipeline), and
+    /// the job ends when its last track is embedded, skipped or failed. So a file copied into a
+    /// library is indexed and searchable while a long embedding backlog runs.
     pub async fn run(self, mut rx: mpsc::Receiver<ScanJob>, stop: CancellationToken) {
         let mut idle = tokio::time::interval(self.idle_beat);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut embedding: JoinSet<()> = JoinSet::new();
         loop {
             self.heartbeat.beat();
             let job = tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = idle.tick() => continue,
+                Some(_) = embedding.join_next(), if !embedding.is_empty() => continue,
                 job = rx.recv() => match job { Some(j) => j, None => break },
             };
             if crate::systemd::test_wedge_requested(&job.library_root) {
@@ -117,24 +128,72 @@ impl ScanWorker {
                 request_id = %job.request_id(),
                 library = %job.library_root.display()
             );
-            self.run_job(&job, &stop).instrument(span).await;
+            if let Some(embed) = self.run_job(&job, &stop).instrument(span.clone()).await {
+                embedding.spawn(embed.instrument(span));
+            }
         }
+        // Shutdown: the embedding tasks persist their scans, which resume at the next start.
+        while embedding.join_next().await.is_some() {}
     }
 
-    /// Run one job to its end and persist the final state.
-    pub async fn run_job(&self, job: &ScanJob, stop: &CancellationToken) {
+    /// Index one job; then either end it and persist the final state, or, when its tracks are
+    /// to be embedded, return the task that embeds them and ends it.
+    pub async fn run_job(
+        &self,
+        job: &ScanJob,
+        stop: &CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let h = &job.handle;
         // A daemon shutdown interrupts the scan without ending it: it stays unfinished in the
         // database and resumes at the next start.
-        let shutdown = stop.clone();
         let result = tokio::select! {
             r = self.scan(job) => r,
-            _ = shutdown.cancelled() => {
+            _ = stop.cancelled() => {
                 tracing::info!("shutting down: scan will resume at next start");
                 self.persist(h, stop).await;
-                return;
+                return None;
             }
         };
+        let (mut outcome, embedder) = match (result, &self.embedder) {
+            (Ok(o), Some(e)) if o.embed.is_some() => (o, e.clone()),
+            (result, _) => {
+                self.finish(h, result, stop).await;
+                return None;
+            }
+        };
+        let targets = outcome.embed.take().unwrap_or_default();
+        let worker = self.clone();
+        let handle = Arc::clone(h);
+        let stop = stop.clone();
+        Some(async move {
+            let embedded = tokio::select! {
+                r = embedder.embed_for_scan(Arc::clone(&handle), targets) => r,
+                _ = stop.cancelled() => {
+                    tracing::info!("shutting down: the scan's embedding will resume at next start");
+                    worker.persist(&handle, &stop).await;
+                    return;
+                }
+            };
+            let result = match embedded {
+                Ok(()) => Ok(outcome),
+                Err(crate::embed::EmbedError::Cancelled) => Err(ScanFailure::Cancelled),
+                Err(crate::embed::EmbedError::Stopped) if stop.is_cancelled() => {
+                    worker.persist(&handle, &stop).await;
+                    return;
+                }
+                Err(e) => Err(ScanFailure::Embedding(e.to_string())),
+            };
+            worker.finish(&handle, result, &stop).await;
+        })
+    }
+
+    /// End a scan as `result` says and persist its final state.
+    async fn finish(
+        &self,
+        h: &ScanHandle,
+        result: Result<ScanOutcome, ScanFailure>,
+        stop: &CancellationToken,
+    ) {
         match result {
             Ok(outcome) => {
                 let warning = (!outcome.warnings.is_empty()).then(|| outcome.warnings.join("; "));
@@ -160,6 +219,7 @@ impl ScanWorker {
             unchanged = p.tracks_unchanged,
             removed = p.tracks_removed,
             failed = p.tracks_failed,
+            embedded = p.embeddings_done,
             "scan finished"
         );
         self.persist(h, stop).await;
@@ -404,9 +464,10 @@ impl ScanWorker {
             ScanCounters::add(&c.tracks_removed, removed);
         }
 
-        if let Some(embedder) = &self.embedder {
+        if self.embedder.is_some() {
             // Every track this scan wrote (before a restart too) is embedded, or found already
-            // embedded from the same file and counted done without work.
+            // embedded from the same file and counted done without work. That runs beside the
+            // next scans (see `run_job`).
             let targets = self
                 .with_db(h, "list tracks to embed", || {
                     tracks::written_by_scan(&self.pool, job.library_id, request_id)
@@ -423,11 +484,7 @@ impl ScanWorker {
                 .collect::<Vec<_>>();
             c.set_embeddings_expected(targets.len() as u64);
             self.set_phase(h, ScanPhase::Embedding).await;
-            match embedder.embed_for_scan(Arc::clone(h), targets).await {
-                Ok(()) => {}
-                Err(crate::embed::EmbedError::Cancelled) => return Err(ScanFailure::Cancelled),
-                Err(e) => return Err(ScanFailure::Embedding(e.to_string())),
-            }
+            outcome.embed = Some(targets);
         }
         Ok(outcome)
     }
