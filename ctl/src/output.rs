@@ -115,6 +115,16 @@ pub fn status(s: &DaemonStatus) {
             "disabled".to_owned()
         }
     );
+    if !s.embedding.workers.is_empty() {
+        println!("  workers    {}", s.embedding.workers.len());
+    }
+    for w in &s.embedding.workers {
+        let ago = (chrono::Utc::now() - w.last_seen_at).num_seconds().max(0);
+        println!(
+            "    {} on {} ({}): {} tracks, {:.1} tracks/s, seen {ago} s ago",
+            w.id, w.host, w.device, w.tracks_done, w.tracks_per_second
+        );
+    }
     println!(
         "  scans      {} active, {} queued",
         s.active_scans.len(),

@@ -13,3 +13,4 @@ pub mod scan;
 pub mod systemd;
 pub mod text_fold;
 pub mod watch;
+pub mod worker;

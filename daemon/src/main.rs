@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "corald", version)]
 struct Args {
     /// Configuration file (TOML). Default: /etc/coral/corald.toml if it exists.
-    #[arg(long, env = "CORAL_CONFIG")]
+    #[arg(long, env = "CORAL_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Unix socket to listen on.
     #[arg(long, env = "CORAL_SOCKET")]
@@ -35,6 +35,28 @@ struct Args {
     /// file would be indexed, 1 otherwise. Needs no database.
     #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with = "check_config")]
     probe: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Run only the embedding pipeline, for another machine (a GPU box): take tracks from the
+    /// embedding queue of the corald that owns DATABASE_URL (an external PostgreSQL server),
+    /// read them through a shared mount and store their vectors. The `[embed]` and `[log]`
+    /// settings of the configuration file apply.
+    Worker {
+        /// The PostgreSQL server corald uses.
+        #[arg(long, env = "CORAL_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// A library root under FROM (as corald sees it) is under TO on this machine; the
+        /// first matching mapping applies. Repeatable.
+        #[arg(long = "path-map", value_name = "FROM=TO", value_parser = corald::worker::parse_path_map)]
+        path_map: Vec<(PathBuf, PathBuf)>,
+        /// `auto`, `cpu`, `cuda` or `cuda:N` (overrides `embed.device`).
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +101,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     corald::logging::init(&config.log);
+    let worker = args.command.map(
+        |Command::Worker {
+             database_url,
+             path_map,
+             device,
+         }| {
+            corald::worker::WorkerOptions {
+                database_url,
+                path_map,
+                device,
+            }
+        },
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -89,6 +124,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(opts) = worker {
+        return match runtime.block_on(corald::worker::run_worker(
+            config,
+            opts,
+            CancellationToken::new(),
+        )) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("corald worker: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let service = Service {
         config_path: args.config,
         overrides,

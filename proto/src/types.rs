@@ -415,4 +415,23 @@ pub struct EmbeddingStatus {
     /// Tracks embedded since corald started.
     #[serde(default)]
     pub tracks_embedded_since_start: u64,
+    /// The queue's consumers seen in the last minute: this corald's own pipeline and every
+    /// `corald worker` on the same database.
+    #[serde(default)]
+    pub workers: Vec<EmbedWorker>,
+}
+
+/// A consumer of the embedding queue, as it last reported itself (every few seconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbedWorker {
+    /// `corald@HOST:PID` or `worker@HOST:PID`.
+    pub id: String,
+    pub host: String,
+    pub device: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    /// Tracks it has embedded since it started.
+    pub tracks_done: u64,
+    /// Tracks stored per second over its last minute.
+    pub tracks_per_second: f64,
 }

@@ -18,6 +18,7 @@
 //! Without the `embed` cargo feature there is no libtorch: [`Embedder::start`] says so and the
 //! daemon runs without embeddings.
 
+pub mod consumer;
 pub mod model;
 pub mod phase_1_decode;
 pub mod phase_1_decode_ffmpeg;
@@ -25,6 +26,7 @@ pub mod phase_2_resample;
 pub mod phase_3_batch;
 pub mod phase_4_infer;
 pub mod phase_5_store;
+pub mod queue;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -80,6 +82,14 @@ pub struct EmbedConfig {
     pub min_duration_s: f64,
     /// Tracks longer than this are skipped (seconds).
     pub max_duration_s: f64,
+    /// Embed in this process. `false`: corald queues its scans' tracks and leaves all the
+    /// embedding to `corald worker`s on other machines (the model is still loaded, to name the
+    /// vectors' model and check stored ones).
+    pub local: bool,
+    /// How long a consumer holds the queued tracks it took (seconds). A consumer that dies
+    /// (a killed `corald worker`) leaves them for another consumer after this long; a track
+    /// takes seconds from its claim to its vector.
+    pub lease_s: f64,
 }
 
 impl Default for EmbedConfig {
@@ -96,6 +106,8 @@ impl Default for EmbedConfig {
             window_patches: 1,
             min_duration_s: 60.0,
             max_duration_s: 900.0,
+            local: true,
+            lease_s: 120.0,
         }
     }
 }
@@ -164,6 +176,12 @@ impl EmbedConfig {
                     "must be a number greater than embed.min_duration_s ({}) (got {})",
                     self.min_duration_s, self.max_duration_s
                 ),
+            ));
+        }
+        if !(self.lease_s.is_finite() && (1.0..=86_400.0).contains(&self.lease_s)) {
+            return Err((
+                "embed.lease_s",
+                format!("must be between 1 and 86400 (got {})", self.lease_s),
             ));
         }
         if let Some(m) = &self.model
@@ -294,11 +312,18 @@ enum Outcome {
     },
 }
 
-/// One `embed` call: its cancel token and where its outcomes go.
+/// The tracks of one request in this process's pipeline: its cancel token and where its
+/// outcomes go (the queue consumer).
 struct JobCtx {
     request_id: Uuid,
     cancel: CancellationToken,
-    outcomes: mpsc::UnboundedSender<Outcome>,
+    outcomes: mpsc::UnboundedSender<(Uuid, Outcome)>,
+}
+
+impl JobCtx {
+    fn report(&self, o: Outcome) {
+        let _ = self.outcomes.send((self.request_id, o));
+    }
 }
 
 /// A track travelling through the stages.
@@ -383,6 +408,17 @@ struct Inner {
     decode_tx: Mutex<Option<mpsc::Sender<WorkItem>>>,
     stop: CancellationToken,
     shared: Arc<Shared>,
+    /// This consumer's name in the queue's leases (`corald@HOST:PID`).
+    owner: String,
+    lease_s: f64,
+    /// `FROM=TO` library-root mappings (workers reading the music through another mount).
+    path_map: Vec<(PathBuf, PathBuf)>,
+    /// Cancel tokens of the requests followed in this process.
+    cancels: Mutex<HashMap<Uuid, CancellationToken>>,
+    /// Wakes the consumer (rows were queued).
+    wake: tokio::sync::Notify,
+    /// Wakes the followers (rows were settled).
+    settled: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -412,12 +448,8 @@ pub struct Embedder {
     inner: Arc<Inner>,
 }
 
-/// Tracks the issues table is written in batches of.
-const ISSUE_BATCH: usize = 64;
 /// Tracks per store statement at most.
 const STORE_BATCH: usize = 64;
-/// Ids per pre-check query.
-const PRECHECK_CHUNK: usize = 5000;
 
 impl Embedder {
     /// Load the model (or explain why embeddings are unavailable: feature off, model missing or
@@ -441,6 +473,29 @@ impl Embedder {
         stop: CancellationToken,
         heartbeat: Option<Arc<Heartbeat>>,
         db: Arc<DbHealth>,
+    ) -> Result<Embedder, EmbedError> {
+        Self::start_as(cfg, pool, stop, heartbeat, db, Role::Daemon).await
+    }
+
+    /// The pipeline of a `corald worker`: it consumes the queue of the corald that owns the
+    /// database, reading the music through `path_map` (library root `FROM` is `TO` here).
+    pub async fn start_worker(
+        cfg: &EmbedConfig,
+        pool: PgPool,
+        stop: CancellationToken,
+        db: Arc<DbHealth>,
+        path_map: Vec<(PathBuf, PathBuf)>,
+    ) -> Result<Embedder, EmbedError> {
+        Self::start_as(cfg, pool, stop, None, db, Role::Worker { path_map }).await
+    }
+
+    async fn start_as(
+        cfg: &EmbedConfig,
+        pool: PgPool,
+        stop: CancellationToken,
+        heartbeat: Option<Arc<Heartbeat>>,
+        db: Arc<DbHealth>,
+        role: Role,
     ) -> Result<Embedder, EmbedError> {
         cfg.validate().map_err(EmbedError::Config)?;
         if !phase_4_infer::available() {
@@ -520,7 +575,28 @@ impl Embedder {
             decode_tx: Mutex::new(Some(decode_tx)),
             stop: stop.clone(),
             shared: Arc::clone(&shared),
+            owner: format!("{}{}", role.prefix(), std::process::id()),
+            lease_s: cfg.lease_s,
+            path_map: match &role {
+                Role::Daemon => Vec::new(),
+                Role::Worker { path_map } => path_map.clone(),
+            },
+            cancels: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+            settled: tokio::sync::Notify::new(),
         });
+        // Leases of this corald's previous run (killed, or stopped mid-track) are free now.
+        // (Workers are many per host: theirs expire.)
+        if matches!(role, Role::Daemon) {
+            let prefix = role.prefix();
+            let released = retry(&db, "release old leases", &stop, None, || {
+                queue::release_leases_of(&pool, &prefix)
+            })
+            .await?;
+            if released > 0 {
+                tracing::info!(released, "took back queued tracks leased by an earlier run");
+            }
+        }
 
         let decode_rx = Arc::new(Mutex::new(decode_rx));
         for i in 0..decode_threads {
@@ -543,6 +619,11 @@ impl Embedder {
             store_rx,
         ));
         tokio::spawn(housekeeping(Arc::downgrade(&inner), stop.clone()));
+        if cfg.local || !matches!(role, Role::Daemon) {
+            tokio::spawn(consumer::consume(Arc::downgrade(&inner), stop.clone()));
+        } else {
+            tracing::info!("embed.local = false: the queued tracks are left to corald workers");
+        }
         shared.running.store(true, Ordering::Release);
 
         tracing::info!(
@@ -578,7 +659,25 @@ impl Embedder {
                 0.0
             },
             tracks_embedded_since_start: stats.tracks_stored,
+            workers: Vec::new(),
         }
+    }
+
+    /// The queue's consumers seen in the last minute (this pipeline and `corald worker`s).
+    pub async fn workers(&self) -> Result<Vec<coral_proto::EmbedWorker>, EmbedError> {
+        let rows = queue::workers(&self.inner.pool, consumer::WORKER_SEEN_S).await?;
+        Ok(rows
+            .into_iter()
+            .map(|w| coral_proto::EmbedWorker {
+                id: w.id,
+                host: w.host,
+                device: w.device,
+                started_at: w.started_at,
+                last_seen_at: w.last_seen_at,
+                tracks_done: u64::try_from(w.tracks_done).unwrap_or(0),
+                tracks_per_second: w.tracks_per_second,
+            })
+            .collect())
     }
 
     /// Resolves once the pipeline has wound down after `stop` (or after every `Embedder` was
@@ -695,245 +794,65 @@ impl Embedder {
     ) -> Result<EmbedSummary, EmbedError> {
         let inner = &self.inner;
         let started = Instant::now();
-        // One report per distinct track.
-        let mut seen = std::collections::HashSet::with_capacity(targets.len());
-        let targets: Vec<EmbedTarget> = targets
-            .into_iter()
-            .filter(|t| seen.insert(t.track_id))
-            .collect();
+        let rows = consumer::plan(inner, targets, &cancel).await?;
         if let Some(c) = counters {
-            c.set_embeddings_expected(targets.len() as u64);
+            c.set_embeddings_expected(rows.len() as u64);
         }
-        let mut summary = EmbedSummary::default();
-        if targets.is_empty() {
-            return Ok(summary);
+        if rows.is_empty() {
+            return Ok(EmbedSummary::default());
         }
-        let report = |o: &Outcome, summary: &mut EmbedSummary, fresh: bool| {
-            let counter = match o {
-                Outcome::Done(_) => {
-                    if fresh {
-                        summary.embedded += 1;
-                    } else {
-                        summary.unchanged += 1;
-                    }
-                    counters.map(|c| &c.embeddings_done)
-                }
-                Outcome::Skipped { .. } => {
-                    summary.skipped += 1;
-                    counters.map(|c| &c.embeddings_skipped)
-                }
-                Outcome::Failed { .. } => {
-                    summary.failed += 1;
-                    counters.map(|c| &c.embeddings_failed)
-                }
-            };
-            if let Some(counter) = counter {
-                ScanCounters::add(counter, 1);
-            }
-        };
-
-        // What the database already knows.
-        let ids: Vec<i64> = targets.iter().map(|t| t.track_id).collect();
-        let mut states = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(PRECHECK_CHUNK) {
-            if cancel.is_cancelled() {
-                return Err(EmbedError::Cancelled);
-            }
-            let found = retry(&inner.db, "read embedding states", &cancel, None, || {
-                phase_5_store::target_states(&inner.pool, inner.model.id, chunk)
-            })
-            .await?;
-            for s in found {
-                states.insert(s.id, s);
-            }
-        }
-        let mut work = Vec::new();
-        let mut stale_skipped = Vec::new();
-        let min_s = inner.min_ms as f64 / 1000.0;
-        let max_s = inner.max_ms as f64 / 1000.0;
-        for t in targets {
-            let Some(s) = states.get(&t.track_id) else {
-                let o = Outcome::Skipped {
-                    track_id: t.track_id,
-                    reason: "no longer indexed".into(),
-                    record: false,
-                };
-                report(&o, &mut summary, false);
-                continue;
-            };
-            let duration_s = t.duration_ms as f64 / 1000.0;
-            let too = if t.duration_ms < inner.min_ms {
-                Some(format!("shorter than {min_s} s ({duration_s:.1} s)"))
-            } else if t.duration_ms > inner.max_ms {
-                Some(format!("longer than {max_s} s ({duration_s:.1} s)"))
-            } else {
-                None
-            };
-            if let Some(reason) = too {
-                if s.stale_embedding {
-                    stale_skipped.push(t.track_id);
-                }
-                tracing::debug!(track_id = t.track_id, %reason, "embedding skipped");
-                report(
-                    &Outcome::Skipped {
-                        track_id: t.track_id,
-                        reason,
-                        record: false,
-                    },
-                    &mut summary,
-                    false,
-                );
-                continue;
-            }
-            if s.embedded {
-                report(&Outcome::Done(t.track_id), &mut summary, false);
-                continue;
-            }
-            match s.issue_outcome.as_deref() {
-                Some("skipped") => {
-                    report(
-                        &Outcome::Skipped {
-                            track_id: t.track_id,
-                            reason: s.issue_reason.clone().unwrap_or_default(),
-                            record: false,
-                        },
-                        &mut summary,
-                        false,
-                    );
-                    continue;
-                }
-                Some(_) => {
-                    report(
-                        &Outcome::Failed {
-                            track_id: t.track_id,
-                            reason: s.issue_reason.clone().unwrap_or_default(),
-                            record: false,
-                        },
-                        &mut summary,
-                        false,
-                    );
-                    continue;
-                }
-                None => {}
-            }
-            work.push((t, s.size, s.mtime_ns));
-        }
-        if !stale_skipped.is_empty() {
-            retry(&inner.db, "delete stale embeddings", &cancel, None, || {
-                phase_5_store::delete_embeddings(&inner.pool, inner.model.id, &stale_skipped)
-            })
-            .await?;
-        }
-        tracing::debug!(
-            queued = work.len(),
-            unchanged = summary.unchanged,
-            skipped = summary.skipped,
-            failed = summary.failed,
-            "embedding"
-        );
-        if work.is_empty() {
-            return Ok(summary);
-        }
-
-        let Some(decode_tx) = lock(&inner.decode_tx).clone() else {
-            return Err(EmbedError::Stopped);
-        };
-        let job_cancel = cancel.child_token();
-        // Dropping this future (or returning early) drops the job's queued work.
-        let _guard = job_cancel.clone().drop_guard();
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
-        let job = Arc::new(JobCtx {
-            request_id,
-            cancel: job_cancel,
-            outcomes: out_tx,
-        });
-        let info: HashMap<i64, (PathBuf, i64, i64)> = work
-            .iter()
-            .map(|(t, size, mtime)| (t.track_id, (t.path.clone(), *size, *mtime)))
-            .collect();
-        let total = work.len();
-        let mut queue = work.into_iter();
-        let mut settled = 0usize;
-        let mut issues: Vec<NewIssue> = Vec::new();
-        let mut next = queue.next();
-        let result = loop {
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break Err(EmbedError::Cancelled),
-                _ = inner.stop.cancelled() => break Err(EmbedError::Stopped),
-                _ = inner.shared.broken.cancelled() => break Err(inner.broken_error()),
-                o = out_rx.recv() => {
-                    let Some(o) = o else {
-                        break Err(EmbedError::Internal("outcome channel closed".into()));
-                    };
-                    settled += 1;
-                    let (track_id, path) = match &o {
-                        Outcome::Done(id) | Outcome::Skipped { track_id: id, .. }
-                        | Outcome::Failed { track_id: id, .. } => (*id, info.get(id).map(|i| i.0.display().to_string()).unwrap_or_default()),
-                    };
-                    match &o {
-                        Outcome::Done(_) => {}
-                        Outcome::Skipped { reason, record, .. } | Outcome::Failed { reason, record, .. } => {
-                            let failed = matches!(o, Outcome::Failed { .. });
-                            if failed {
-                                tracing::warn!(track_id, path = %path, reason = %reason, "track not embedded");
-                            } else {
-                                tracing::info!(track_id, path = %path, reason = %reason, "track skipped for embedding");
-                            }
-                            if *record && let Some((_, size, mtime)) = info.get(&track_id) {
-                                issues.push(NewIssue {
-                                    track_id,
-                                    file_size: *size,
-                                    file_mtime_ns: *mtime,
-                                    outcome: if failed { "failed" } else { "skipped" },
-                                    reason: reason.clone(),
-                                });
-                            }
-                        }
-                    }
-                    report(&o, &mut summary, true);
-                    if issues.len() >= ISSUE_BATCH {
-                        flush_issues(inner, request_id, &mut issues).await;
-                    }
-                    if settled == total {
-                        break Ok(());
-                    }
-                }
-                permit = decode_tx.reserve(), if next.is_some() => {
-                    let Ok(permit) = permit else {
-                        break Err(EmbedError::Stopped);
-                    };
-                    if let Some((t, size, mtime)) = next.take() {
-                        inner.shared.decode_queue.fetch_add(1, Ordering::Relaxed);
-                        permit.send(WorkItem {
-                            job: Arc::clone(&job),
-                            track_id: t.track_id,
-                            path: t.path,
-                            duration_ms: t.duration_ms,
-                            file_size: size,
-                            file_mtime_ns: mtime,
-                        });
-                    }
-                    next = queue.next();
-                }
-            }
-        };
-        flush_issues(inner, request_id, &mut issues).await;
+        let result = consumer::enqueue_and_follow(inner, request_id, rows, &cancel, counters).await;
         let elapsed = started.elapsed().as_secs_f64();
+        let summary = result.as_ref().ok().map(|t| EmbedSummary {
+            embedded: t.done,
+            unchanged: t.unchanged,
+            skipped: t.skipped,
+            failed: t.failed,
+        });
+        let s = summary.unwrap_or_default();
         tracing::info!(
-            embedded = summary.embedded,
-            unchanged = summary.unchanged,
-            skipped = summary.skipped,
-            failed = summary.failed,
+            embedded = s.embedded,
+            unchanged = s.unchanged,
+            skipped = s.skipped,
+            failed = s.failed,
             seconds = format!("{elapsed:.1}"),
             outcome = match &result {
-                Ok(()) => "completed".to_owned(),
+                Ok(_) => "completed".to_owned(),
                 Err(e) => e.to_string(),
             },
             "embedding finished"
         );
-        result.map(|()| summary)
+        result.map(|_| s)
     }
+}
+
+/// Which process runs the pipeline.
+enum Role {
+    /// corald: it queues its scans' tracks and consumes them too.
+    Daemon,
+    /// `corald worker`: it only consumes.
+    Worker { path_map: Vec<(PathBuf, PathBuf)> },
+}
+
+impl Role {
+    /// The start of this process's consumer name in queue leases: `corald@HOST:` or
+    /// `worker@HOST:` (the pid follows).
+    fn prefix(&self) -> String {
+        let kind = match self {
+            Role::Daemon => "corald",
+            Role::Worker { .. } => "worker",
+        };
+        format!("{kind}@{}:", host_name())
+    }
+}
+
+/// This machine's name (the kernel's), for consumer names and the workers table.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 async fn flush_issues(inner: &Inner, request_id: Uuid, issues: &mut Vec<NewIssue>) {
@@ -1036,7 +955,7 @@ fn decode_thread(
                 }
             }
         };
-        let _ = item.job.outcomes.send(outcome);
+        item.job.report(outcome);
     }
 }
 
@@ -1092,7 +1011,7 @@ fn inference_thread(
                     }
                 }),
                 InferOutput::Failed(f) => {
-                    let _ = f.meta.job.outcomes.send(Outcome::Failed {
+                    f.meta.job.report(Outcome::Failed {
                         track_id: f.meta.track_id,
                         reason: f.reason,
                         record: false,
@@ -1218,7 +1137,7 @@ async fn store_task(
                     record: false,
                 },
             };
-            let _ = f.meta.job.outcomes.send(o);
+            f.meta.job.report(o);
         }
     }
     shared.finished.cancel();
@@ -1327,6 +1246,8 @@ mod tests {
         assert!(bad(&|c| c.min_duration_s = -1.0).contains("embed.min_duration_s"));
         assert!(bad(&|c| c.max_duration_s = 10.0).contains("embed.max_duration_s"));
         assert!(bad(&|c| c.batch_size = 100_000).contains("embed.batch_size"));
+        assert!(bad(&|c| c.lease_s = 0.5).contains("embed.lease_s"));
+        assert!(bad(&|c| c.lease_s = f64::NAN).contains("embed.lease_s"));
         let (key, _) = {
             let c = EmbedConfig {
                 device: "cuda:x".into(),

@@ -283,7 +283,12 @@ impl CoralApiServer for CoralRpc {
                 .collect(),
             queued_scans: ctx.queue.waiting(),
             embedding: match embedder {
-                Some(e) => e.status(),
+                Some(e) => {
+                    let mut s = e.status();
+                    // During an outage: none listed.
+                    s.workers = e.workers().await.unwrap_or_default();
+                    s
+                }
                 None => EmbeddingStatus::default(),
             },
             warnings: {
