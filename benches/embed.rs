@@ -20,6 +20,10 @@
 //! * `embed/end_to_end`: `Embedder::embed` on every track with the default configuration (the
 //!   daemon's code, a real PostgreSQL: the harness daemon's managed cluster), vectors deleted
 //!   before each iteration;
+//! * `embed/queue`: the embedding queue's own work per track (enqueue, lease 4 rows at a time,
+//!   settle, forget) on the same cluster, for 80 requests of every track, no decoding;
+//! * `embed/workers`: 1, then 2 `corald worker` processes embedding every track that an
+//!   in-process embedder with `embed.local = false` queued;
 //! * `embed/bliss` (with `--features bliss`): bliss-audio 0.13 (symphonia decoders) analysing the
 //!   same files with `analyze_paths`, which uses every core.
 //!
@@ -366,7 +370,7 @@ fn end_to_end(c: &mut Criterion, lib: &[(PathBuf, f64)]) -> Result<()> {
         .and_then(|(p, _)| p.parent())
         .context("empty library")?
         .to_path_buf();
-    let (_daemon, pool, embedder, targets) = rt.block_on(async {
+    let (daemon, pool, embedder, targets, cfg) = rt.block_on(async {
         let d = Daemon::start_with(&["--config", &config.to_string_lossy()]).await?;
         let client = d.client().await?;
         coral_tests::daemon::add_and_scan(&client, &root).await?;
@@ -395,7 +399,7 @@ fn end_to_end(c: &mut Criterion, lib: &[(PathBuf, f64)]) -> Result<()> {
             ..EmbedConfig::default()
         };
         let embedder = Embedder::start(&cfg, pool.clone(), CancellationToken::new()).await?;
-        anyhow::Ok((d, pool, embedder, targets))
+        anyhow::Ok((d, pool, embedder, targets, cfg))
     })?;
     let mut g = c.benchmark_group("embed/end_to_end");
     g.throughput(Throughput::Elements(lib.len() as u64));
@@ -426,6 +430,165 @@ fn end_to_end(c: &mut Criterion, lib: &[(PathBuf, f64)]) -> Result<()> {
             total
         })
     });
+    g.finish();
+    let model_id = embedder.model_id();
+    drop(embedder);
+    // Its consumer notices within a poll (0.4 s) and ends; the rows below are the bench's.
+    std::thread::sleep(Duration::from_secs(1));
+    queue_cost(c, &rt, &pool, model_id, &targets)?;
+    workers(c, &rt, &daemon, &pool, &targets, &cfg)?;
+    Ok(())
+}
+
+/// Requests in the queue-cost iteration; each queues every track once.
+const QUEUE_REQUESTS: usize = 80;
+
+/// The queue's own work per track, as a consumer meets it: enqueue (one statement per
+/// request), lease 4 rows at a time (the decode queue's room on 2 cores) with their track and
+/// library, settle each lease, forget the requests. No decoding.
+fn queue_cost(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    pool: &sqlx::PgPool,
+    model_id: i64,
+    targets: &[EmbedTarget],
+) -> Result<()> {
+    use corald::embed::queue::{self, QueueRow, QueueState};
+    let rows: Vec<QueueRow> = targets
+        .iter()
+        .map(|t| QueueRow {
+            track_id: t.track_id,
+            state: QueueState::Queued,
+            file_size: 0,
+            file_mtime_ns: 0,
+        })
+        .collect();
+    let mut g = c.benchmark_group("embed/queue");
+    g.throughput(Throughput::Elements((QUEUE_REQUESTS * rows.len()) as u64));
+    g.sample_size(10);
+    g.bench_function("enqueue, claim 4, settle", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let run = rt.block_on(async {
+                    let t = Instant::now();
+                    let ids: Vec<uuid::Uuid> =
+                        (0..QUEUE_REQUESTS).map(|_| uuid::Uuid::new_v4()).collect();
+                    for (n, id) in ids.iter().enumerate() {
+                        queue::enqueue(pool, *id, model_id, n as i64, &rows).await?;
+                    }
+                    let mut settled = 0;
+                    loop {
+                        let got = queue::claim(pool, model_id, "bench@queue:0", 60.0, 4).await?;
+                        if got.is_empty() {
+                            break;
+                        }
+                        let done: Vec<_> = got
+                            .iter()
+                            .map(|c| (c.request_id, c.track_id, QueueState::Done))
+                            .collect();
+                        settled += queue::settle(pool, &done).await?;
+                    }
+                    ensure!(settled as usize == QUEUE_REQUESTS * rows.len());
+                    for id in &ids {
+                        queue::forget(pool, *id).await?;
+                    }
+                    anyhow::Ok(t.elapsed())
+                });
+                match run {
+                    Ok(t) => total += t,
+                    Err(e) => panic!("queue run failed: {e:#}"),
+                }
+            }
+            total
+        })
+    });
+    g.finish();
+    Ok(())
+}
+
+/// `corald worker` processes (1, then 2) embedding every track, queued by an in-process
+/// embedder that does not consume (`embed.local = false`), through the harness daemon's
+/// cluster. From an empty `track_embeddings` each iteration.
+fn workers(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    daemon: &Daemon,
+    pool: &sqlx::PgPool,
+    targets: &[EmbedTarget],
+    cfg: &EmbedConfig,
+) -> Result<()> {
+    let url = format!(
+        "postgres://coral@localhost/coral?host={}",
+        daemon.state_dir.join("postgres/run").display()
+    );
+    let dir = coral_tests::daemon::traversable_tempdir()?;
+    let worker_cfg = dir.path().join("worker.toml");
+    std::fs::write(
+        &worker_cfg,
+        format!(
+            "log = \"warn\"\n[embed]\nmodel = {:?}\ndevice = {:?}\n",
+            model_path(),
+            cfg.device
+        ),
+    )?;
+    let queue_only = EmbedConfig {
+        local: false,
+        ..cfg.clone()
+    };
+    let producer = rt.block_on(Embedder::start(
+        &queue_only,
+        pool.clone(),
+        CancellationToken::new(),
+    ))?;
+    let mut g = c.benchmark_group("embed/workers");
+    g.throughput(Throughput::Elements(targets.len() as u64));
+    g.sample_size(10);
+    for n in [1usize, 2] {
+        let mut children: Vec<std::process::Child> = (0..n)
+            .map(|_| {
+                std::process::Command::new(coral_tests::daemon::corald_bin())
+                    .args(["worker", "--config"])
+                    .arg(&worker_cfg)
+                    .args(["--database-url", &url])
+                    .env("OMP_WAIT_POLICY", "PASSIVE")
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .context("starting corald worker")
+            })
+            .collect::<Result<_>>()?;
+        g.bench_function(BenchmarkId::new("corald worker processes", n), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let run = rt.block_on(async {
+                        sqlx::query("DELETE FROM track_embeddings")
+                            .execute(pool)
+                            .await?;
+                        let t = Instant::now();
+                        let s = producer
+                            .embed(
+                                uuid::Uuid::new_v4(),
+                                targets.to_vec(),
+                                CancellationToken::new(),
+                            )
+                            .await?;
+                        ensure!(s.embedded == targets.len() as u64, "{s:?}");
+                        anyhow::Ok(t.elapsed())
+                    });
+                    match run {
+                        Ok(t) => total += t,
+                        Err(e) => panic!("worker run failed: {e:#}"),
+                    }
+                }
+                total
+            })
+        });
+        for mut child in children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
     g.finish();
     Ok(())
 }
@@ -541,5 +704,20 @@ fn summary(tracks: usize, seconds: usize, cores: usize) {
     }
     if let (Some(e), Some(b)) = (e2e, bliss) {
         println!("end to end / bliss-audio: {:.2}× (target ≥ 2×)", e / b);
+    }
+    for (id, s) in medians("embed/workers") {
+        println!(
+            "  {:<20} {id:<45} {:>8.2} tracks/s",
+            "embed/workers",
+            tracks as f64 / s
+        );
+    }
+    if let (Some(e), Some(q)) = (e2e, medians("embed/queue").into_values().next()) {
+        let per_track = q / (QUEUE_REQUESTS * tracks) as f64;
+        println!(
+            "queue cost per track: {:.2} ms = {:.2} % of the end-to-end time per track (target < 5 %)",
+            per_track * 1e3,
+            100.0 * per_track * e
+        );
     }
 }

@@ -46,6 +46,7 @@ expected=(
     /usr/lib/systemd/system/corald.service
     /usr/lib/systemd/system/corald.socket
     /usr/lib/systemd/system/coral-bridge.service
+    /usr/lib/systemd/system/coral-worker.service
     /usr/lib/sysusers.d/coral.conf
     /usr/lib/tmpfiles.d/coral.conf
     /etc/coral/corald.toml
@@ -100,7 +101,8 @@ t "corald reads the shipped configuration" /usr/bin/corald --check-config --conf
 t "coralctl --help runs" /usr/bin/coralctl --help
 if command -v systemd-analyze >/dev/null 2>&1; then
     if out=$(systemd-analyze verify --man=no /usr/lib/systemd/system/corald.service \
-        /usr/lib/systemd/system/corald.socket /usr/lib/systemd/system/coral-bridge.service 2>&1) &&
+        /usr/lib/systemd/system/corald.socket /usr/lib/systemd/system/coral-bridge.service \
+        /usr/lib/systemd/system/coral-worker.service 2>&1) &&
         [[ -z $out ]]; then
         ok "systemd-analyze verify (installed units)"
     else

@@ -393,3 +393,37 @@ async fn cancelling_a_scan_drops_its_queued_tracks_and_no_one_elses() -> Result<
     server.pg.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_tracks_that_no_request_follows_are_dropped_at_start() -> Result<()> {
+    let mut d = Daemon::start().await?;
+    let c = d.client().await?;
+    if !embedding_enabled(&c).await? {
+        return Ok(());
+    }
+    drop(c);
+    // A start-up sweep's rows, left by a corald killed during it.
+    let mut db = d.db().await?;
+    sqlx::query(
+        "INSERT INTO embed_queue (request_id, track_id, model_id, priority, state, file_size,
+                                  file_mtime_ns)
+         SELECT $1, 1, max(id), 1, 'queued', 1, 1 FROM models",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .execute(&mut db)
+    .await?;
+    drop(db);
+    d.terminate()?;
+    d.spawn().await?;
+    let c = d.client().await?;
+    eventually(WAIT, "the embedder to start", || async {
+        c.daemon_status().await.ok().filter(|s| s.embedding.enabled)
+    })
+    .await?;
+    let mut db = d.db().await?;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM embed_queue")
+        .fetch_one(&mut db)
+        .await?;
+    ensure!(left == 0, "{left} orphaned rows left");
+    Ok(())
+}

@@ -596,6 +596,16 @@ impl Embedder {
             if released > 0 {
                 tracing::info!(released, "took back queued tracks leased by an earlier run");
             }
+            let orphans = retry(&db, "forget unfollowed queue rows", &stop, None, || {
+                queue::forget_orphans(&pool)
+            })
+            .await?;
+            if orphans > 0 {
+                tracing::info!(
+                    orphans,
+                    "dropped queued tracks of requests that ended in an earlier run"
+                );
+            }
         }
 
         let decode_rx = Arc::new(Mutex::new(decode_rx));

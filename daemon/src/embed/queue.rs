@@ -279,3 +279,19 @@ pub async fn workers(pool: &PgPool, within_s: f64) -> Result<Vec<WorkerRow>, sql
     .fetch_all(pool)
     .await
 }
+
+/// Delete the rows of requests that nobody follows any more: not a scan that is still to
+/// finish (a start-up sweep, or a scan that failed, from an earlier run). Call before this
+/// run queues anything. Returns how many rows went.
+pub async fn forget_orphans(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM embed_queue q
+         WHERE NOT EXISTS (
+             SELECT 1 FROM scans s
+             WHERE s.request_id = q.request_id
+               AND s.phase NOT IN ('completed', 'failed', 'cancelled'))",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
