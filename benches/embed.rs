@@ -1,4 +1,4 @@
-//! Embedding pipeline throughput (issue 4's benchmark): each stage alone, the whole pipeline,
+//! Embedding pipeline throughput: each stage alone, the whole pipeline,
 //! and bliss-audio analysing the same tracks, in one run.
 //!
 //! The tracks are generated music (drum patterns, chord progressions, distorted sawtooth riffs;

@@ -1,4 +1,4 @@
-//! Indexing throughput of the real corald (issue 2's benchmark).
+//! Indexing throughput of the real corald.
 //!
 //! Generates (once, cached under `target/bench-library/`) a library of 20,000 real audio files
 //! — 20 short mp3/flac/ogg/m4a/wav files encoded by ffmpeg, hard-linked 1,000 times — starts the

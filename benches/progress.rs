@@ -1,4 +1,4 @@
-//! Live-progress costs (issue 3's benchmarks), in three parts:
+//! Live-progress costs, in three parts:
 //!
 //! * **contention** (criterion): N = 2 and 4 threads (and 1, the uncontended floor) each doing
 //!   M = 200,000 increments on one scan's counters, comparing corald's real `ScanCounters`

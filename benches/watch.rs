@@ -1,4 +1,4 @@
-//! The file watcher (issue 5): how soon a file written into a watched library can be found, and
+//! The file watcher: how soon a file written into a watched library can be found, and
 //! what the watcher costs while nothing happens.
 //!
 //! * **latency**: a real corald with `[watch] debounce_ms = D` watches a small library; N times,

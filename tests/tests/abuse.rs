@@ -194,7 +194,7 @@ async fn the_request_size_limit_is_configurable() -> Result<()> {
     Ok(())
 }
 
-/// Issue 8 (RPC abuse): a flood of subscriptions, many on connections that never read, while
+/// RPC abuse: a flood of subscriptions, many on connections that never read, while
 /// scans publish progress. Memory stays bounded, the reading subscriber and a plain client keep
 /// getting answers, and everything is given back when the clients leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

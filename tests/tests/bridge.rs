@@ -1,4 +1,4 @@
-//! Issue 7 acceptance: `coralctl bridge` in front of a real corald, through real WebSocket
+//! `coralctl bridge` in front of a real corald, through real WebSocket
 //! clients over TCP: methods forwarded with the proto types, subscription notifications, the
 //! token on mutating methods (query parameter and subprotocol), the Origin allow-list, malformed
 //! frames answered with JSON-RPC errors, a corald restart the browser side survives, and the

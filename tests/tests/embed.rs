@@ -1,4 +1,4 @@
-//! Issue 4 acceptance: the embedding pipeline with the real model on real libtorch (CPU), real
+//! The embedding pipeline with the real model on real libtorch (CPU), real
 //! audio encoded by ffmpeg, and a real PostgreSQL with pgvector (the harness daemon's managed
 //! cluster).
 //!

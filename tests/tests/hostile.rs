@@ -1,5 +1,5 @@
-//! Issue 8 (hostile conditions), parts 1 and 2, against a real corald with its managed
-//! PostgreSQL and the real embedding model:
+//! Hostile conditions (a corrupt corpus; SIGKILL at random points and restart), against a real
+//! corald with its managed PostgreSQL and the real embedding model:
 //!
 //! 1. a corpus of corrupt, truncated, misnamed, oddly named, unreadable, looping, special and
 //!    changing files (`coral_tests::hostile_corpus`) is scanned and embedded: the daemon stays

@@ -1,4 +1,4 @@
-//! Issue 2 acceptance: a real corald (managed PostgreSQL, Unix socket) indexing generated
+//! Indexing: a real corald (managed PostgreSQL, Unix socket) indexing generated
 //! libraries of every supported format.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! Issue 3 acceptance through the real socket: subscriptions (snapshot first, monotonic,
+//! Live progress through the real socket: subscriptions (snapshot first, monotonic,
 //! exact final counts), reconnect, a subscriber that never reads, cancel, and resume after
 //! SIGKILL.
 

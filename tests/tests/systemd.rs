@@ -1,4 +1,4 @@
-//! Issue 6 acceptance: corald as a systemd service, with real processes and fake service-manager
+//! corald as a systemd service, with real processes and fake service-manager
 //! endpoints.
 //!
 //! - A fake `NOTIFY_SOCKET` (a Unix datagram socket this test reads): `READY=1` only once the

@@ -1,4 +1,4 @@
-//! Issue 5 acceptance: the filesystem watcher with real inotify on real files, through a real
+//! The filesystem watcher with real inotify on real files, through a real
 //! corald. Every wait polls with a deadline; the daemon runs with `debounce_ms = 300` and
 //! `root_check_s = 1` so the quiet periods stay short.
 //!

@@ -2,22 +2,24 @@
 //! libtorch inference → pgvector.
 //!
 //! ```text
-//!  embed_for_scan ─► decode queue ─► decode threads ─► infer queue ─► inference thread ─► store task
-//!  (skip rules,      (bounded)       (symphonia: seek   (bounded)      (owns the model;   (one INSERT
-//!   no repeated                       to the windows;                   batches windows    per batch)
-//!   work)                             rubato → model rate)              of many tracks)
+//!  embed_for_scan ─► embed_queue ─► consumer ─► decode queue ─► decode threads ─► infer queue ─► inference thread ─► store task
+//!  (consumer::plan:   (PostgreSQL;   (claims     (bounded)       (symphonia: seek   (bounded)      (owns the model;   (one INSERT
+//!   skip rules, no     leases, any    under a                     to the windows;                   batches windows    per batch)
+//!   repeated work)     machine)       lease)                      rubato → model rate)              of many tracks)
 //! ```
 //!
 //! Every eligible track gets exactly one report — done, skipped or failed — on the scan's
-//! counters. A track already embedded for the active model (same model name, version and window
-//! choice) from its current file (size and mtime) counts as done without work; a track whose
-//! file changed is embedded again and its vector replaced. Damaged files and files without a
-//! decoder (Opus: symphonia 0.6 has no Opus decoder) are recorded, so they are not decoded again
-//! until they change.
+//! counters, which are the counts of the scan's rows in the queue (`consumer`). A track already
+//! embedded for the active model (same model name, version and window choice) from its current
+//! file (size and mtime) counts as done without work; a track whose file changed is embedded
+//! again and its vector replaced. Damaged files and files without a decoder are recorded, so
+//! they are not decoded again until they change. `config` is the `[embed]` section, `queue` the
+//! queue's SQL, `pipeline` the stages' loops, `phase_*` the stages' work.
 //!
 //! Without the `embed` cargo feature there is no libtorch: [`Embedder::start`] says so and the
 //! daemon runs without embeddings.
 
+pub mod config;
 pub mod consumer;
 pub mod model;
 pub mod phase_1_decode;
@@ -26,16 +28,16 @@ pub mod phase_2_resample;
 pub mod phase_3_batch;
 pub mod phase_4_infer;
 pub mod phase_5_store;
+mod pipeline;
 pub mod queue;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -44,183 +46,15 @@ use uuid::Uuid;
 use crate::db::health::{DbHealth, RetryError, retry};
 use crate::progress::{ScanCounters, ScanHandle};
 use crate::systemd::Heartbeat;
+pub use config::EmbedConfig;
 use model::{ModelError, ModelManifest};
-use phase_2_resample::{WindowMaker, WindowPlan};
+use phase_2_resample::WindowPlan;
 use phase_3_batch::Finished;
-use phase_4_infer::{DeviceChoice, InferError, InferInput, InferOutput, InferStats, LoopConfig};
-use phase_5_store::{NewEmbedding, NewIssue, RegisteredModel};
+use phase_4_infer::{DeviceChoice, InferError, InferInput, InferStats};
+use phase_5_store::{NewIssue, RegisteredModel};
+use pipeline::{decode_thread, housekeeping, inference_thread, store_task};
 /// The token `Embedder::start` and `Embedder::embed` take (re-exported for callers).
 pub use tokio_util::sync::CancellationToken;
-
-/// The `[embed]` section of the configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct EmbedConfig {
-    /// Compute embeddings for new and changed tracks.
-    pub enabled: bool,
-    /// The TorchScript model (`.pt`; its manifest is the same name with `.json`). Default: the
-    /// bundled musicnn model, searched next to the binary, in /usr/share/coral/models and in
-    /// `${XDG_DATA_HOME:-~/.local/share}/coral/models`.
-    pub model: Option<PathBuf>,
-    /// `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
-    /// CPU threads for inference (0: one per CPU).
-    pub threads: usize,
-    /// Threads that decode and resample audio (0: a quarter of the CPUs, at least 1).
-    pub decode_threads: usize,
-    /// Windows per forward pass (0: 2 on CPU, 32 on CUDA). On CPU small batches run fastest
-    /// per window (measured with musicnn on 2 cores: ≈80 windows/s at 1–2 windows per pass,
-    /// ≈42 at 4, ≈29 at 8); accelerators want big ones.
-    pub batch_size: usize,
-    /// Run a partial batch when its oldest window has waited this long.
-    pub batch_timeout_ms: u64,
-    /// Windows per track, at the centres of equal slices of the track.
-    pub windows: usize,
-    /// Length of each window in model windows (musicnn: 1 ≈ 3 s).
-    pub window_patches: usize,
-    /// Tracks shorter than this are skipped (seconds).
-    pub min_duration_s: f64,
-    /// Tracks longer than this are skipped (seconds).
-    pub max_duration_s: f64,
-    /// Embed in this process. `false`: corald queues its scans' tracks and leaves all the
-    /// embedding to `corald worker`s on other machines (the model is still loaded, to name the
-    /// vectors' model and check stored ones).
-    pub local: bool,
-    /// How long a consumer holds the queued tracks it took (seconds). A consumer that dies
-    /// (a killed `corald worker`) leaves them for another consumer after this long; a track
-    /// takes seconds from its claim to its vector.
-    pub lease_s: f64,
-}
-
-impl Default for EmbedConfig {
-    fn default() -> Self {
-        EmbedConfig {
-            enabled: true,
-            model: None,
-            device: "auto".to_owned(),
-            threads: 0,
-            decode_threads: 0,
-            batch_size: 0,
-            batch_timeout_ms: 50,
-            windows: 8,
-            window_patches: 1,
-            min_duration_s: 60.0,
-            max_duration_s: 900.0,
-            local: true,
-            lease_s: 120.0,
-        }
-    }
-}
-
-impl EmbedConfig {
-    /// Check the values; the error names the key (`embed.…`) and what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        self.validate_key()
-            .map_err(|(key, problem)| format!("`{key}` {problem}"))
-    }
-
-    /// Like [`validate`](Self::validate), as (key, problem).
-    pub fn validate_key(&self) -> Result<(), (&'static str, String)> {
-        if DeviceChoice::parse(&self.device).is_none() {
-            return Err((
-                "embed.device",
-                format!("must be auto, cpu, cuda or cuda:N (got {:?})", self.device),
-            ));
-        }
-        if self.threads > 1024 {
-            return Err((
-                "embed.threads",
-                format!("must be at most 1024 (got {})", self.threads),
-            ));
-        }
-        if self.decode_threads > 256 {
-            return Err((
-                "embed.decode_threads",
-                format!("must be at most 256 (got {})", self.decode_threads),
-            ));
-        }
-        if self.batch_size > 4096 {
-            return Err((
-                "embed.batch_size",
-                format!("must be at most 4096 (got {})", self.batch_size),
-            ));
-        }
-        if self.batch_timeout_ms > 60_000 {
-            return Err((
-                "embed.batch_timeout_ms",
-                format!("must be at most 60000 (got {})", self.batch_timeout_ms),
-            ));
-        }
-        if !(1..=64).contains(&self.windows) {
-            return Err((
-                "embed.windows",
-                format!("must be between 1 and 64 (got {})", self.windows),
-            ));
-        }
-        if !(1..=32).contains(&self.window_patches) {
-            return Err((
-                "embed.window_patches",
-                format!("must be between 1 and 32 (got {})", self.window_patches),
-            ));
-        }
-        if !(self.min_duration_s.is_finite() && self.min_duration_s >= 0.0) {
-            return Err((
-                "embed.min_duration_s",
-                format!("must be a number ≥ 0 (got {})", self.min_duration_s),
-            ));
-        }
-        if !(self.max_duration_s.is_finite() && self.max_duration_s > self.min_duration_s) {
-            return Err((
-                "embed.max_duration_s",
-                format!(
-                    "must be a number greater than embed.min_duration_s ({}) (got {})",
-                    self.min_duration_s, self.max_duration_s
-                ),
-            ));
-        }
-        if !(self.lease_s.is_finite() && (1.0..=86_400.0).contains(&self.lease_s)) {
-            return Err((
-                "embed.lease_s",
-                format!("must be between 1 and 86400 (got {})", self.lease_s),
-            ));
-        }
-        if let Some(m) = &self.model
-            && m.as_os_str().is_empty()
-        {
-            return Err(("embed.model", "must not be empty".into()));
-        }
-        Ok(())
-    }
-
-    fn cores() -> usize {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    }
-
-    /// Inference threads on CPU.
-    pub fn inference_threads(&self) -> usize {
-        if self.threads == 0 {
-            Self::cores()
-        } else {
-            self.threads
-        }
-    }
-
-    /// Decode threads.
-    pub fn decoder_threads(&self) -> usize {
-        if self.decode_threads == 0 {
-            (Self::cores() / 4).max(1)
-        } else {
-            self.decode_threads
-        }
-    }
-
-    /// The window choice, as stored with the model (a change means new vectors).
-    pub fn window_params(&self) -> String {
-        format!("windows={},patches={}", self.windows, self.window_patches)
-    }
-}
 
 /// Why embeddings are unavailable or a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -883,340 +717,9 @@ async fn flush_issues(inner: &Inner, request_id: Uuid, issues: &mut Vec<NewIssue
     issues.clear();
 }
 
-/// Decoding is a small share of the work on CPU; when it preempts one of libtorch's threads,
-/// the others wait at the next barrier. A lower priority (nice +5, this thread only) lets the
-/// decoder fill the gaps instead.
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: plain syscalls on the calling thread; failure only leaves the priority as is.
-        unsafe {
-            let tid = libc::gettid();
-            let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 5);
-        }
-    }
-}
-
-/// Decode thread: work items → model-rate windows → inference queue.
-fn decode_thread(
-    rx: Arc<Mutex<mpsc::Receiver<WorkItem>>>,
-    tx: std_mpsc::SyncSender<InferInput<WorkItem>>,
-    plan: WindowPlan,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
-    lower_thread_priority();
-    let mut maker = WindowMaker::new(plan);
-    loop {
-        let item = lock(&rx).blocking_recv();
-        let Some(item) = item else { return };
-        shared.decode_queue.fetch_sub(1, Ordering::Relaxed);
-        if stop.is_cancelled() {
-            return;
-        }
-        if item.job.cancel.is_cancelled() {
-            continue;
-        }
-        let duration_s = item.duration_ms as f64 / 1000.0;
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            maker.make(&item.path, duration_s)
-        }));
-        let outcome = match result {
-            Ok(Ok(w)) => {
-                shared.tracks_decoded.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .decoded_ms
-                    .fetch_add((w.decoded_seconds * 1000.0) as u64, Ordering::Relaxed);
-                shared.infer.queued_tracks.fetch_add(1, Ordering::Relaxed);
-                if tx
-                    .send(InferInput {
-                        meta: item,
-                        samples: w.samples,
-                        windows: w.count,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-                continue;
-            }
-            Ok(Err(e)) if e.is_unsupported() => Outcome::Skipped {
-                track_id: item.track_id,
-                reason: e.to_string(),
-                record: true,
-            },
-            Ok(Err(e)) => Outcome::Failed {
-                track_id: item.track_id,
-                reason: e.to_string(),
-                record: true,
-            },
-            Err(panic) => {
-                maker = WindowMaker::new(plan);
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(request_id = %item.job.request_id, path = %item.path.display(), panic = %what, "decoder panicked on this file");
-                Outcome::Failed {
-                    track_id: item.track_id,
-                    reason: format!("the decoder crashed on this file ({what})"),
-                    record: true,
-                }
-            }
-        };
-        item.job.report(outcome);
-    }
-}
-
-/// The inference thread: loads the model, reports readiness, runs the batching loop.
-#[allow(clippy::too_many_arguments)]
-fn inference_thread(
-    files: model::ModelFiles,
-    choice: DeviceChoice,
-    threads: usize,
-    row_len: usize,
-    (batch_size, flush_after): (usize, Duration),
-    ready: oneshot::Sender<Result<(String, bool), EmbedError>>,
-    rx: std_mpsc::Receiver<InferInput<WorkItem>>,
-    store_tx: mpsc::Sender<Finished<WorkItem>>,
-    stop: CancellationToken,
-    shared: Arc<Shared>,
-    heartbeat: Option<Arc<Heartbeat>>,
-) {
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        phase_4_infer::load_model(&files, choice, threads, row_len)
-    }));
-    drop(files);
-    let mut model = match loaded {
-        Ok(Ok(m)) => m,
-        Ok(Err(e)) => {
-            let _ = ready.send(Err(e.into()));
-            return;
-        }
-        Err(_) => {
-            let _ = ready.send(Err(EmbedError::Internal(
-                "libtorch panicked while loading the model".into(),
-            )));
-            return;
-        }
-    };
-    let accelerator = model.is_accelerator();
-    let max_rows = match batch_size {
-        0 if accelerator => 32,
-        0 => 2,
-        n => n,
-    };
-    if ready.send(Ok((model.device_label(), accelerator))).is_err() {
-        return;
-    }
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        phase_4_infer::run_loop(
-            model.as_mut(),
-            rx,
-            |out| match out {
-                InferOutput::Done(f) => send_to_store(&store_tx, f, &|| {
-                    if let Some(h) = &heartbeat {
-                        h.beat();
-                    }
-                }),
-                InferOutput::Failed(f) => {
-                    f.meta.job.report(Outcome::Failed {
-                        track_id: f.meta.track_id,
-                        reason: f.reason,
-                        record: false,
-                    });
-                    true
-                }
-            },
-            |item: &WorkItem| !item.job.cancel.is_cancelled(),
-            LoopConfig {
-                max_rows,
-                flush_after,
-            },
-            &stop,
-            &shared.infer,
-            || {
-                if let Some(h) = &heartbeat {
-                    h.beat();
-                }
-            },
-        );
-    }));
-    if let Some(h) = &heartbeat {
-        // Ended (shutdown, or broken: reported through `daemon.status`): not a stall.
-        h.retire();
-    }
-    let why = match run {
-        Ok(()) => "the inference thread ended",
-        Err(_) => "the inference thread panicked (libtorch error)",
-    };
-    shared.mark_broken(&stop, why.to_owned());
-}
-
-/// Hand a finished track to the store task (false once it is gone). A full queue means the
-/// store task is waiting, for the database during an outage: the inference thread keeps
-/// beating meanwhile, since waiting for the database is not a wedged model.
-fn send_to_store<T>(tx: &mpsc::Sender<T>, mut item: T, beat: &dyn Fn()) -> bool {
-    loop {
-        match tx.try_send(item) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(back)) => {
-                item = back;
-                beat();
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-/// Store task: finished tracks → `track_embeddings`, batched; reports each track.
-async fn store_task(
-    shared: Arc<Shared>,
-    pool: PgPool,
-    db: Arc<DbHealth>,
-    stop: CancellationToken,
-    model: RegisteredModel,
-    mut rx: mpsc::Receiver<Finished<WorkItem>>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < STORE_BATCH {
-            match rx.try_recv() {
-                Ok(f) => batch.push(f),
-                Err(_) => break,
-            }
-        }
-        let rows: Vec<NewEmbedding> = batch
-            .iter()
-            .map(|f| NewEmbedding {
-                track_id: f.meta.track_id,
-                embedding: f.embedding.clone(),
-                file_size: f.meta.file_size,
-                file_mtime_ns: f.meta.file_mtime_ns,
-                windows: i32::try_from(f.windows).unwrap_or(i32::MAX),
-            })
-            .collect();
-        // While the database is down the batch waits (the pipeline behind it backs up) and is
-        // written once it is back; only a shutdown gives up on it.
-        let stored = retry(&db, "store embeddings", &stop, None, || {
-            phase_5_store::store_embeddings(&pool, model.id, &rows)
-        })
-        .await;
-        let results: Vec<Result<bool, String>> = match stored {
-            Ok(stored) => {
-                let stored: std::collections::HashSet<i64> = stored.into_iter().collect();
-                rows.iter()
-                    .map(|r| Ok(stored.contains(&r.track_id)))
-                    .collect()
-            }
-            Err(e) => {
-                // Find the row at fault: store one by one.
-                tracing::warn!(error = %e, rows = rows.len(), "batch insert failed: storing one by one");
-                let mut out = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    out.push(
-                        phase_5_store::store_embeddings(&pool, model.id, std::slice::from_ref(r))
-                            .await
-                            .map(|s| !s.is_empty())
-                            .map_err(|e| format!("database error: {e}")),
-                    );
-                }
-                out
-            }
-        };
-        let stored_now = results.iter().filter(|r| matches!(r, Ok(true))).count() as u64;
-        shared
-            .tracks_stored
-            .fetch_add(stored_now, Ordering::Relaxed);
-        if let Ok(n) = phase_5_store::count_embedded(&pool, model.id).await {
-            shared.embedded.store(n, Ordering::Relaxed);
-        }
-        for (f, r) in batch.into_iter().zip(results) {
-            let o = match r {
-                Ok(true) => Outcome::Done(f.meta.track_id),
-                Ok(false) => Outcome::Skipped {
-                    track_id: f.meta.track_id,
-                    reason: "removed from the index while it was embedded".into(),
-                    record: false,
-                },
-                Err(reason) => Outcome::Failed {
-                    track_id: f.meta.track_id,
-                    reason,
-                    record: false,
-                },
-            };
-            f.meta.job.report(o);
-        }
-    }
-    shared.finished.cancel();
-}
-
-/// Closes the decode queue on shutdown and keeps the embedded-tracks count fresh (scans
-/// delete tracks, and their vectors with them).
-async fn housekeeping(inner: Weak<Inner>, stop: CancellationToken) {
-    let mut timer = tokio::time::interval(Duration::from_secs(30));
-    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rate_timer = tokio::time::interval(Duration::from_secs(2));
-    rate_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = rate_timer.tick() => {
-                let Some(inner) = inner.upgrade() else { return };
-                let stored = inner.shared.tracks_stored.load(Ordering::Relaxed);
-                lock(&inner.shared.rate).record(Instant::now(), stored);
-            }
-            _ = stop.cancelled() => {
-                if let Some(inner) = inner.upgrade() {
-                    lock(&inner.decode_tx).take();
-                }
-                return;
-            }
-            _ = timer.tick() => {
-                let Some(inner) = inner.upgrade() else { return };
-                if let Ok(n) = phase_5_store::count_embedded(&inner.pool, inner.model.id).await {
-                    inner.shared.embedded.store(n, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_full_store_queue_keeps_the_inference_heartbeat_beating() {
-        let (tx, mut rx) = mpsc::channel::<u32>(1);
-        tx.try_send(0).expect("room for one");
-        let beats = Arc::new(AtomicU64::new(0));
-        let sender = {
-            let beats = Arc::clone(&beats);
-            std::thread::spawn(move || {
-                send_to_store(&tx, 1, &|| {
-                    beats.fetch_add(1, Ordering::Relaxed);
-                })
-            })
-        };
-        // The queue stays full for a while (the store task waits for the database).
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(beats.load(Ordering::Relaxed) >= 3, "beats while waiting");
-        assert_eq!(rx.try_recv().ok(), Some(0));
-        assert!(
-            sender.join().expect("sender thread"),
-            "delivered once there was room"
-        );
-        assert_eq!(rx.try_recv().ok(), Some(1));
-        drop(rx);
-        let (tx, rx) = mpsc::channel::<u32>(1);
-        drop(rx);
-        assert!(
-            !send_to_store(&tx, 2, &|| {}),
-            "a closed queue ends the loop"
-        );
-    }
 
     #[test]
     fn rate_window_measures_growth_over_the_last_minute() {
@@ -1231,54 +734,6 @@ mod tests {
         w.record(t0 + Duration::from_secs(65), 150);
         w.record(t0 + Duration::from_secs(75), 150);
         assert_eq!(w.per_second(), 0.0, "idle for the last minute");
-    }
-
-    #[test]
-    fn defaults_are_valid_and_documented_values() {
-        let c = EmbedConfig::default();
-        c.validate().expect("defaults are valid");
-        assert_eq!(c.windows, 8);
-        assert_eq!(c.min_duration_s, 60.0);
-        assert_eq!(c.max_duration_s, 900.0);
-        assert_eq!(c.window_params(), "windows=8,patches=1");
-    }
-
-    #[test]
-    fn validation_names_the_key() {
-        let bad = |f: &dyn Fn(&mut EmbedConfig)| {
-            let mut c = EmbedConfig::default();
-            f(&mut c);
-            c.validate().unwrap_err()
-        };
-        assert!(bad(&|c| c.device = "gpu".into()).contains("embed.device"));
-        assert!(bad(&|c| c.windows = 0).contains("embed.windows"));
-        assert!(bad(&|c| c.window_patches = 0).contains("embed.window_patches"));
-        assert!(bad(&|c| c.min_duration_s = -1.0).contains("embed.min_duration_s"));
-        assert!(bad(&|c| c.max_duration_s = 10.0).contains("embed.max_duration_s"));
-        assert!(bad(&|c| c.batch_size = 100_000).contains("embed.batch_size"));
-        assert!(bad(&|c| c.lease_s = 0.5).contains("embed.lease_s"));
-        assert!(bad(&|c| c.lease_s = f64::NAN).contains("embed.lease_s"));
-        let (key, _) = {
-            let c = EmbedConfig {
-                device: "cuda:x".into(),
-                ..EmbedConfig::default()
-            };
-            c.validate_key().unwrap_err()
-        };
-        assert_eq!(key, "embed.device");
-    }
-
-    #[test]
-    fn parses_from_toml_and_rejects_unknown_keys() {
-        let c: EmbedConfig = toml::from_str(
-            "device = \"cuda:1\"\nwindows = 4\nmin_duration_s = 30\nmodel = \"/m/x.pt\"",
-        )
-        .expect("parses");
-        assert_eq!(c.device, "cuda:1");
-        assert_eq!(c.windows, 4);
-        assert_eq!(c.min_duration_s, 30.0);
-        assert!(c.enabled);
-        assert!(toml::from_str::<EmbedConfig>("window = 4").is_err());
     }
 
     #[cfg(not(feature = "embed"))]
