@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Overrides};
 use crate::db::health::DbHealth;
 use crate::db::{self, Database, DbError, scans};
+use crate::library::LibraryService;
 use crate::progress::ScanReporter;
 use crate::rpc::api::{CoralRpc, RpcContext, Services};
 use crate::rpc::auth::AccessPolicy;
@@ -27,7 +28,7 @@ use crate::rpc::server::{self, SocketError};
 use crate::scan::queue::{ScanQueue, ScanRequest};
 use crate::scan::worker::ScanWorker;
 use crate::systemd::{Liveness, Notifier, SystemdEnv};
-use coral_proto::{CoralApiServer, LibrarySelector, codes};
+use coral_proto::CoralApiServer;
 
 /// Why corald could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +158,12 @@ pub async fn run_service(
         }
         None => (None, socket),
     };
+    let libraries = Arc::new(LibraryService {
+        pool: pool.clone(),
+        queue: Arc::clone(&queue),
+        reporter: Arc::clone(&reporter),
+        watcher: Arc::clone(&fs_watcher),
+    });
     let rpc = CoralRpc(Arc::new(RpcContext {
         pool: pool.clone(),
         reporter: Arc::clone(&reporter),
@@ -169,6 +176,7 @@ pub async fn run_service(
         services: std::sync::OnceLock::new(),
         db: Arc::clone(&db_health),
         last_counts: std::sync::Mutex::new((0, 0)),
+        libraries: Arc::clone(&libraries),
     }));
     let api = rpc.clone();
     let mut tasks = tokio::task::JoinSet::new();
@@ -308,7 +316,7 @@ pub async fn run_service(
     if notifier.enabled() {
         tasks.spawn(status.clone().run(stop.clone()));
     }
-    sync_libraries(&api, &[], &config.libraries, false).await;
+    libraries.sync(&[], &config.libraries, false).await;
 
     loop {
         tokio::select! {
@@ -444,48 +452,6 @@ impl StatusReporter {
     }
 }
 
-/// Make the registered libraries follow the configuration's `libraries` list: add each path of
-/// `new` not yet registered; when `remove` (a reload), forget the paths of `old` no longer in
-/// `new`. Problems are logged; they never stop the daemon.
-async fn sync_libraries(api: &CoralRpc, old: &[PathBuf], new: &[PathBuf], remove: bool) {
-    for path in new.iter().filter(|p| !old.contains(p)) {
-        let text = path.to_string_lossy().into_owned();
-        match api.library_add(text.clone()).await {
-            Ok(lib) => {
-                tracing::info!(library = %lib.path, id = lib.id, "library from the configuration added")
-            }
-            Err(e) if e.code() == codes::LIBRARY_EXISTS && e.message().contains("already") => {
-                tracing::debug!(library = %text, "configured library already registered")
-            }
-            Err(e) => {
-                tracing::warn!(library = %text, error = %e.message(), "cannot add the configured library")
-            }
-        }
-    }
-    if !remove {
-        return;
-    }
-    for path in old.iter().filter(|p| !new.contains(p)) {
-        let text = path.to_string_lossy().into_owned();
-        match api
-            .library_remove(LibrarySelector::Path(text.clone()))
-            .await
-        {
-            Ok(lib) => tracing::info!(
-                library = %lib.path,
-                id = lib.id,
-                "library no longer in the configuration: removed from the index (files untouched)"
-            ),
-            Err(e) if e.code() == codes::LIBRARY_NOT_FOUND => {
-                tracing::debug!(library = %text, "library dropped from the configuration was not registered")
-            }
-            Err(e) => {
-                tracing::warn!(library = %text, error = %e.message(), "cannot remove the library dropped from the configuration")
-            }
-        }
-    }
-}
-
 /// SIGHUP: read the configuration again and apply what can change while running (the log
 /// filter, the `libraries` list). Settings that need a restart are kept as they are, with a
 /// warning naming them. A configuration that does not load changes nothing.
@@ -504,7 +470,10 @@ async fn reload(config: &mut Config, service: &Service, api: &CoralRpc) {
             Err(e) => tracing::warn!(error = %e, "log filter not changed"),
         }
     }
-    sync_libraries(api, &config.libraries, &new.libraries, true).await;
+    api.0
+        .libraries
+        .sync(&config.libraries, &new.libraries, true)
+        .await;
     let mut needs_restart = Vec::new();
     if new.socket_path() != config.socket_path() {
         needs_restart.push("socket");

@@ -494,12 +494,7 @@ pub fn tolerate_caught_panics_in(crates: &'static [&'static str]) {
             .map(|mut s| s.insert(place.clone()))
             .unwrap_or(false);
         if first {
-            let what = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let what = crate::panic_text::panic_message(info.payload()).unwrap_or_default();
             eprintln!(
                 "coral-fuzz: panic in a dependency, caught by the daemon: {what} at {}",
                 place.unwrap_or_default()

@@ -131,6 +131,34 @@ async fn count(pool: &PgPool, sql: &'static str) -> Result<i64> {
     Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
 }
 
+/// The scan completed with every one of its `tracks` embedded, and each has exactly one vector.
+async fn every_track_embedded_once(
+    pool: &PgPool,
+    done: &coral_proto::ScanProgress,
+    tracks: usize,
+) -> Result<()> {
+    ensure!(done.phase == ScanPhase::Completed, "{done:?}");
+    ensure!(
+        (
+            done.embeddings_done,
+            done.embeddings_skipped,
+            done.embeddings_failed
+        ) == (tracks as u64, 0, 0),
+        "{done:?}"
+    );
+    let vectors = count(pool, "SELECT count(*) FROM track_embeddings").await?;
+    let distinct = count(
+        pool,
+        "SELECT count(DISTINCT track_id) FROM track_embeddings",
+    )
+    .await?;
+    ensure!(
+        (vectors, distinct) == (tracks as i64, tracks as i64),
+        "one vector per track: {vectors} vectors of {distinct} tracks"
+    );
+    Ok(())
+}
+
 async fn embedding_enabled(c: &jsonrpsee::async_client::Client) -> Result<bool> {
     let on = c.daemon_status().await?.embedding.enabled;
     if !on {
@@ -139,24 +167,58 @@ async fn embedding_enabled(c: &jsonrpsee::async_client::Client) -> Result<bool> 
     Ok(on)
 }
 
+/// An external server, corald on it with `embed.local = false`, and one library of `tracks`
+/// tracks added (its scan queued); `None` when this build has no embeddings.
+struct Setup {
+    server: Server,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    cfg: PathBuf,
+    d: Daemon,
+    c: jsonrpsee::async_client::Client,
+    scan: uuid::Uuid,
+}
+
+impl Setup {
+    async fn one_library(tracks: usize) -> Result<Option<Setup>> {
+        let server = Server::start().await?;
+        let cfg_dir = traversable_tempdir()?;
+        let cfg = config(cfg_dir.path(), &server, false)?;
+        let lib = traversable_tempdir()?;
+        library(lib.path(), "Album", tracks)?;
+        let d = Daemon::start_with(&["--config", &cfg.to_string_lossy()]).await?;
+        let c = d.client().await?;
+        if !embedding_enabled(&c).await? {
+            return Ok(None);
+        }
+        let added = c
+            .library_add(lib.path().to_string_lossy().into_owned())
+            .await?;
+        let scan = added.last_scan.context("no scan")?.request_id;
+        Ok(Some(Setup {
+            server,
+            _dirs: (cfg_dir, lib),
+            cfg,
+            d,
+            c,
+            scan,
+        }))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_tracks_are_taken_over_and_every_track_is_embedded_once() -> Result<()> {
     const TRACKS: usize = 40;
-    let mut server = Server::start().await?;
-    let cfg_dir = traversable_tempdir()?;
-    let cfg = config(cfg_dir.path(), &server, false)?;
-    let lib = traversable_tempdir()?;
-    library(lib.path(), "Album", TRACKS)?;
-
-    let d = Daemon::start_with(&["--config", &cfg.to_string_lossy()]).await?;
-    let c = d.client().await?;
-    if !embedding_enabled(&c).await? {
+    let Some(Setup {
+        mut server,
+        _dirs,
+        cfg,
+        d,
+        c,
+        scan,
+    }) = Setup::one_library(TRACKS).await?
+    else {
         return Ok(());
-    }
-    let added = c
-        .library_add(lib.path().to_string_lossy().into_owned())
-        .await?;
-    let scan = added.last_scan.context("no scan")?.request_id;
+    };
     let p = eventually(WAIT, "the scan to queue its tracks", || async {
         c.scan_get(scan)
             .await
@@ -209,25 +271,7 @@ async fn a_killed_workers_tracks_are_taken_over_and_every_track_is_embedded_once
     let done = wait_scan(&c, scan)
         .await
         .with_context(|| second.log_text())?;
-    ensure!(done.phase == ScanPhase::Completed, "{done:?}");
-    ensure!(
-        (
-            done.embeddings_done,
-            done.embeddings_skipped,
-            done.embeddings_failed
-        ) == (TRACKS as u64, 0, 0),
-        "{done:?}"
-    );
-    let vectors = count(&pool, "SELECT count(*) FROM track_embeddings").await?;
-    let distinct = count(
-        &pool,
-        "SELECT count(DISTINCT track_id) FROM track_embeddings",
-    )
-    .await?;
-    ensure!(
-        (vectors, distinct) == (TRACKS as i64, TRACKS as i64),
-        "one vector per track: {vectors} vectors of {distinct} tracks"
-    );
+    every_track_embedded_once(&pool, &done, TRACKS).await?;
     let stranded_embedded: i64 =
         sqlx::query_scalar("SELECT count(*) FROM track_embeddings WHERE track_id = ANY($1)")
             .bind(&stranded)
@@ -425,5 +469,53 @@ async fn queued_tracks_that_no_request_follows_are_dropped_at_start() -> Result<
         .fetch_one(&mut db)
         .await?;
     ensure!(left == 0, "{left} orphaned rows left");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_at_random_points_lose_and_duplicate_nothing() -> Result<()> {
+    const TRACKS: usize = 30;
+    const KILLS: u64 = 5;
+    let Some(Setup {
+        mut server,
+        _dirs,
+        cfg,
+        d,
+        c,
+        scan,
+    }) = Setup::one_library(TRACKS).await?
+    else {
+        return Ok(());
+    };
+    let pool = server.pool().await?;
+    let logs = traversable_tempdir()?;
+    // Kills at pseudo-random points: during start-up, while leasing, mid-batch.
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for k in 0..KILLS {
+        let mut w = Worker::start(
+            &cfg,
+            &server.url,
+            &[],
+            logs.path().join(format!("w{k}.log")),
+        )?;
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let after = Duration::from_millis(500 + seed % 4000);
+        tokio::time::sleep(after).await;
+        w.kill();
+        let stored = count(&pool, "SELECT count(*) FROM track_embeddings").await?;
+        eprintln!("kill {k} after {after:?}: {stored} vectors stored");
+        if c.scan_get(scan).await?.phase.is_terminal() {
+            break;
+        }
+    }
+    let last = Worker::start(&cfg, &server.url, &[], logs.path().join("last.log"))?;
+    let done = wait_scan(&c, scan).await.with_context(|| last.log_text())?;
+    every_track_embedded_once(&pool, &done, TRACKS).await?;
+    drop(last);
+    drop(c);
+    drop(d);
+    server.pg.stop().await?;
     Ok(())
 }

@@ -60,6 +60,13 @@ impl DbError {
     /// configuration, a server without pgvector or a failed migration.
     pub fn is_transient(&self) -> bool {
         match self {
+            // A server that answers but has no such database yet: provisioning creates the
+            // database after the server comes up (PostgreSQL's own initdb scripts, a container
+            // entrypoint, corald's managed cluster). Waiting costs nothing; the reason is shown.
+            DbError::Connect {
+                source: sqlx::Error::Database(db),
+                ..
+            } if db.code().as_deref() == Some("3D000") => true,
             DbError::Connect { source, .. } | DbError::Sql(source) => health::is_transient(source),
             DbError::Migrate(
                 sqlx::migrate::MigrateError::Execute(e)

@@ -89,11 +89,7 @@ pub(super) fn decode_thread(
             },
             Err(panic) => {
                 maker = WindowMaker::new(plan);
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+                let what = crate::panic_text::panic_message(panic.as_ref()).unwrap_or_default();
                 tracing::error!(request_id = %item.job.request_id, path = %item.path.display(), panic = %what, "decoder panicked on this file");
                 Outcome::Failed {
                     track_id: item.track_id,

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use coral_proto::{
     CoralApiServer, DaemonStatus, EmbeddingStatus, Library, LibrarySelector, RpcResult, ScanFilter,
-    ScanMode, ScanPhase, ScanProgress, ScanStarted, ScanTrigger, SimilarTrack, Track, codes,
-    errors::error,
+    ScanPhase, ScanProgress, ScanStarted, ScanTrigger, SimilarTrack, Track, codes, errors::error,
 };
 use jsonrpsee::core::{SubscriptionResult, async_trait};
 use jsonrpsee::types::ErrorObjectOwned;
@@ -21,6 +20,7 @@ use uuid::Uuid;
 use super::params;
 use crate::db::health::{self, DbHealth};
 use crate::db::{libraries, scans, tracks};
+use crate::library::{LibraryError, LibraryService};
 use crate::progress::ScanReporter;
 use crate::progress::fanout::ProgressSubscriber;
 use crate::scan::queue::{QueueError, ScanQueue, ScanRequest};
@@ -51,6 +51,8 @@ pub struct RpcContext {
     pub db: Arc<DbHealth>,
     /// Library and track counts last read, shown by `daemon.status` while the database is down.
     pub last_counts: std::sync::Mutex<(i64, i64)>,
+    /// Adding, finding and removing libraries.
+    pub libraries: Arc<LibraryService>,
 }
 
 /// How long `daemon.status` waits for its counts before showing the last ones read.
@@ -82,11 +84,21 @@ fn queue_error(e: QueueError) -> ErrorObjectOwned {
     }
 }
 
-fn library_not_found(sel: &LibrarySelector) -> ErrorObjectOwned {
-    error(
-        codes::LIBRARY_NOT_FOUND,
-        format!("no library {sel}; `coralctl library list` shows the registered ones"),
-    )
+fn library_error(e: LibraryError) -> ErrorObjectOwned {
+    let code = match &e {
+        LibraryError::Missing(_)
+        | LibraryError::Unreadable { .. }
+        | LibraryError::NotADirectory(_) => codes::PATH_NOT_DIRECTORY,
+        LibraryError::NotUtf8(_) => codes::INVALID_ARGUMENT,
+        LibraryError::Exists { .. } | LibraryError::Overlaps { .. } => codes::LIBRARY_EXISTS,
+        LibraryError::Unknown(_) => codes::LIBRARY_NOT_FOUND,
+        LibraryError::Database(_) | LibraryError::Queue(_) => codes::INTERNAL,
+    };
+    match e {
+        LibraryError::Database(e) => db_error(e),
+        LibraryError::Queue(e) => queue_error(e),
+        other => error(code, other.to_string()),
+    }
 }
 
 fn to_library(row: libraries::LibraryRow, last_scan: Option<ScanProgress>) -> Library {
@@ -206,23 +218,7 @@ impl CoralRpc {
 
     async fn find_library(&self, sel: &LibrarySelector) -> RpcResult<libraries::LibraryRow> {
         self.need_db()?;
-        let pool = &self.ctx().pool;
-        let row = match sel {
-            LibrarySelector::Id(id) => libraries::get(pool, *id).await.map_err(db_error)?,
-            LibrarySelector::Path(p) => {
-                let found = libraries::get_by_path(pool, p).await.map_err(db_error)?;
-                match found {
-                    Some(r) => Some(r),
-                    None => match std::fs::canonicalize(p) {
-                        Ok(c) => libraries::get_by_path(pool, &c.to_string_lossy())
-                            .await
-                            .map_err(db_error)?,
-                        Err(_) => None,
-                    },
-                }
-            }
-        };
-        row.ok_or_else(|| library_not_found(sel))
+        self.ctx().libraries.find(sel).await.map_err(library_error)
     }
 
     /// The live state of a scan if it is in memory, else what the database kept.
@@ -306,77 +302,9 @@ impl CoralApiServer for CoralRpc {
     }
 
     async fn library_add(&self, path: String) -> RpcResult<Library> {
-        let ctx = self.ctx();
         let p = params::library_path(&path)?;
-        let canonical = match std::fs::canonicalize(p) {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(error(
-                    codes::PATH_NOT_DIRECTORY,
-                    format!("library path {path} does not exist"),
-                ));
-            }
-            Err(e) => {
-                return Err(error(
-                    codes::PATH_NOT_DIRECTORY,
-                    format!("library path {path} cannot be read: {e}"),
-                ));
-            }
-        };
-        if !canonical.is_dir() {
-            return Err(error(
-                codes::PATH_NOT_DIRECTORY,
-                format!("library path {path} is not a directory"),
-            ));
-        }
-        let Some(canonical_str) = canonical.to_str().map(str::to_owned) else {
-            return Err(error(
-                codes::INVALID_ARGUMENT,
-                format!("library path {} is not valid UTF-8", canonical.display()),
-            ));
-        };
         self.need_db()?;
-        for other in libraries::list(&ctx.pool).await.map_err(db_error)? {
-            let o = Path::new(&other.path);
-            if o == canonical {
-                return Err(error(
-                    codes::LIBRARY_EXISTS,
-                    format!("{canonical_str} is already library {}", other.id),
-                ));
-            }
-            if canonical.starts_with(o) || o.starts_with(&canonical) {
-                return Err(error(
-                    codes::LIBRARY_EXISTS,
-                    format!(
-                        "{canonical_str} overlaps library {} ({}); libraries may not nest",
-                        other.id, other.path
-                    ),
-                ));
-            }
-        }
-        let row = libraries::insert(&ctx.pool, &canonical_str)
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| {
-                error(
-                    codes::LIBRARY_EXISTS,
-                    format!("{canonical_str} is already registered"),
-                )
-            })?;
-        tracing::info!(library = %canonical_str, id = row.id, "library added");
-        // Watches first, so the scan below cannot miss a file written in between.
-        ctx.watcher.add_library(row.id, &canonical).await;
-        let (handle, _) = ctx
-            .queue
-            .submit(ScanRequest {
-                library_id: row.id,
-                library_root: canonical,
-                subdir: None,
-                mode: ScanMode::Incremental,
-                trigger: ScanTrigger::LibraryAdded,
-            })
-            .await
-            .map_err(queue_error)?;
+        let (row, handle) = self.ctx().libraries.add(p).await.map_err(library_error)?;
         Ok(to_library(row, Some((*handle.latest()).clone())))
     }
 
@@ -394,17 +322,13 @@ impl CoralApiServer for CoralRpc {
     }
 
     async fn library_remove(&self, library: LibrarySelector) -> RpcResult<Library> {
-        let row = self.find_library(&library).await?;
-        for h in self.ctx().reporter.handles() {
-            if h.info().library_id == row.id && !h.phase().is_terminal() {
-                h.cancel_token().cancel();
-            }
-        }
-        self.ctx().watcher.remove_library(row.id);
-        libraries::delete(&self.ctx().pool, row.id)
+        self.need_db()?;
+        let row = self
+            .ctx()
+            .libraries
+            .remove(&library)
             .await
-            .map_err(db_error)?;
-        tracing::info!(library = %row.path, id = row.id, "library removed");
+            .map_err(library_error)?;
         Ok(to_library(row, None))
     }
 

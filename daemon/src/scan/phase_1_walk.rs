@@ -75,16 +75,6 @@ fn skip_name(name: &OsStr) -> bool {
     is_ignored_name(name.as_bytes())
 }
 
-fn join_rel(parent: &[u8], name: &OsStr) -> Vec<u8> {
-    let mut v = Vec::with_capacity(parent.len() + 1 + name.len());
-    if !parent.is_empty() {
-        v.extend_from_slice(parent);
-        v.push(b'/');
-    }
-    v.extend_from_slice(name.as_bytes());
-    v
-}
-
 struct Shared<'a> {
     root: &'a Path,
     visited: Mutex<HashSet<(u64, u64)>>,
@@ -204,7 +194,7 @@ fn visit_dir<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, rel: Vec<u8>)
         let Ok(mut ft) = entry.file_type() else {
             continue;
         };
-        let child_rel = join_rel(&rel, &name);
+        let child_rel = crate::relpath::join(&rel, name.as_bytes());
         let mut md = None;
         if ft.is_symlink() {
             // Follow the link; a dangling one is reported only if it looks like audio.

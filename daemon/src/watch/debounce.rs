@@ -37,16 +37,7 @@ pub fn parent_of(path: &[u8]) -> &[u8] {
     }
 }
 
-/// `dir/name`, or `name` at the root.
-pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(dir.len() + 1 + name.len());
-    if !dir.is_empty() {
-        v.extend_from_slice(dir);
-        v.push(b'/');
-    }
-    v.extend_from_slice(name);
-    v
-}
+pub use crate::relpath::join;
 
 /// `path` with its leading `old` replaced by `new` (caller checked `is_under(path, old)`).
 pub fn rebase(path: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {

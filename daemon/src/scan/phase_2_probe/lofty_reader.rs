@@ -86,10 +86,7 @@ pub(crate) fn lofty_attempt(
         }),
         Ok(Err(e)) => Err(lofty_error(format, &e)),
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
+            let what = crate::panic_text::panic_message(panic.as_ref())
                 .unwrap_or_else(|| "unknown panic".into());
             tracing::warn!(format = format.as_str(), panic = %what, "tag reader panicked");
             Err(ProbeError::Corrupt {
