@@ -404,31 +404,7 @@ fn end_to_end(c: &mut Criterion, lib: &[(PathBuf, f64)]) -> Result<()> {
     let mut g = c.benchmark_group("embed/end_to_end");
     g.throughput(Throughput::Elements(lib.len() as u64));
     g.bench_function(format!("default config, {}", bench_device()?), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let run = rt.block_on(async {
-                    sqlx::query("DELETE FROM track_embeddings")
-                        .execute(&pool)
-                        .await?;
-                    let t = Instant::now();
-                    let s = embedder
-                        .embed(
-                            uuid::Uuid::new_v4(),
-                            targets.clone(),
-                            CancellationToken::new(),
-                        )
-                        .await?;
-                    ensure!(s.embedded == targets.len() as u64, "{s:?}");
-                    anyhow::Ok(t.elapsed())
-                });
-                match run {
-                    Ok(t) => total += t,
-                    Err(e) => panic!("end-to-end run failed: {e:#}"),
-                }
-            }
-            total
-        })
+        b.iter_custom(|iters| timed_embeds(&rt, &pool, &embedder, &targets, iters))
     });
     g.finish();
     let model_id = embedder.model_id();
@@ -438,6 +414,40 @@ fn end_to_end(c: &mut Criterion, lib: &[(PathBuf, f64)]) -> Result<()> {
     queue_cost(c, &rt, &pool, model_id, &targets)?;
     workers(c, &rt, &daemon, &pool, &targets, &cfg)?;
     Ok(())
+}
+
+/// `iters` runs of `embedder.embed` on every target from an empty `track_embeddings`: the time
+/// from the request to its end, summed.
+fn timed_embeds(
+    rt: &tokio::runtime::Runtime,
+    pool: &sqlx::PgPool,
+    embedder: &Embedder,
+    targets: &[EmbedTarget],
+    iters: u64,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let run = rt.block_on(async {
+            sqlx::query("DELETE FROM track_embeddings")
+                .execute(pool)
+                .await?;
+            let t = Instant::now();
+            let s = embedder
+                .embed(
+                    uuid::Uuid::new_v4(),
+                    targets.to_vec(),
+                    CancellationToken::new(),
+                )
+                .await?;
+            ensure!(s.embedded == targets.len() as u64, "{s:?}");
+            anyhow::Ok(t.elapsed())
+        });
+        match run {
+            Ok(t) => total += t,
+            Err(e) => panic!("embedding run failed: {e:#}"),
+        }
+    }
+    total
 }
 
 /// Requests in the queue-cost iteration; each queues every track once.
@@ -558,31 +568,7 @@ fn workers(
             })
             .collect::<Result<_>>()?;
         g.bench_function(BenchmarkId::new("corald worker processes", n), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let run = rt.block_on(async {
-                        sqlx::query("DELETE FROM track_embeddings")
-                            .execute(pool)
-                            .await?;
-                        let t = Instant::now();
-                        let s = producer
-                            .embed(
-                                uuid::Uuid::new_v4(),
-                                targets.to_vec(),
-                                CancellationToken::new(),
-                            )
-                            .await?;
-                        ensure!(s.embedded == targets.len() as u64, "{s:?}");
-                        anyhow::Ok(t.elapsed())
-                    });
-                    match run {
-                        Ok(t) => total += t,
-                        Err(e) => panic!("worker run failed: {e:#}"),
-                    }
-                }
-                total
-            })
+            b.iter_custom(|iters| timed_embeds(rt, pool, &producer, targets, iters))
         });
         for mut child in children.drain(..) {
             let _ = child.kill();
