@@ -281,8 +281,15 @@ impl CoralApiServer for CoralRpc {
             embedding: match embedder {
                 Some(e) => {
                     let mut s = e.status();
-                    // During an outage: none listed.
-                    s.workers = e.workers().await.unwrap_or_default();
+                    // During an outage (or a slow answer): none listed, as the counts above
+                    // wait at most STATUS_QUERY_TIMEOUT.
+                    if ctx.db.is_available() {
+                        s.workers = tokio::time::timeout(STATUS_QUERY_TIMEOUT, e.workers())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .unwrap_or_default();
+                    }
                     s
                 }
                 None => EmbeddingStatus::default(),
