@@ -484,6 +484,14 @@ async fn frozen_cluster_mid_scan_is_reported_and_the_scan_finishes_with_nothing_
     assert_nothing_lost(&d, library_id, &expected).await
 }
 
+/// corald on the external server at `url` (no watcher, no embeddings, no batch pause).
+async fn start_on_external(url: &str) -> Result<Daemon> {
+    let cfgdir = traversable_tempdir()?;
+    let cfg = write_config(cfgdir.path(), &format!("[database]\nurl = {url:?}\n"))?;
+    // The config file is read at start only.
+    Daemon::start_with(&["--config", &cfg.to_string_lossy()]).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_not_created_yet_is_waited_for_then_used() -> Result<()> {
     // The server answers, but the database corald is told to use does not exist yet (as while
@@ -503,16 +511,7 @@ async fn a_database_not_created_yet_is_waited_for_then_used() -> Result<()> {
             socket_dir.display()
         )
     };
-    let cfgdir = traversable_tempdir()?;
-    let cfg = cfgdir.path().join("corald.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[watch]\nenabled = false\n[embed]\nenabled = false\n[database]\nurl = {:?}\n",
-            url("later")
-        ),
-    )?;
-    let mut d = Daemon::start_with(&["--config", &cfg.to_string_lossy()]).await?;
+    let mut d = start_on_external(&url("later")).await?;
     let c = d.client().await?;
     let h = eventually(
         Duration::from_secs(30),
@@ -574,17 +573,8 @@ async fn unreachable_external_database_at_start_is_waited_for_then_used() -> Res
         "postgres://coral:s3cret-pw@localhost/coral?host={}",
         socket_dir.display()
     );
-    let cfgdir = traversable_tempdir()?;
-    let cfg = cfgdir.path().join("corald.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[watch]\nenabled = false\n[embed]\nenabled = false\n[database]\nurl = {:?}\n",
-            url
-        ),
-    )?;
     // Start-up does not exit: the socket answers while corald waits for its database.
-    let mut d = Daemon::start_with(&["--config", &cfg.to_string_lossy()]).await?;
+    let mut d = start_on_external(&url).await?;
     let c = d.client().await?;
     let s = c.daemon_status().await?;
     let h = s.database_health.context("no database_health")?;

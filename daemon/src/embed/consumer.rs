@@ -172,9 +172,7 @@ async fn follow(
         .await;
         let t = match t {
             Ok(t) => t,
-            Err(crate::db::health::RetryError::Cancelled) if !cancel.is_cancelled() => {
-                return Err(EmbedError::Stopped);
-            }
+            // Only the request's cancellation ends the retry: handled below.
             Err(crate::db::health::RetryError::Cancelled) => Tally::default(),
             Err(e) => return Err(e.into()),
         };

@@ -154,14 +154,26 @@ impl ScanWorker {
                 return None;
             }
         };
-        let (mut outcome, embedder) = match (result, &self.embedder) {
-            (Ok(o), Some(e)) if o.embed.is_some() => (o, e.clone()),
+        let (outcome, targets, embedder) = match (result, &self.embedder) {
+            (
+                Ok(ScanOutcome {
+                    warnings,
+                    embed: Some(targets),
+                }),
+                Some(e),
+            ) => (
+                ScanOutcome {
+                    warnings,
+                    embed: None,
+                },
+                targets,
+                e.clone(),
+            ),
             (result, _) => {
                 self.finish(h, result, stop).await;
                 return None;
             }
         };
-        let targets = outcome.embed.take().unwrap_or_default();
         let worker = self.clone();
         let handle = Arc::clone(h);
         let stop = stop.clone();
