@@ -21,13 +21,14 @@ use crate::config::{Config, Overrides};
 use crate::db::health::DbHealth;
 use crate::db::{self, Database, DbError, scans};
 use crate::library::LibraryService;
+use crate::liveness::Liveness;
 use crate::progress::ScanReporter;
 use crate::rpc::api::{CoralRpc, RpcContext, Services};
 use crate::rpc::auth::AccessPolicy;
 use crate::rpc::server::{self, SocketError};
 use crate::scan::queue::{ScanQueue, ScanRequest};
 use crate::scan::worker::ScanWorker;
-use crate::systemd::{Liveness, Notifier, SystemdEnv};
+use crate::systemd::{Notifier, SystemdEnv};
 use coral_proto::CoralApiServer;
 
 /// Why corald could not start or had to stop.
@@ -268,7 +269,7 @@ pub async fn run_service(
         Duration::from_millis(config.progress.notify_interval_ms),
         stop.clone(),
     ));
-    tasks.spawn(persist_loop(
+    tasks.spawn(crate::progress::persist::run_periodic(
         Arc::clone(&reporter),
         pool.clone(),
         Arc::clone(&db_health),
@@ -342,14 +343,7 @@ pub async fn run_service(
         tracing::warn!("some tasks did not stop within 20 s");
     }
     // Persist the last state of scans that were interrupted; they resume at the next start.
-    for h in reporter.handles() {
-        if !h.phase().is_terminal() {
-            reporter.publish(&h);
-            if let Err(e) = scans::upsert(&pool, &h.latest()).await {
-                tracing::warn!(error = %e, "could not persist scan state at shutdown");
-            }
-        }
-    }
+    crate::progress::persist::save_interrupted(&reporter, &pool).await;
     // A socket passed by systemd stays: systemd keeps listening on it for the next start.
     if !socket_activated {
         let _ = std::fs::remove_file(&socket);
@@ -523,7 +517,7 @@ async fn resume_interrupted(pool: &sqlx::PgPool, queue: &ScanQueue) {
     };
     for row in rows {
         let request_id = row.request_id;
-        let removed = row.counters().tracks_removed;
+        let removed = crate::progress::persist::row_counters(&row).tracks_removed;
         let req = ScanRequest {
             library_id: row.library_id,
             library_root: PathBuf::from(&row.library_path),
@@ -569,51 +563,6 @@ async fn resume_interrupted(pool: &sqlx::PgPool, queue: &ScanQueue) {
     }
 }
 
-/// Write each running scan's state to the database when it changed, every `interval`.
-async fn persist_loop(
-    reporter: Arc<ScanReporter>,
-    pool: sqlx::PgPool,
-    db: Arc<DbHealth>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let mut persisted: std::collections::HashMap<uuid::Uuid, u64> = Default::default();
-    let mut timer = tokio::time::interval(interval);
-    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = timer.tick() => {}
-        }
-        let handles = reporter.handles();
-        persisted.retain(|id, _| handles.iter().any(|h| h.request_id() == *id));
-        for h in handles {
-            if h.phase().is_terminal() {
-                continue; // the worker persists the final state itself
-            }
-            let v = h.version();
-            if persisted.get(&h.request_id()) == Some(&v) {
-                continue;
-            }
-            // No wait for an unavailable database: the next tick tries again, and the worker
-            // persists every phase change itself.
-            match scans::upsert(&pool, &h.latest()).await {
-                Ok(()) => {
-                    db.succeeded();
-                    persisted.insert(h.request_id(), v);
-                }
-                Err(e) if crate::db::health::is_transient(&e) => {
-                    db.failed(&e.to_string());
-                    break; // the other scans would fail the same way
-                }
-                Err(e) => {
-                    tracing::warn!(request_id = %h.request_id(), error = %e, "could not persist scan state")
-                }
-            }
-        }
-    }
-}
-
 /// Start the embedding pipeline when enabled. `(None, Some(reason))` when it cannot run: corald
 /// still indexes, and `daemon.status` / `track.similar` say why embeddings are unavailable.
 async fn start_embedder(
@@ -631,7 +580,7 @@ async fn start_embedder(
     }
     // The inference thread is watched once it runs: a forward pass that never returns stops the
     // watchdog pings.
-    let heartbeat = crate::systemd::Heartbeat::detached("inference");
+    let heartbeat = crate::liveness::Heartbeat::detached("inference");
     let started = crate::embed::Embedder::start_with_health(
         &config.embed,
         pool.clone(),

@@ -5,8 +5,10 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod embed;
+#[cfg(feature = "fuzz-entry")]
 pub mod fuzz_entry;
 pub mod library;
+pub mod liveness;
 pub mod logging;
 pub mod panic_text;
 pub mod progress;
@@ -14,6 +16,7 @@ pub mod relpath;
 pub mod rpc;
 pub mod scan;
 pub mod systemd;
+pub mod test_hooks;
 pub mod text_fold;
 pub mod watch;
 pub mod worker;

@@ -15,7 +15,7 @@ use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::managed::ManagedPostgres;
-use crate::systemd::Heartbeat;
+use crate::liveness::Heartbeat;
 
 /// First pause after a failed attempt; doubled after each further failure.
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(250);

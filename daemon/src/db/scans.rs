@@ -7,17 +7,12 @@ use coral_proto::{ScanMode, ScanPhase, ScanProgress, ScanTrigger};
 use sqlx::{FromRow, PgExecutor};
 use uuid::Uuid;
 
-use crate::progress::counters::CounterValues;
-
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-/// Insert or update a scan's persisted state.
+/// Insert or update a scan's persisted state. A finished scan's row is final: a state written
+/// late (an older snapshot racing the final one) leaves it as it is.
 pub async fn upsert<'e>(db: impl PgExecutor<'e>, p: &ScanProgress) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO scans (request_id, library_id, subdir, trigger, mode, phase, started_at,
@@ -35,7 +30,8 @@ pub async fn upsert<'e>(db: impl PgExecutor<'e>, p: &ScanProgress) -> sqlx::Resu
             embeddings_done = EXCLUDED.embeddings_done,
             embeddings_skipped = EXCLUDED.embeddings_skipped,
             embeddings_failed = EXCLUDED.embeddings_failed, resumed = EXCLUDED.resumed,
-            error = EXCLUDED.error",
+            error = EXCLUDED.error
+         WHERE scans.phase NOT IN ('completed', 'failed', 'cancelled')",
     )
     .bind(p.request_id)
     .bind(p.library_id)
@@ -90,21 +86,6 @@ pub struct ScanRow {
 }
 
 impl ScanRow {
-    pub fn counters(&self) -> CounterValues {
-        CounterValues {
-            files_discovered: to_u64(self.files_discovered),
-            tracks_expected: self.tracks_expected.map(to_u64),
-            tracks_indexed: to_u64(self.tracks_indexed),
-            tracks_unchanged: to_u64(self.tracks_unchanged),
-            tracks_removed: to_u64(self.tracks_removed),
-            tracks_failed: to_u64(self.tracks_failed),
-            embeddings_expected: self.embeddings_expected.map(to_u64),
-            embeddings_done: to_u64(self.embeddings_done),
-            embeddings_skipped: to_u64(self.embeddings_skipped),
-            embeddings_failed: to_u64(self.embeddings_failed),
-        }
-    }
-
     pub fn trigger(&self) -> ScanTrigger {
         ScanTrigger::parse(&self.trigger).unwrap_or(ScanTrigger::Manual)
     }
@@ -115,56 +96,6 @@ impl ScanRow {
 
     pub fn phase(&self) -> ScanPhase {
         ScanPhase::parse(&self.phase).unwrap_or(ScanPhase::Failed)
-    }
-
-    /// The progress object of a scan read back from the database (no live rates).
-    pub fn into_progress(self) -> ScanProgress {
-        let c = self.counters();
-        let phase = self.phase();
-        let pct = |settled: u64, expected: Option<u64>| {
-            expected.map(|e| crate::progress::reporter::percent(settled, e))
-        };
-        let indexing_percent = match phase {
-            ScanPhase::Queued | ScanPhase::Discovering => None,
-            ScanPhase::Embedding | ScanPhase::Completed => Some(100.0),
-            _ => pct(c.tracks_settled(), c.tracks_expected),
-        };
-        let embedding_percent = match phase {
-            ScanPhase::Completed => c.embeddings_expected.map(|_| 100.0),
-            ScanPhase::Embedding | ScanPhase::Failed | ScanPhase::Cancelled => {
-                pct(c.embeddings_settled(), c.embeddings_expected)
-            }
-            _ => None,
-        };
-        ScanProgress {
-            request_id: self.request_id,
-            library_id: self.library_id,
-            trigger: self.trigger(),
-            mode: self.mode(),
-            phase,
-            library_path: self.library_path,
-            path: self.subdir,
-            started_at: self.started_at,
-            updated_at: self.updated_at,
-            finished_at: self.finished_at,
-            files_discovered: c.files_discovered,
-            tracks_expected: c.tracks_expected,
-            tracks_indexed: c.tracks_indexed,
-            tracks_unchanged: c.tracks_unchanged,
-            tracks_removed: c.tracks_removed,
-            tracks_failed: c.tracks_failed,
-            embeddings_expected: c.embeddings_expected,
-            embeddings_done: c.embeddings_done,
-            embeddings_skipped: c.embeddings_skipped,
-            embeddings_failed: c.embeddings_failed,
-            indexing_percent,
-            embedding_percent,
-            tracks_per_second: None,
-            embeddings_per_second: None,
-            eta_seconds: None,
-            resumed: self.resumed,
-            error: self.error,
-        }
     }
 }
 

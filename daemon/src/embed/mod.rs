@@ -19,7 +19,6 @@
 //! Without the `embed` cargo feature there is no libtorch: [`Embedder::start`] says so and the
 //! daemon runs without embeddings.
 
-pub mod config;
 pub mod consumer;
 pub mod model;
 pub mod phase_1_decode;
@@ -43,10 +42,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use uuid::Uuid;
 
+pub use crate::config::embed::EmbedConfig;
 use crate::db::health::{DbHealth, RetryError, retry};
+use crate::liveness::Heartbeat;
 use crate::progress::{ScanCounters, ScanHandle};
-use crate::systemd::Heartbeat;
-pub use config::EmbedConfig;
 use model::{ModelError, ModelManifest};
 use phase_2_resample::WindowPlan;
 use phase_3_batch::Finished;
@@ -331,7 +330,8 @@ impl Embedder {
         db: Arc<DbHealth>,
         role: Role,
     ) -> Result<Embedder, EmbedError> {
-        cfg.validate().map_err(EmbedError::Config)?;
+        cfg.validate()
+            .map_err(|e| EmbedError::Config(e.to_string()))?;
         if !phase_4_infer::available() {
             return Err(InferError::FeatureDisabled.into());
         }

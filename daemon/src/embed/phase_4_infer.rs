@@ -19,28 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::ModelFiles;
 use super::phase_3_batch::{Batcher, Failed, Finished};
 
-/// Where inference runs, as configured (`embed.device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl DeviceChoice {
-    /// `auto`, `cpu`, `cuda` or `cuda:N`.
-    pub fn parse(s: &str) -> Option<DeviceChoice> {
-        match s.trim() {
-            "auto" => Some(DeviceChoice::Auto),
-            "cpu" => Some(DeviceChoice::Cpu),
-            "cuda" => Some(DeviceChoice::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .map(DeviceChoice::Cuda),
-        }
-    }
-}
+pub use crate::config::embed::DeviceChoice;
 
 /// Why the model cannot run.
 #[derive(Debug, thiserror::Error)]

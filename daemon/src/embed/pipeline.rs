@@ -18,7 +18,7 @@ use super::phase_4_infer::{self, DeviceChoice, InferInput, InferOutput, LoopConf
 use super::phase_5_store::{self, NewEmbedding, RegisteredModel};
 use super::{CancellationToken, EmbedError, Inner, Outcome, STORE_BATCH, Shared, WorkItem, lock};
 use crate::db::health::{DbHealth, retry};
-use crate::systemd::Heartbeat;
+use crate::liveness::Heartbeat;
 
 /// Decoding is a small share of the work on CPU; when it preempts one of libtorch's threads,
 /// the others wait at the next barrier. A lower priority (nice +5, this thread only) lets the

@@ -5,6 +5,7 @@
 
 pub mod counters;
 pub mod fanout;
+pub mod persist;
 pub mod reporter;
 
 pub use counters::ScanCounters;

@@ -62,6 +62,8 @@ pub struct ScanHandle {
     counters: ScanCounters,
     state: Mutex<MutableState>,
     version: AtomicU64,
+    /// The version of the snapshot last written to the `scans` table.
+    saved_version: AtomicU64,
     latest: Mutex<Arc<ScanProgress>>,
     cancel: CancellationToken,
 }
@@ -85,38 +87,90 @@ pub(crate) fn percent(settled: u64, expected: u64) -> f64 {
     }
 }
 
+/// What a snapshot shows beyond the counters: percentages, rates and the ETA.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Figures {
+    pub indexing_percent: Option<f64>,
+    pub embedding_percent: Option<f64>,
+    pub tracks_per_second: Option<f64>,
+    pub embeddings_per_second: Option<f64>,
+    pub eta_seconds: Option<f64>,
+}
+
+/// The percentages a phase shows for these counts: null until the phase's total is known, 100
+/// once the phase is over, the settled share otherwise (and where a scan stopped).
+pub(crate) fn phase_percents(phase: ScanPhase, v: &CounterValues) -> (Option<f64>, Option<f64>) {
+    let indexing = match phase {
+        ScanPhase::Queued | ScanPhase::Discovering => None,
+        ScanPhase::Embedding | ScanPhase::Completed => Some(100.0),
+        ScanPhase::Indexing | ScanPhase::Failed | ScanPhase::Cancelled => {
+            v.tracks_expected.map(|e| percent(v.tracks_settled(), e))
+        }
+    };
+    let embedding = match phase {
+        ScanPhase::Completed => v.embeddings_expected.map(|_| 100.0),
+        ScanPhase::Embedding | ScanPhase::Failed | ScanPhase::Cancelled => v
+            .embeddings_expected
+            .map(|e| percent(v.embeddings_settled(), e)),
+        ScanPhase::Queued | ScanPhase::Discovering | ScanPhase::Indexing => None,
+    };
+    (indexing, embedding)
+}
+
+/// The one place a [`ScanProgress`] is put together: live snapshots, the placeholder of a scan
+/// not yet published, and scans read back from the database all come from here.
+pub(crate) fn scan_progress(
+    info: &ScanInfo,
+    mode: ScanMode,
+    phase: ScanPhase,
+    finished_at: Option<DateTime<Utc>>,
+    v: &CounterValues,
+    f: Figures,
+    error: Option<String>,
+) -> ScanProgress {
+    ScanProgress {
+        request_id: info.request_id,
+        library_id: info.library_id,
+        library_path: info.library_path.clone(),
+        path: info.path.clone(),
+        trigger: info.trigger,
+        mode,
+        phase,
+        started_at: info.started_at,
+        updated_at: Utc::now(),
+        finished_at,
+        files_discovered: v.files_discovered,
+        tracks_expected: v.tracks_expected,
+        tracks_indexed: v.tracks_indexed,
+        tracks_unchanged: v.tracks_unchanged,
+        tracks_removed: v.tracks_removed,
+        tracks_failed: v.tracks_failed,
+        embeddings_expected: v.embeddings_expected,
+        embeddings_done: v.embeddings_done,
+        embeddings_skipped: v.embeddings_skipped,
+        embeddings_failed: v.embeddings_failed,
+        indexing_percent: f.indexing_percent,
+        embedding_percent: f.embedding_percent,
+        tracks_per_second: f.tracks_per_second,
+        embeddings_per_second: f.embeddings_per_second,
+        eta_seconds: f.eta_seconds,
+        resumed: info.resumed,
+        error,
+    }
+}
+
 impl ScanHandle {
     fn new(info: ScanInfo, phase: ScanPhase) -> Self {
         let now = Instant::now();
-        let placeholder = ScanProgress {
-            request_id: info.request_id,
-            library_id: info.library_id,
-            library_path: info.library_path.clone(),
-            path: info.path.clone(),
-            trigger: info.trigger,
-            mode: info.mode,
+        let placeholder = scan_progress(
+            &info,
+            info.mode,
             phase,
-            started_at: info.started_at,
-            updated_at: Utc::now(),
-            finished_at: None,
-            files_discovered: 0,
-            tracks_expected: None,
-            tracks_indexed: 0,
-            tracks_unchanged: 0,
-            tracks_removed: 0,
-            tracks_failed: 0,
-            embeddings_expected: None,
-            embeddings_done: 0,
-            embeddings_skipped: 0,
-            embeddings_failed: 0,
-            indexing_percent: None,
-            embedding_percent: None,
-            tracks_per_second: None,
-            embeddings_per_second: None,
-            eta_seconds: None,
-            resumed: info.resumed,
-            error: None,
-        };
+            None,
+            &CounterValues::default(),
+            Figures::default(),
+            None,
+        );
         ScanHandle {
             state: Mutex::new(MutableState {
                 mode: info.mode,
@@ -136,6 +190,7 @@ impl ScanHandle {
             info,
             counters: ScanCounters::default(),
             version: AtomicU64::new(0),
+            saved_version: AtomicU64::new(0),
             latest: Mutex::new(Arc::new(placeholder)),
             cancel: CancellationToken::new(),
         }
@@ -192,6 +247,22 @@ impl ScanHandle {
         Arc::clone(&lock(&self.latest))
     }
 
+    /// The latest published snapshot with its version, read together.
+    pub fn latest_versioned(&self) -> (u64, Arc<ScanProgress>) {
+        let latest = lock(&self.latest);
+        (self.version(), Arc::clone(&latest))
+    }
+
+    /// The version last written to the `scans` table (0: none yet). Only
+    /// [`crate::progress::persist`] sets it.
+    pub fn saved_version(&self) -> u64 {
+        self.saved_version.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_saved(&self, version: u64) {
+        self.saved_version.fetch_max(version, Ordering::AcqRel);
+    }
+
     fn finished_instant(&self) -> Option<Instant> {
         lock(&self.state).finished_instant
     }
@@ -226,25 +297,7 @@ impl ScanHandle {
             s.last_embeddings_settled = embeds;
         }
 
-        // Percentages: null until the phase's total is known, 100 once the phase is over.
-        let indexing_now = match phase {
-            ScanPhase::Queued | ScanPhase::Discovering => None,
-            ScanPhase::Indexing => v.tracks_expected.map(|e| percent(v.tracks_settled(), e)),
-            ScanPhase::Embedding | ScanPhase::Completed => Some(100.0),
-            ScanPhase::Failed | ScanPhase::Cancelled => {
-                v.tracks_expected.map(|e| percent(v.tracks_settled(), e))
-            }
-        };
-        let embedding_now = match phase {
-            ScanPhase::Embedding => v
-                .embeddings_expected
-                .map(|e| percent(v.embeddings_settled(), e)),
-            ScanPhase::Completed => v.embeddings_expected.map(|_| 100.0),
-            ScanPhase::Failed | ScanPhase::Cancelled => v
-                .embeddings_expected
-                .map(|e| percent(v.embeddings_settled(), e)),
-            _ => None,
-        };
+        let (indexing_now, embedding_now) = phase_percents(phase, &v);
         s.indexing_percent = max_opt(s.indexing_percent, indexing_now);
         s.embedding_percent = max_opt(s.embedding_percent, embedding_now);
 
@@ -261,35 +314,22 @@ impl ScanHandle {
             _ => None,
         };
         let terminal = phase.is_terminal();
-        ScanProgress {
-            request_id: self.info.request_id,
-            library_id: self.info.library_id,
-            library_path: self.info.library_path.clone(),
-            path: self.info.path.clone(),
-            trigger: self.info.trigger,
-            mode: s.mode,
-            phase,
-            started_at: self.info.started_at,
-            updated_at: Utc::now(),
-            finished_at: s.finished_at,
-            files_discovered: v.files_discovered,
-            tracks_expected: v.tracks_expected,
-            tracks_indexed: v.tracks_indexed,
-            tracks_unchanged: v.tracks_unchanged,
-            tracks_removed: v.tracks_removed,
-            tracks_failed: v.tracks_failed,
-            embeddings_expected: v.embeddings_expected,
-            embeddings_done: v.embeddings_done,
-            embeddings_skipped: v.embeddings_skipped,
-            embeddings_failed: v.embeddings_failed,
+        let figures = Figures {
             indexing_percent: s.indexing_percent,
             embedding_percent: s.embedding_percent,
             tracks_per_second: s.tracks_rate.filter(|_| !terminal).map(round2),
             embeddings_per_second: s.embeddings_rate.filter(|_| !terminal).map(round2),
             eta_seconds: eta.filter(|_| !terminal).map(round2),
-            resumed: self.info.resumed,
-            error: s.error.clone(),
-        }
+        };
+        scan_progress(
+            &self.info,
+            s.mode,
+            phase,
+            s.finished_at,
+            &v,
+            figures,
+            s.error.clone(),
+        )
     }
 }
 

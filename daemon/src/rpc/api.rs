@@ -230,7 +230,7 @@ impl CoralRpc {
         Ok(scans::get(&self.ctx().pool, request_id)
             .await
             .map_err(db_error)?
-            .map(scans::ScanRow::into_progress))
+            .map(crate::progress::persist::read_back))
     }
 
     async fn last_scans(&self) -> RpcResult<std::collections::HashMap<i64, ScanProgress>> {
@@ -240,7 +240,7 @@ impl CoralRpc {
                 .await
                 .map_err(db_error)?
                 .into_iter()
-                .map(|r| (r.library_id, r.into_progress()))
+                .map(|r| (r.library_id, crate::progress::persist::read_back(r)))
                 .collect();
         for h in self.ctx().reporter.handles() {
             let p = (*h.latest()).clone();
@@ -402,7 +402,7 @@ impl CoralApiServer for CoralRpc {
             if seen.insert(row.request_id) {
                 let p = match self.ctx().reporter.get(row.request_id) {
                     Some(h) => (*h.latest()).clone(),
-                    None => row.into_progress(),
+                    None => crate::progress::persist::read_back(row),
                 };
                 out.push(p);
             }
@@ -439,9 +439,7 @@ impl CoralApiServer for CoralRpc {
                 ScanPhase::Cancelled,
                 Some("cancelled by request".into()),
             );
-            if let Err(e) = scans::upsert(&ctx.pool, &h.latest()).await {
-                tracing::warn!(error = %e, "could not persist cancelled scan");
-            }
+            crate::progress::persist::save_once(&ctx.pool, &h, "cancelled").await;
         }
         tracing::info!(%request_id, "scan cancellation requested");
         Ok((*h.latest()).clone())

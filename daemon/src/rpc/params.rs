@@ -1,6 +1,6 @@
 //! The checks every API method runs on its decoded parameters before it touches the database
 //! or the filesystem: pure functions, shared by `api.rs` and the fuzzing entry points
-//! ([`crate::fuzz_entry`]), so what is fuzzed is what the daemon runs.
+//! (`fuzz_entry.rs`), so what is fuzzed is what the daemon runs.
 
 use std::path::{Component, Path, PathBuf};
 

@@ -13,9 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{self, AccessPolicy};
 
-/// Largest request accepted, in bytes.
-/// `rpc.max_request_bytes` unless configured: 4 MiB.
-pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
+pub use crate::config::DEFAULT_MAX_REQUEST_BYTES;
 /// Outgoing messages queued per connection before the server waits for the client to read.
 pub const MESSAGE_BUFFER_PER_CONNECTION: u32 = 64;
 

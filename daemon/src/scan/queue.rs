@@ -163,9 +163,7 @@ impl ScanQueue {
             pending.insert(key, Arc::clone(&job_handle));
             job_handle
         };
-        if let Err(e) = crate::db::scans::upsert(&self.pool, &handle.latest()).await {
-            tracing::warn!(request_id = %handle.request_id(), error = %e, "could not persist queued scan");
-        }
+        crate::progress::persist::save_once(&self.pool, &handle, "queued").await;
         Ok((handle, false))
     }
 

@@ -26,9 +26,9 @@ use super::phase_3_store;
 use super::queue::{ScanJob, ScanQueue};
 use crate::db::health::{self, DbHealth, RetryError};
 use crate::db::scan_errors::ErrorRow;
-use crate::db::{scan_errors, scans, tracks};
+use crate::db::{scan_errors, tracks};
+use crate::liveness::Heartbeat;
 use crate::progress::{ScanCounters, ScanHandle, ScanReporter};
-use crate::systemd::Heartbeat;
 
 /// Why a scan did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +112,8 @@ impl ScanWorker {
                 Some(_) = embedding.join_next(), if !embedding.is_empty() => continue,
                 job = rx.recv() => match job { Some(j) => j, None => break },
             };
-            if crate::systemd::test_wedge_requested(&job.library_root) {
-                // Debug builds only: a worker stuck on a job, for the watchdog test. It makes
+            if crate::test_hooks::wedge_worker_requested(&job.library_root) {
+                // Test builds only: a worker stuck on a job, for the watchdog test. It makes
                 // no progress and no heartbeats until shutdown.
                 tracing::warn!(library = %job.library_root.display(), "CORALD_TEST_WEDGE_WORKER: wedging the scan worker");
                 stop.cancelled().await;
@@ -239,22 +239,14 @@ impl ScanWorker {
 
     /// Save the scan's state, waiting for the database if it is down (until `cancel`).
     async fn persist(&self, h: &ScanHandle, cancel: &CancellationToken) {
-        let latest = h.latest();
-        let r = health::retry(
+        crate::progress::persist::save_waiting(
+            &self.pool,
             &self.db,
-            "persist scan",
+            h,
             cancel,
             Some(&self.heartbeat),
-            || scans::upsert(&self.pool, &latest),
         )
         .await;
-        match r {
-            Ok(()) => {}
-            Err(RetryError::Cancelled) => {
-                tracing::debug!("scan state not persisted: the database is unavailable")
-            }
-            Err(e) => tracing::warn!(error = %e, "could not persist scan state"),
-        }
     }
 
     /// Run a database operation of scan `h`, retried while the database is unavailable.
@@ -574,7 +566,7 @@ impl ScanWorker {
                     break;
                 }
             };
-            test_batch_pause().await;
+            crate::test_hooks::batch_pause().await;
             ScanCounters::add(&c.tracks_indexed, written.indexed);
             ScanCounters::add(&c.tracks_failed, written.failed);
             self.heartbeat.beat();
@@ -584,19 +576,5 @@ impl ScanWorker {
             .await
             .map_err(|e| ScanFailure::Internal(format!("probe task failed: {e}")))?;
         result
-    }
-}
-
-/// Test hook, debug builds only: `CORALD_TEST_BATCH_PAUSE_MS=N` pauses N ms after each written
-/// batch, so tests can act while a scan is indexing. Nothing in release builds.
-async fn test_batch_pause() {
-    if !cfg!(debug_assertions) {
-        return;
-    }
-    let ms = std::env::var("CORALD_TEST_BATCH_PAUSE_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(ms) = ms {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }

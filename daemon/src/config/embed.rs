@@ -3,7 +3,30 @@
 use serde::Deserialize;
 use std::path::PathBuf;
 
-use super::phase_4_infer::DeviceChoice;
+use super::ConfigError;
+
+/// Where inference runs, as configured (`embed.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub fn parse(s: &str) -> Option<DeviceChoice> {
+        match s.trim() {
+            "auto" => Some(DeviceChoice::Auto),
+            "cpu" => Some(DeviceChoice::Cpu),
+            "cuda" => Some(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(DeviceChoice::Cuda),
+        }
+    }
+}
 
 /// The `[embed]` section of the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -66,81 +89,77 @@ impl Default for EmbedConfig {
 }
 
 impl EmbedConfig {
-    /// Check the values; the error names the key (`embed.…`) and what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        self.validate_key()
-            .map_err(|(key, problem)| format!("`{key}` {problem}"))
-    }
-
-    /// Like [`validate`](Self::validate), as (key, problem).
-    pub fn validate_key(&self) -> Result<(), (&'static str, String)> {
+    /// Check the values; the error names the key (`embed.…`) and what is wrong. Called by
+    /// `Config::validate`, and by the pipeline for a configuration made in code.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: String| Err(ConfigError::Invalid { key, problem });
         if DeviceChoice::parse(&self.device).is_none() {
-            return Err((
+            return invalid(
                 "embed.device",
                 format!("must be auto, cpu, cuda or cuda:N (got {:?})", self.device),
-            ));
+            );
         }
         if self.threads > 1024 {
-            return Err((
+            return invalid(
                 "embed.threads",
                 format!("must be at most 1024 (got {})", self.threads),
-            ));
+            );
         }
         if self.decode_threads > 256 {
-            return Err((
+            return invalid(
                 "embed.decode_threads",
                 format!("must be at most 256 (got {})", self.decode_threads),
-            ));
+            );
         }
         if self.batch_size > 4096 {
-            return Err((
+            return invalid(
                 "embed.batch_size",
                 format!("must be at most 4096 (got {})", self.batch_size),
-            ));
+            );
         }
         if self.batch_timeout_ms > 60_000 {
-            return Err((
+            return invalid(
                 "embed.batch_timeout_ms",
                 format!("must be at most 60000 (got {})", self.batch_timeout_ms),
-            ));
+            );
         }
         if !(1..=64).contains(&self.windows) {
-            return Err((
+            return invalid(
                 "embed.windows",
                 format!("must be between 1 and 64 (got {})", self.windows),
-            ));
+            );
         }
         if !(1..=32).contains(&self.window_patches) {
-            return Err((
+            return invalid(
                 "embed.window_patches",
                 format!("must be between 1 and 32 (got {})", self.window_patches),
-            ));
+            );
         }
         if !(self.min_duration_s.is_finite() && self.min_duration_s >= 0.0) {
-            return Err((
+            return invalid(
                 "embed.min_duration_s",
                 format!("must be a number ≥ 0 (got {})", self.min_duration_s),
-            ));
+            );
         }
         if !(self.max_duration_s.is_finite() && self.max_duration_s > self.min_duration_s) {
-            return Err((
+            return invalid(
                 "embed.max_duration_s",
                 format!(
                     "must be a number greater than embed.min_duration_s ({}) (got {})",
                     self.min_duration_s, self.max_duration_s
                 ),
-            ));
+            );
         }
         if !(self.lease_s.is_finite() && (1.0..=86_400.0).contains(&self.lease_s)) {
-            return Err((
+            return invalid(
                 "embed.lease_s",
                 format!("must be between 1 and 86400 (got {})", self.lease_s),
-            ));
+            );
         }
         if let Some(m) = &self.model
             && m.as_os_str().is_empty()
         {
-            return Err(("embed.model", "must not be empty".into()));
+            return invalid("embed.model", "must not be empty".into());
         }
         Ok(())
     }
@@ -194,7 +213,7 @@ mod tests {
         let bad = |f: &dyn Fn(&mut EmbedConfig)| {
             let mut c = EmbedConfig::default();
             f(&mut c);
-            c.validate().unwrap_err()
+            c.validate().unwrap_err().to_string()
         };
         assert!(bad(&|c| c.device = "gpu".into()).contains("embed.device"));
         assert!(bad(&|c| c.windows = 0).contains("embed.windows"));
@@ -204,14 +223,17 @@ mod tests {
         assert!(bad(&|c| c.batch_size = 100_000).contains("embed.batch_size"));
         assert!(bad(&|c| c.lease_s = 0.5).contains("embed.lease_s"));
         assert!(bad(&|c| c.lease_s = f64::NAN).contains("embed.lease_s"));
-        let (key, _) = {
-            let c = EmbedConfig {
-                device: "cuda:x".into(),
-                ..EmbedConfig::default()
-            };
-            c.validate_key().unwrap_err()
+        let c = EmbedConfig {
+            device: "cuda:x".into(),
+            ..EmbedConfig::default()
         };
-        assert_eq!(key, "embed.device");
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "embed.device",
+                ..
+            })
+        ));
     }
 
     #[test]

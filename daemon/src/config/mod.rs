@@ -4,9 +4,16 @@
 //! `--config`/`CORAL_CONFIG`, else `/etc/coral/corald.toml` if it exists, else none. Unknown keys
 //! and bad values are errors that name the file, the line and the key.
 
+pub mod embed;
+pub mod log_filter;
+pub mod watch;
+
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+/// `rpc.max_request_bytes` unless configured: 4 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Everything corald can be told. Field docs double as the configuration reference.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -27,8 +34,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub scan: ScanConfig,
     pub progress: ProgressConfig,
-    pub embed: crate::embed::EmbedConfig,
-    pub watch: crate::watch::WatchConfig,
+    pub embed: embed::EmbedConfig,
+    pub watch: watch::WatchConfig,
 }
 
 /// The `[rpc]` section: who may use the API socket.
@@ -93,8 +100,8 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             scan: ScanConfig::default(),
             progress: ProgressConfig::default(),
-            embed: crate::embed::EmbedConfig::default(),
-            watch: crate::watch::WatchConfig::default(),
+            embed: embed::EmbedConfig::default(),
+            watch: watch::WatchConfig::default(),
         }
     }
 }
@@ -104,7 +111,7 @@ impl Default for RpcConfig {
         RpcConfig {
             group: "coral".to_owned(),
             socket_mode: "0660".to_owned(),
-            max_request_bytes: crate::rpc::server::DEFAULT_MAX_REQUEST_BYTES,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }
@@ -257,9 +264,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if let Err((key, problem)) = self.embed.validate_key() {
-            return Err(ConfigError::Invalid { key, problem });
-        }
+        self.embed.validate()?;
         let invalid = |key, problem: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -314,7 +319,7 @@ impl Config {
             }
         }
         self.watch.validate()?;
-        if let Err(e) = crate::logging::parse_filter(&self.log) {
+        if let Err(e) = log_filter::parse_filter(&self.log) {
             return Err(ConfigError::Invalid {
                 key: "log",
                 problem: format!("is not a valid log filter: {e}"),
@@ -515,7 +520,7 @@ mod tests {
             .to_string();
         assert!(err.contains("line 1, key `log`"), "{err}");
         // A space after the comma no longer makes a valid filter invalid.
-        let f = crate::logging::parse_filter("info, corald=debug").expect("valid");
+        let f = log_filter::parse_filter("info, corald=debug").expect("valid");
         assert!(f.to_string().contains("corald=debug"), "{f}");
     }
 

@@ -1,0 +1,38 @@
+//! Hooks the integration tests drive through environment variables, compiled in only for debug
+//! builds with the `test-hooks` feature (which the test harness crate, `coral-tests`, enables).
+//! Elsewhere each hook is a constant no-op, so the service's code paths carry none of them.
+
+use std::path::Path;
+
+/// `CORALD_TEST_WEDGE_WORKER=1` wedges the scan worker on its first job; any other value wedges
+/// it on a job whose library root contains that text (the watchdog test).
+#[cfg(all(feature = "test-hooks", debug_assertions))]
+pub fn wedge_worker_requested(library_root: &Path) -> bool {
+    match std::env::var("CORALD_TEST_WEDGE_WORKER") {
+        Ok(v) if v == "1" => true,
+        Ok(v) if !v.is_empty() => library_root.to_string_lossy().contains(v.as_str()),
+        _ => false,
+    }
+}
+
+/// Without the hooks: never.
+#[cfg(not(all(feature = "test-hooks", debug_assertions)))]
+pub fn wedge_worker_requested(_library_root: &Path) -> bool {
+    false
+}
+
+/// `CORALD_TEST_BATCH_PAUSE_MS=N` pauses N ms after each written batch, so tests can act while a
+/// scan is indexing.
+#[cfg(all(feature = "test-hooks", debug_assertions))]
+pub async fn batch_pause() {
+    let ms = std::env::var("CORALD_TEST_BATCH_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = ms {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+/// Without the hooks: nothing.
+#[cfg(not(all(feature = "test-hooks", debug_assertions)))]
+pub async fn batch_pause() {}
