@@ -4,12 +4,13 @@
 //!
 //! How it decides, per library (details in the submodules):
 //!
-//! * **inotify** (`inotify`): one watch per directory (hidden `.name` directories and NAS
-//!   metadata folders skipped, as the scanner skips them; symbolic links to directories are
-//!   followed, each directory watched once). A new directory gets its watches first and is then
-//!   scanned as a whole, so files written into it before its watch existed are found.
-//!   Renames and moves inside a library are applied to the database directly (same track id, so
-//!   the same embedding) and need no rescan; a move out is a removal, a move in an addition.
+//! * **inotify** (`inotify`, `arm`, `moves`): one watch per directory (hidden `.name`
+//!   directories and NAS metadata folders skipped, as the scanner skips them; symbolic links to
+//!   directories are followed, each directory watched once). A new directory gets its watches
+//!   first and is then scanned as a whole, so files written into it before its watch existed
+//!   are found. Renames and moves inside a library are applied to the database directly (same
+//!   track id, so the same embedding) and need no rescan; a move out is a removal, a move in an
+//!   addition.
 //!   `IN_Q_OVERFLOW` (events lost) re-arms every library and rescans it.
 //! * **debounce** (`debounce`): changes wait for a quiet period (`debounce_ms`) and for files
 //!   open for writing to be closed (or idle for `write_timeout_s`), then go out as a handful of
@@ -27,11 +28,15 @@
 //!   running (a resumed one) gets an incremental `startup` scan: inotify cannot know what
 //!   changed while corald was stopped.
 //!
-//! The watcher is one task owning all state; the RPC API talks to it through [`Watcher`].
+//! The watcher is one task owning all state (`actor`); the RPC API talks to it through
+//! [`Watcher`].
 
+pub mod actor;
+pub mod arm;
 pub mod debounce;
 pub mod inotify;
 pub mod mounts;
+mod moves;
 pub mod poll;
 
 use std::collections::BTreeMap;
@@ -78,7 +83,7 @@ pub struct Watcher {
 
 /// The watcher task, to be spawned once.
 pub struct WatchTask {
-    actor: inotify::Actor,
+    actor: actor::Actor,
     rx: mpsc::UnboundedReceiver<Command>,
 }
 
@@ -100,7 +105,7 @@ impl Watcher {
     ) -> (Arc<Watcher>, WatchTask) {
         let (tx, rx) = mpsc::unbounded_channel();
         let published = Arc::new(Mutex::new(Published::default()));
-        let actor = inotify::Actor::new(config, pool, queue, reporter, Arc::clone(&published));
+        let actor = actor::Actor::new(config, pool, queue, reporter, Arc::clone(&published));
         (Arc::new(Watcher { tx, published }), WatchTask { actor, rx })
     }
 
