@@ -1,8 +1,8 @@
 //! corald: the Coral indexer daemon as a library, so tests and benches drive the same code the
 //! binary runs. `daemon` wires the pieces; each module owns one stage of the pipeline.
 
+pub mod app;
 pub mod config;
-pub mod daemon;
 pub mod db;
 pub mod embed;
 #[cfg(feature = "fuzz-entry")]

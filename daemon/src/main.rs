@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use corald::app::Service;
 use corald::config::{Config, Overrides};
-use corald::daemon::Service;
 use corald::systemd::SystemdEnv;
 use tokio_util::sync::CancellationToken;
 
@@ -143,7 +143,7 @@ fn main() -> ExitCode {
         overrides,
         systemd,
     };
-    match runtime.block_on(corald::daemon::run_service(
+    match runtime.block_on(corald::app::run_service(
         config,
         service,
         CancellationToken::new(),

@@ -1,0 +1,142 @@
+//! Start-up after the database answers: interrupted scans resumed (and first scans for
+//! libraries that never had one), the embedding pipeline started, and tracks lacking an
+//! embedding of the active model queued.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::health::DbHealth;
+use crate::db::scans;
+use crate::liveness::Liveness;
+use crate::scan::queue::{ScanQueue, ScanRequest};
+
+/// Queue again every scan that was queued or running when corald last stopped, with the same
+/// request id and `resumed = true`; queue a first scan for any library that never had one.
+pub(super) async fn resume_interrupted(pool: &sqlx::PgPool, queue: &ScanQueue) {
+    let rows = match scans::unfinished(pool).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read interrupted scans; they will not resume");
+            return;
+        }
+    };
+    for row in rows {
+        let request_id = row.request_id;
+        let removed = crate::progress::persist::row_counters(&row).tracks_removed;
+        let req = ScanRequest {
+            library_id: row.library_id,
+            library_root: PathBuf::from(&row.library_path),
+            subdir: row.subdir.as_ref().map(PathBuf::from),
+            mode: row.mode(),
+            trigger: row.trigger(),
+        };
+        match queue.resume(req, request_id).await {
+            Ok(h) => {
+                h.counters()
+                    .tracks_removed
+                    .store(removed, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(%request_id, library = %row.library_path, "resuming interrupted scan");
+            }
+            Err(e) => tracing::error!(%request_id, error = %e, "cannot resume scan"),
+        }
+    }
+    // A stop inside `library.add` (after the library's row, before its first scan's) leaves a
+    // library no scan would ever cover when the watcher is off: give it its first scan now.
+    let never = match crate::db::libraries::never_scanned(pool).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot look for libraries that were never scanned");
+            return;
+        }
+    };
+    for (library_id, path) in never {
+        let req = ScanRequest {
+            library_id,
+            library_root: PathBuf::from(&path),
+            subdir: None,
+            mode: coral_proto::ScanMode::Incremental,
+            trigger: coral_proto::ScanTrigger::LibraryAdded,
+        };
+        match queue.submit(req).await {
+            Ok((h, _)) => tracing::info!(
+                request_id = %h.request_id(),
+                library = %path,
+                "library added before the last stop was never scanned: scanning it"
+            ),
+            Err(e) => tracing::error!(library = %path, error = %e, "cannot queue the first scan"),
+        }
+    }
+}
+
+/// Start the embedding pipeline when enabled. `(None, Some(reason))` when it cannot run: corald
+/// still indexes, and `daemon.status` / `track.similar` say why embeddings are unavailable.
+pub(super) async fn start_embedder(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    db: &Arc<DbHealth>,
+    stop: &CancellationToken,
+    liveness: &Liveness,
+) -> (Option<crate::embed::Embedder>, Option<String>) {
+    if !config.embed.enabled {
+        return (
+            None,
+            Some("embeddings are disabled (embed.enabled = false)".into()),
+        );
+    }
+    // The inference thread is watched once it runs: a forward pass that never returns stops the
+    // watchdog pings.
+    let heartbeat = crate::liveness::Heartbeat::detached("inference");
+    let started = crate::embed::Embedder::start_with_health(
+        &config.embed,
+        pool.clone(),
+        stop.clone(),
+        Some(Arc::clone(&heartbeat)),
+        Arc::clone(db),
+    )
+    .await;
+    match started {
+        Ok(e) => {
+            liveness.adopt(heartbeat);
+            let s = e.status();
+            tracing::info!(model = ?s.model, device = ?s.device, "embedding pipeline ready");
+            (Some(e), None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "embeddings unavailable; indexing continues without them");
+            (None, Some(format!("embeddings unavailable: {e}")))
+        }
+    }
+}
+
+/// At start-up, embed every track that lacks an embedding of its current file for the active
+/// model (embeddings were off, a scan was interrupted, the model changed).
+pub(super) async fn sweep_missing_embeddings(
+    embedder: crate::embed::Embedder,
+    stop: CancellationToken,
+) {
+    let targets = match embedder.missing_targets().await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list tracks lacking embeddings");
+            return;
+        }
+    };
+    if targets.is_empty() {
+        return;
+    }
+    let request_id = uuid::Uuid::new_v4();
+    tracing::info!(%request_id, tracks = targets.len(), "embedding tracks that lack an embedding");
+    match embedder.embed(request_id, targets, stop).await {
+        Ok(s) => tracing::info!(
+            %request_id,
+            embedded = s.embedded,
+            skipped = s.skipped,
+            failed = s.failed,
+            "start-up embedding sweep finished"
+        ),
+        Err(e) => tracing::warn!(%request_id, error = %e, "start-up embedding sweep ended early"),
+    }
+}
