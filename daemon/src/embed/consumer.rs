@@ -229,6 +229,7 @@ pub(super) async fn consume(inner: Weak<Inner>, stop: CancellationToken) {
     let mut in_flight: HashMap<(Uuid, i64), InFlight> = HashMap::new();
     let mut outcomes: Vec<(Uuid, Outcome)> = Vec::new();
     let mut reported: Option<std::time::Instant> = None;
+    let mut renewed = std::time::Instant::now();
     loop {
         if reported.is_none_or(|t| t.elapsed() >= REPORT_EVERY)
             && let Some(i) = inner.upgrade()
@@ -267,6 +268,10 @@ pub(super) async fn consume(inner: Weak<Inner>, stop: CancellationToken) {
         // Cancelled requests: their items are dropped by the stages without an outcome.
         jobs.retain(|_, j| !j.cancel.is_cancelled());
         in_flight.retain(|(r, _), _| jobs.contains_key(r));
+        if renewed.elapsed().as_secs_f64() >= renew_every(i.lease_s) {
+            renew(&i, &in_flight).await;
+            renewed = std::time::Instant::now();
+        }
         let Some(tx) = lock(&i.decode_tx).clone() else {
             return; // shutting down
         };
@@ -296,6 +301,11 @@ pub(super) async fn consume(inner: Weak<Inner>, stop: CancellationToken) {
         }
         let mut settled_now = Vec::new();
         for c in claimed {
+            if in_flight.contains_key(&(c.request_id, c.track_id)) {
+                // Still in this pipeline: its lease ran out before a renewal (a stalled
+                // database) and this consumer took it again. One copy is enough.
+                continue;
+            }
             match check(&c, &i.path_map) {
                 Err(o) => settled_now.push((c.request_id, o)),
                 Ok((path, duration_ms)) => {
@@ -339,6 +349,21 @@ pub(super) async fn consume(inner: Weak<Inner>, stop: CancellationToken) {
             settle(&i, settled_now, &mut in_flight).await;
             i.settled.notify_waiters();
         }
+    }
+}
+
+/// How often a consumer renews the leases of the rows it works on: a third of the lease, so
+/// two renewals may fail before a lease runs out.
+fn renew_every(lease_s: f64) -> f64 {
+    (lease_s / 3.0).max(0.2)
+}
+
+/// Extend the leases of the rows in this consumer's pipeline (a failure waits for the next
+/// renewal).
+async fn renew(i: &Inner, in_flight: &HashMap<(Uuid, i64), InFlight>) {
+    let rows: Vec<(Uuid, i64)> = in_flight.keys().copied().collect();
+    if let Err(e) = queue::renew(&i.pool, &i.owner, i.lease_s, &rows).await {
+        tracing::debug!(error = %e, "leases not renewed");
     }
 }
 

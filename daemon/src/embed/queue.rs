@@ -203,6 +203,36 @@ pub async fn settle(pool: &PgPool, rows: &[(Uuid, i64, QueueState)]) -> Result<u
     .rows_affected())
 }
 
+/// Extend `owner`'s leases on `rows` (`(request_id, track_id)`: the rows it is still working on)
+/// by `lease_s` seconds from now. A consumer renews while it works, so a lease expires only
+/// when its consumer stops (dies, hangs or loses the database), not while a long backlog of
+/// its own claims waits in its pipeline; rows it no longer holds are left alone.
+pub async fn renew(
+    pool: &PgPool,
+    owner: &str,
+    lease_s: f64,
+    rows: &[(Uuid, i64)],
+) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let requests: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    Ok(sqlx::query(
+        "UPDATE embed_queue q SET lease_until = now() + make_interval(secs => $2)
+         FROM UNNEST($3::uuid[], $4::bigint[]) AS u(request_id, track_id)
+         WHERE q.request_id = u.request_id AND q.track_id = u.track_id
+           AND q.state = 'queued' AND q.leased_by = $1",
+    )
+    .bind(owner)
+    .bind(lease_s)
+    .bind(&requests)
+    .bind(&ids)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Give up the leases of consumers whose id starts with `prefix` (a previous run of this
 /// corald, which cannot be running: one corald serves a database).
 pub async fn release_leases_of(pool: &PgPool, prefix: &str) -> Result<u64, sqlx::Error> {
