@@ -4,6 +4,11 @@
 //! As root, [`Daemon::start_hiding_owner`] runs corald in a user namespace where one uid/gid is
 //! left unmapped, so files owned by it obey their permission bits even for root: tests of
 //! unreadable files and directories then behave as they would for a service user.
+//!
+//! Tests that start corald their own way (through a wrapper such as `systemd-socket-activate`,
+//! with a fake `NOTIFY_SOCKET`, a passed listening socket, a changed configuration and SIGHUP)
+//! use the same type: [`Daemon::unstarted`], [`Daemon::command`], [`Daemon::spawn_command`],
+//! [`Daemon::wait_answering`], [`Daemon::signal`].
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -40,12 +45,41 @@ pub fn traversable_tempdir() -> Result<tempfile::TempDir> {
     Ok(dir)
 }
 
-/// A running corald.
+/// Whether the test runs as root (some tests need it, others behave differently under it).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Variables a service manager may have set for the test runner itself: corald must not
+/// inherit them (a test that wants them sets its own).
+const SERVICE_MANAGER_ENV: [&str; 4] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "LISTEN_FDS",
+    "JOURNAL_STREAM",
+];
+
+/// How long [`Daemon::terminate`] waits after SIGTERM before it kills.
+const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// A corald process with its own temporary directory: state directory (so its own managed
+/// PostgreSQL), socket, configuration file and log.
+///
+/// Most tests call [`Daemon::start`] (or a variant), which starts corald directly and waits
+/// until it answers. Tests that start it their own way (through a wrapper program such as
+/// `systemd-socket-activate` or `unshare`, with a fake `NOTIFY_SOCKET`, a passed file
+/// descriptor, …) take [`Daemon::unstarted`], build the command with [`Daemon::command`],
+/// adjust it, and hand it to [`Daemon::spawn_command`]. Either way the process is stopped
+/// (SIGTERM, then SIGKILL) on drop, with its PostgreSQL.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    /// corald's stdout and stderr, appended to across restarts.
     pub log: PathBuf,
+    /// The configuration file in `dir` (see [`Daemon::write_config`]); passed to corald unless
+    /// the start arguments name their own `--config`.
+    pub config: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
     /// Run corald in a user namespace where this uid and gid are unmapped (see
@@ -76,7 +110,7 @@ impl Daemon {
     /// and a kernel that allows user namespaces; the error says so when either is missing.
     pub async fn start_hiding_owner(extra_args: &[&str], id: u32) -> Result<Daemon> {
         ensure!(
-            nix::unistd::Uid::effective().is_root(),
+            is_root(),
             "start_hiding_owner needs root (it writes another process's uid_map)"
         );
         ensure!(
@@ -86,29 +120,48 @@ impl Daemon {
         Self::start_opts(extra_args, Some(id), &[]).await
     }
 
+    /// A corald not started yet, for a test that starts it its own way: a fresh temporary
+    /// directory with an empty configuration file (corald's defaults, file watching included)
+    /// that [`Daemon::write_config`] replaces. Start it with [`Daemon::command`] and
+    /// [`Daemon::spawn_command`].
+    pub fn unstarted() -> Result<Daemon> {
+        Self::in_new_dir(&[], "", None, &[])
+    }
+
     async fn start_opts(
         extra_args: &[&str],
         hide_owner: Option<u32>,
         env: &[(&str, &str)],
     ) -> Result<Daemon> {
+        // Tests assert exact scan counts: no watcher-triggered scans unless a test asks for
+        // them with its own configuration.
+        let mut d = Self::in_new_dir(extra_args, "[watch]\nenabled = false\n", hide_owner, env)?;
+        d.spawn().await?;
+        Ok(d)
+    }
+
+    /// The paths in a fresh traversable temporary directory; unless `extra_args` name a
+    /// `--config`, `config` is written there and passed.
+    fn in_new_dir(
+        extra_args: &[&str],
+        config: &str,
+        hide_owner: Option<u32>,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let dir = traversable_tempdir()?;
-        let socket = dir.path().join("corald.sock");
-        let state_dir = dir.path().join("state");
-        let log = dir.path().join("corald.log");
+        let config_path = dir.path().join("corald.toml");
         let mut extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         if !extra_args.iter().any(|a| a == "--config") {
-            // Tests assert exact scan counts: no watcher-triggered scans unless a test asks for
-            // them with its own configuration.
-            let cfg = dir.path().join("corald.toml");
-            std::fs::write(&cfg, "[watch]\nenabled = false\n")?;
+            std::fs::write(&config_path, config)?;
             extra_args.push("--config".into());
-            extra_args.push(cfg.to_string_lossy().into_owned());
+            extra_args.push(config_path.to_string_lossy().into_owned());
         }
-        let mut d = Daemon {
+        Ok(Daemon {
+            socket: dir.path().join("corald.sock"),
+            state_dir: dir.path().join("state"),
+            log: dir.path().join("corald.log"),
+            config: config_path,
             dir,
-            socket,
-            state_dir,
-            log,
             child: None,
             extra_args,
             hide_owner,
@@ -116,65 +169,106 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        d.spawn().await?;
-        Ok(d)
+        })
     }
 
-    /// (Re)start the process on the same state directory and socket.
-    pub async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let mut cmd = match self.hide_owner {
-            // `sh` waits for one line on stdin (sent once the id maps are written), then
-            // becomes corald: the pid stays the same from `unshare` to corald.
-            Some(_) => {
-                let mut c = Command::new("unshare");
-                c.args(["--user", "--", "sh", "-c"])
-                    .arg("read -r _ && exec \"$0\" \"$@\" </dev/null")
-                    .arg(corald_bin())
-                    .stdin(Stdio::piped());
+    /// Replace the configuration file (corald rereads it on SIGHUP).
+    pub fn write_config(&self, text: &str) -> Result<()> {
+        std::fs::write(&self.config, text)?;
+        Ok(())
+    }
+
+    /// `prefix` (a wrapper program and its arguments, or nothing) then corald with this
+    /// instance's socket, state directory, arguments (configuration file included) and
+    /// environment; stdin is `/dev/null`, and variables a service manager sets are removed.
+    pub fn command(&self, prefix: &[&str]) -> Command {
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(corald_bin());
                 c
             }
-            None => {
-                let mut c = Command::new(corald_bin());
-                c.stdin(Stdio::null());
-                c
-            }
+            None => Command::new(corald_bin()),
         };
-        let mut child = cmd
-            .arg("--socket")
+        cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(&self.extra_args)
-            .env("RUST_LOG", "info,corald=debug")
-            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
-            .env_remove("CORAL_CONFIG")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| match self.hide_owner {
-                Some(_) => "starting corald through `unshare --user` (util-linux)".to_owned(),
-                None => format!("starting {}", corald_bin().display()),
-            })?;
-        if let Some(id) = self.hide_owner
-            && let Err(e) = map_ids_except(&mut child, id)
-        {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
+            .env_remove("CORAL_CONFIG");
+        for var in SERVICE_MANAGER_ENV {
+            cmd.env_remove(var);
         }
+        cmd.env("RUST_LOG", "info,corald=debug")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Start `cmd` (from [`Daemon::command`], adjusted by the test) with its stdout and stderr
+    /// appended to the log, and return at once: the test waits for what it needs (see
+    /// [`Daemon::wait_answering`]).
+    pub fn spawn_command(&mut self, cmd: Command) -> Result<()> {
+        let what = format!("starting {}", cmd.get_program().to_string_lossy());
+        self.child = Some(self.launch(cmd).context(what)?);
+        Ok(())
+    }
+
+    /// `cmd` with stdout and stderr appended to the log.
+    fn launch(&self, mut cmd: Command) -> std::io::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        cmd.stdout(log.try_clone()?).stderr(log).spawn()
+    }
+
+    /// (Re)start the process on the same state directory and socket, and wait until it
+    /// answers.
+    pub async fn spawn(&mut self) -> Result<()> {
+        let child = match self.hide_owner {
+            // `sh` waits for one line on stdin (sent once the id maps are written), then
+            // becomes corald: the pid stays the same from `unshare` to corald.
+            Some(id) => {
+                let mut cmd = self.command(&[
+                    "unshare",
+                    "--user",
+                    "--",
+                    "sh",
+                    "-c",
+                    "read -r _ && exec \"$0\" \"$@\" </dev/null",
+                ]);
+                cmd.stdin(Stdio::piped());
+                let mut child = self
+                    .launch(cmd)
+                    .context("starting corald through `unshare --user` (util-linux)")?;
+                if let Err(e) = map_ids_except(&mut child, id) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+                child
+            }
+            None => self
+                .launch(self.command(&[]))
+                .with_context(|| format!("starting {}", corald_bin().display()))?,
+        };
         self.child = Some(child);
+        let socket = self.socket.clone();
+        self.wait_answering(&socket).await?;
+        Ok(())
+    }
+
+    /// Wait until the API answers `daemon.status` on `socket` (this instance's own, or one
+    /// passed to it by socket activation); fails if the process exits first or after 90 s.
+    pub async fn wait_answering(&mut self, socket: &Path) -> Result<coral_proto::DaemonStatus> {
+        use coral_proto::CoralApiClient;
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if let Ok(c) = coral_proto::client::connect(&self.socket).await {
-                use coral_proto::CoralApiClient;
-                if c.daemon_status().await.is_ok() {
-                    return Ok(());
-                }
+            if let Ok(c) = coral_proto::client::connect(socket).await
+                && let Ok(s) = c.daemon_status().await
+            {
+                return Ok(s);
             }
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
@@ -191,6 +285,8 @@ impl Daemon {
         }
     }
 
+    /// The process's pid (corald's, or that of the wrapper it was started through until the
+    /// wrapper execs it).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -211,6 +307,13 @@ impl Daemon {
         Ok(coral_proto::client::connect(&self.socket).await?)
     }
 
+    /// Send `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.pid().context("corald is not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
+    }
+
     /// SIGKILL the daemon (its PostgreSQL keeps running, as after a crash).
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
@@ -220,23 +323,19 @@ impl Daemon {
         Ok(())
     }
 
-    /// SIGTERM and wait for a clean exit; returns the exit status.
+    /// SIGTERM and wait for the exit (SIGKILL and fail after 40 s); returns the exit status.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        let Some(mut c) = self.child.take() else {
-            bail!("corald is not running");
-        };
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.signal(nix::sys::signal::Signal::SIGTERM)?;
+        let mut c = self.child.take().context("corald is not running")?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             if let Some(s) = c.try_wait()? {
                 return Ok(s);
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                bail!("corald did not stop within 30 s of SIGTERM");
+                let _ = c.wait();
+                bail!("corald did not stop within {STOP_TIMEOUT:?} of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(50));
         }

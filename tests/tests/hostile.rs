@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use coral_proto::{CoralApiClient, LibrarySelector, ScanPhase, ScanProgress};
-use coral_tests::daemon::{Daemon, add_and_scan, scan, traversable_tempdir, wait_scan};
+use coral_tests::daemon::{Daemon, add_and_scan, is_root, scan, traversable_tempdir, wait_scan};
 use coral_tests::fixtures::{self, FixtureTrack};
 use coral_tests::hostile_corpus::{
     self, Corpus, CorpusOptions, EmbedExpect, Expect, Kind, Mutator, Rng,
@@ -33,10 +33,6 @@ fn seed() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x00C0_4A15)
-}
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
 }
 
 /// Whether corald was built with the embedding feature (scripts/test builds it so).

@@ -1,10 +1,10 @@
 //! corald as a systemd service, with real processes and fake service-manager
 //! endpoints.
 //!
-//! - A fake `NOTIFY_SOCKET` (a Unix datagram socket this test reads): `READY=1` only once the
-//!   API socket accepts, `STATUS=` changing during a scan, `WATCHDOG=1` at half `WATCHDOG_USEC`,
-//!   `RELOADING=1` then `READY=1` on SIGHUP with a library added to the configuration (and one
-//!   removed), `STOPPING=1` on SIGTERM.
+//! - A fake `NOTIFY_SOCKET` (`coral_tests::notify_socket`: a Unix datagram socket this test
+//!   reads): `READY=1` only once the API socket accepts, `STATUS=` changing during a scan,
+//!   `WATCHDOG=1` at half `WATCHDOG_USEC`, `RELOADING=1` then `READY=1` on SIGHUP with a
+//!   library added to the configuration (and one removed), `STOPPING=1` on SIGTERM.
 //! - An external database that cannot be reached at start-up: `READY=1` once the socket
 //!   accepts, `STATUS=` saying what corald waits for, watchdog pings meanwhile.
 //! - The watchdog stops pinging when the scan worker is really wedged (the debug-build hook
@@ -15,31 +15,28 @@
 //! - Peer credentials (as root: clients run as `nobody` through `setpriv`): refused outside the
 //!   socket group with a 403, admitted with the group as a supplementary group.
 //! - journald fields: corald in a private mount namespace whose `/run/systemd/journal/socket` is
-//!   a fake journald (a datagram socket this test parses).
+//!   a fake journald (`coral_tests::journald`: a datagram socket this test parses).
 //! - The packaged units pass `systemd-analyze verify`; the packaged default configuration parses.
 //!
 //! Tests that need root or a tool that is missing say so on stderr and pass without checking.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use coral_proto::CoralApiClient;
-use coral_tests::daemon::{coralctl_bin, corald_bin, eventually, traversable_tempdir};
+use coral_tests::daemon::{
+    Daemon, coralctl_bin, corald_bin, eventually, is_root, traversable_tempdir,
+};
 use coral_tests::fixtures;
+use coral_tests::journald::{JournalEntry, JournalSocket};
+use coral_tests::notify_socket::NotifySocket;
 use corald::config::Config;
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -67,263 +64,6 @@ fn test_group() -> Option<(String, u32)> {
         })
 }
 
-/// A corald process started the way a test needs (wrappers, environment, passed fds), with its
-/// own state directory; stopped (and its PostgreSQL with it) on drop.
-struct Corald {
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    state_dir: PathBuf,
-    log: PathBuf,
-    config: PathBuf,
-    child: Option<Child>,
-}
-
-impl Corald {
-    fn new() -> Result<Corald> {
-        let dir = traversable_tempdir()?;
-        Ok(Corald {
-            socket: dir.path().join("corald.sock"),
-            state_dir: dir.path().join("state"),
-            log: dir.path().join("corald.log"),
-            config: dir.path().join("corald.toml"),
-            dir,
-            child: None,
-        })
-    }
-
-    fn write_config(&self, text: &str) -> Result<()> {
-        std::fs::write(&self.config, text)?;
-        Ok(())
-    }
-
-    /// `prefix` (a wrapper program and its arguments, or nothing) then corald with this
-    /// instance's socket, state directory and configuration file.
-    fn command(&self, prefix: &[&str]) -> Result<Command> {
-        if !self.config.exists() {
-            self.write_config("")?;
-        }
-        let mut cmd = match prefix.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(corald_bin());
-                c
-            }
-            None => Command::new(corald_bin()),
-        };
-        cmd.arg("--socket")
-            .arg(&self.socket)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("CORAL_CONFIG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("LISTEN_FDS")
-            .env_remove("JOURNAL_STREAM")
-            .env("RUST_LOG", "info,corald=debug")
-            .stdin(Stdio::null());
-        Ok(cmd)
-    }
-
-    fn spawn(&mut self, mut cmd: Command) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = cmd
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting corald")?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> Result<nix::unistd::Pid> {
-        let c = self.child.as_ref().context("corald is not running")?;
-        Ok(nix::unistd::Pid::from_raw(i32::try_from(c.id())?))
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
-        nix::sys::signal::kill(self.pid()?, sig)?;
-        Ok(())
-    }
-
-    /// Wait until the API answers `daemon.status` on `socket`.
-    async fn wait_answering(&mut self, socket: &Path) -> Result<coral_proto::DaemonStatus> {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Ok(c) = coral_proto::client::connect(socket).await
-                && let Ok(s) = c.daemon_status().await
-            {
-                return Ok(s);
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!(
-                    "corald exited with {status} during start-up:\n{}",
-                    self.log_text()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("corald did not answer within 90 s:\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// SIGTERM and wait for the exit.
-    fn terminate(&mut self) -> Result<ExitStatus> {
-        self.signal(nix::sys::signal::Signal::SIGTERM)?;
-        let mut c = self.child.take().context("corald is not running")?;
-        let deadline = Instant::now() + Duration::from_secs(40);
-        loop {
-            if let Some(s) = c.try_wait()? {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                bail!("corald did not stop within 40 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Corald {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.terminate();
-        }
-        // A corald that did not stop cleanly leaves its PostgreSQL running: stop it.
-        coral_tests::daemon::stop_leftover_postgres(&self.state_dir);
-    }
-}
-
-/// One datagram received on the fake notification socket.
-#[derive(Debug, Clone)]
-struct Notification {
-    at: Instant,
-    text: String,
-    /// For `READY=1`: whether the API socket accepted a connection right when it arrived.
-    socket_accepted: Option<bool>,
-}
-
-impl Notification {
-    fn has(&self, line: &str) -> bool {
-        self.text.lines().any(|l| l == line)
-    }
-
-    fn status(&self) -> Option<&str> {
-        self.text.lines().find_map(|l| l.strip_prefix("STATUS="))
-    }
-}
-
-/// A fake service manager's notification socket, read by a thread.
-struct NotifySocket {
-    path: PathBuf,
-    seen: Arc<Mutex<Vec<Notification>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NotifySocket {
-    /// Bind `path`. On `READY=1`, the reader connects to `api_socket` at once and records
-    /// whether that worked.
-    fn bind(path: PathBuf, api_socket: PathBuf) -> Result<NotifySocket> {
-        let sock = UnixDatagram::bind(&path)?;
-        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let seen: Arc<Mutex<Vec<Notification>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let seen = Arc::clone(&seen);
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok(n) = sock.recv(&mut buf) else {
-                        continue;
-                    };
-                    let at = Instant::now();
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let ready = text.lines().any(|l| l == "READY=1");
-                    let socket_accepted = ready.then(|| UnixStream::connect(&api_socket).is_ok());
-                    seen.lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(Notification {
-                            at,
-                            text,
-                            socket_accepted,
-                        });
-                }
-            })
-        };
-        Ok(NotifySocket {
-            path,
-            seen,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn all(&self) -> Vec<Notification> {
-        self.seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Wait for the first notification after index `from` that satisfies `pred`; returns its
-    /// index.
-    async fn wait_for(
-        &self,
-        from: usize,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Notification) -> bool,
-    ) -> Result<usize> {
-        let r = eventually(timeout, what, || async {
-            self.all()
-                .iter()
-                .enumerate()
-                .skip(from)
-                .find(|(_, n)| pred(n))
-                .map(|(i, _)| i)
-        })
-        .await;
-        r.with_context(|| format!("notifications so far: {:#?}", self.texts()))
-    }
-
-    fn texts(&self) -> Vec<String> {
-        self.all().into_iter().map(|n| n.text).collect()
-    }
-
-    fn statuses(&self, from: usize) -> Vec<String> {
-        self.all()
-            .iter()
-            .skip(from)
-            .filter_map(|n| n.status().map(str::to_owned))
-            .collect()
-    }
-}
-
-impl Drop for NotifySocket {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 fn toml_str(p: &Path) -> String {
     format!("{:?}", p.to_string_lossy())
 }
@@ -335,7 +75,7 @@ async fn fake_notify_socket_sees_ready_status_watchdog_reload_and_stopping() -> 
     let files = fixtures::big_library(music.path(), 1000)?;
     let lib = std::fs::canonicalize(music.path())?;
 
-    let mut d = Corald::new()?;
+    let mut d = Daemon::unstarted()?;
     let group = test_group();
     let rpc = match &group {
         Some((name, _)) => format!("[rpc]\ngroup = \"{name}\"\n"),
@@ -343,11 +83,11 @@ async fn fake_notify_socket_sees_ready_status_watchdog_reload_and_stopping() -> 
     };
     d.write_config(&format!("log = \"info\"\n{rpc}"))?;
     let notify = NotifySocket::bind(d.dir.path().join("notify"), d.socket.clone())?;
-    let mut cmd = d.command(&[])?;
-    cmd.env("NOTIFY_SOCKET", &notify.path)
+    let mut cmd = d.command(&[]);
+    cmd.env("NOTIFY_SOCKET", notify.path())
         .env("WATCHDOG_USEC", "1000000")
         .env_remove("RUST_LOG"); // the file's `log` applies, so a reload can change it
-    d.spawn(cmd)?;
+    d.spawn_command(cmd)?;
 
     // READY=1 comes once the socket accepts (the reader connected when it arrived).
     let ready = notify
@@ -363,7 +103,7 @@ async fn fake_notify_socket_sees_ready_status_watchdog_reload_and_stopping() -> 
         notify.texts()
     );
     let status = d.wait_answering(&d.socket.clone()).await?;
-    assert_eq!(status.pid, d.pid()?.as_raw() as u32);
+    assert_eq!(status.pid, d.pid().context("corald is not running")?);
     if let Some((_, gid)) = &group {
         let md = std::fs::metadata(&d.socket)?;
         assert_eq!(md.mode() & 0o777, 0o660, "socket mode");
@@ -485,7 +225,7 @@ fn coral_tests_thousands(n: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_an_unreachable_database_is_ready_with_watchdog_pings() -> Result<()> {
-    let mut d = Corald::new()?;
+    let mut d = Daemon::unstarted()?;
     // An external server that is not there: nothing listens in this directory.
     let nowhere = d.dir.path().join("no-server");
     d.write_config(&format!(
@@ -493,10 +233,10 @@ async fn waiting_for_an_unreachable_database_is_ready_with_watchdog_pings() -> R
         nowhere.display()
     ))?;
     let notify = NotifySocket::bind(d.dir.path().join("notify"), d.socket.clone())?;
-    let mut cmd = d.command(&[])?;
-    cmd.env("NOTIFY_SOCKET", &notify.path)
+    let mut cmd = d.command(&[]);
+    cmd.env("NOTIFY_SOCKET", notify.path())
         .env("WATCHDOG_USEC", "1000000");
-    d.spawn(cmd)?;
+    d.spawn_command(cmd)?;
 
     // READY=1 once the socket accepts, although the database does not answer: a start timeout
     // must not turn a database outage into a restart loop. STATUS= says what corald waits for.
@@ -550,13 +290,13 @@ async fn watchdog_pings_stop_when_the_scan_worker_is_wedged() -> Result<()> {
         &fixtures::FixtureTrack::simple("a.flac", "flac", "A"),
     )?;
 
-    let mut d = Corald::new()?;
+    let mut d = Daemon::unstarted()?;
     let notify = NotifySocket::bind(d.dir.path().join("notify"), d.socket.clone())?;
-    let mut cmd = d.command(&[])?;
-    cmd.env("NOTIFY_SOCKET", &notify.path)
+    let mut cmd = d.command(&[]);
+    cmd.env("NOTIFY_SOCKET", notify.path())
         .env("WATCHDOG_USEC", "1000000")
         .env("CORALD_TEST_WEDGE_WORKER", "wedge-the-worker-here");
-    d.spawn(cmd)?;
+    d.spawn_command(cmd)?;
     notify
         .wait_for(0, "READY=1", Duration::from_secs(120), |n| n.has("READY=1"))
         .await?;
@@ -606,7 +346,7 @@ async fn watchdog_pings_stop_when_the_scan_worker_is_wedged() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_activation_with_a_passed_fd_serves_without_binding() -> Result<()> {
-    let mut d = Corald::new()?;
+    let mut d = Daemon::unstarted()?;
     let passed = d.dir.path().join("activated.sock");
     let listener = UnixListener::bind(&passed)?;
     let inode = std::fs::metadata(&passed)?.ino();
@@ -616,7 +356,7 @@ async fn socket_activation_with_a_passed_fd_serves_without_binding() -> Result<(
         "/bin/sh",
         "-c",
         r#"LISTEN_PID=$$; LISTEN_FDS=1; export LISTEN_PID LISTEN_FDS; exec "$0" "$@""#,
-    ])?;
+    ]);
     // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -631,7 +371,7 @@ async fn socket_activation_with_a_passed_fd_serves_without_binding() -> Result<(
             Ok(())
         });
     }
-    d.spawn(cmd)?;
+    d.spawn_command(cmd)?;
     let status = d.wait_answering(&passed).await?;
     assert_eq!(Path::new(&status.socket), passed, "{status:?}");
     assert!(
@@ -666,7 +406,7 @@ async fn socket_activation_through_systemd_socket_activate() -> Result<()> {
         );
         return Ok(());
     }
-    let mut d = Corald::new()?;
+    let mut d = Daemon::unstarted()?;
     let passed = d.dir.path().join("activated.sock");
     let listen = format!("--listen={}", passed.display());
     let cmd = d.command(&[
@@ -678,8 +418,8 @@ async fn socket_activation_through_systemd_socket_activate() -> Result<()> {
         "PATH",
         "-E",
         "HOME",
-    ])?;
-    d.spawn(cmd)?;
+    ]);
+    d.spawn_command(cmd)?;
     eventually(Duration::from_secs(10), "the activation socket", || async {
         passed.exists().then_some(())
     })
@@ -732,13 +472,13 @@ async fn peer_credentials_as_root_refuse_nobody_outside_the_group_and_admit_a_me
         );
         return Ok(());
     };
-    let mut d = Corald::new()?;
+    let mut d = Daemon::unstarted()?;
     // Mode 0666 lets everyone reach the socket, so the peer-credential check is what decides.
     d.write_config(&format!(
         "[rpc]\ngroup = \"{group}\"\nsocket_mode = \"0666\"\n"
     ))?;
-    let cmd = d.command(&[])?;
-    d.spawn(cmd)?;
+    let cmd = d.command(&[]);
+    d.spawn_command(cmd)?;
     d.wait_answering(&d.socket.clone()).await?;
     // A copy of coralctl that `nobody` can execute whatever the checkout's permissions.
     let ctl = d.dir.path().join("coralctl");
@@ -785,43 +525,6 @@ async fn peer_credentials_as_root_refuse_nobody_outside_the_group_and_admit_a_me
     Ok(())
 }
 
-/// Fields of one journald native-protocol datagram (`NAME=value\n`, or `NAME\n`, a 64-bit
-/// little-endian length, the value, `\n`).
-fn parse_journal_entry(buf: &[u8]) -> Result<HashMap<String, Vec<String>>> {
-    let mut fields: HashMap<String, Vec<String>> = HashMap::new();
-    let mut i = 0;
-    while i < buf.len() {
-        let nl = buf[i..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .context("field without newline")?;
-        let line = &buf[i..i + nl];
-        i += nl + 1;
-        let (name, value) = match line.iter().position(|&b| b == b'=') {
-            Some(eq) => (&line[..eq], line[eq + 1..].to_vec()),
-            None => {
-                let len_bytes: [u8; 8] =
-                    buf.get(i..i + 8).context("truncated length")?.try_into()?;
-                let len = usize::try_from(u64::from_le_bytes(len_bytes))?;
-                i += 8;
-                let v = buf.get(i..i + len).context("truncated value")?.to_vec();
-                i += len;
-                ensure!(
-                    buf.get(i) == Some(&b'\n'),
-                    "value not followed by a newline"
-                );
-                i += 1;
-                (line, v)
-            }
-        };
-        fields
-            .entry(String::from_utf8_lossy(name).into_owned())
-            .or_default()
-            .push(String::from_utf8_lossy(&value).into_owned());
-    }
-    Ok(fields)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_journald_receives_request_id_library_track_path_and_phase_fields() -> Result<()> {
     let name = "fake_journald_receives_request_id_library_track_path_and_phase_fields";
@@ -849,44 +552,11 @@ async fn fake_journald_receives_request_id_library_track_path_and_phase_fields()
     ensure!(!corrupt.is_empty());
     let lib = std::fs::canonicalize(music.path())?;
 
-    let mut d = Corald::new()?;
-    let journal_dir = d.dir.path().join("journal");
-    std::fs::create_dir(&journal_dir)?;
-    let journal = UnixDatagram::bind(journal_dir.join("socket"))?;
-    journal.set_read_timeout(Some(Duration::from_millis(100)))?;
-    // Read while corald runs: a full datagram queue would block its logging.
-    let stop_reading = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let stop = Arc::clone(&stop_reading);
-        std::thread::spawn(move || {
-            let mut got = Vec::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                match journal.recv(&mut buf) {
-                    Ok(n) if n > 0 => got.push(buf[..n].to_vec()),
-                    Ok(_) => {}
-                    Err(_) if stop.load(Ordering::Relaxed) => return got,
-                    Err(_) => {}
-                }
-            }
-        })
-    };
+    let mut d = Daemon::unstarted()?;
+    let journal = JournalSocket::bind(d.dir.path().join("journal"))?;
     // corald's stderr is the journal: JOURNAL_STREAM names it (device:inode), as systemd does.
-    std::fs::write(&d.log, "")?;
-    let md = std::fs::metadata(&d.log)?;
-    let script = r#"mount -t tmpfs coral-test /run && mkdir -p /run/systemd/journal && mount --bind "$CORAL_TEST_JOURNAL_DIR" /run/systemd/journal && exec "$0" "$@""#;
-    let mut cmd = d.command(&[
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        script,
-    ])?;
-    cmd.env("CORAL_TEST_JOURNAL_DIR", &journal_dir)
-        .env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()));
-    d.spawn(cmd)?;
+    let cmd = journal.command(&d)?;
+    d.spawn_command(cmd)?;
     d.wait_answering(&d.socket.clone()).await?;
     let c = coral_proto::client::connect(&d.socket).await?;
     let (_, p) = coral_tests::daemon::add_and_scan(&c, &lib).await?;
@@ -894,22 +564,14 @@ async fn fake_journald_receives_request_id_library_track_path_and_phase_fields()
     let exit = d.terminate()?;
     assert!(exit.success(), "{exit}\n{}", d.log_text());
 
-    stop_reading.store(true, Ordering::Relaxed);
-    let datagrams = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("journal reader panicked"))?;
-    let entries = datagrams
-        .iter()
-        .map(|d| parse_journal_entry(d))
-        .collect::<Result<Vec<_>>>()?;
+    let entries = journal.entries()?;
     ensure!(
         !entries.is_empty(),
         "no journal entries; corald log:\n{}",
         d.log_text()
     );
-    let one = |e: &HashMap<String, Vec<String>>, k: &str| -> Option<String> {
-        e.get(k).and_then(|v| v.first().cloned())
-    };
+    let one =
+        |e: &JournalEntry, k: &str| -> Option<String> { e.get(k).and_then(|v| v.first().cloned()) };
     assert!(
         entries
             .iter()
