@@ -18,7 +18,8 @@
 //!   writer of `scans` rows).
 //! - [`db`]: every SQL statement, the managed cluster, database health and retries.
 //! - [`liveness`], [`systemd`], [`logging`]: heartbeats, the service manager, logs.
-//! - [`relpath`], [`text_fold`], [`panic_text`]: small shared rules (one home each).
+//! - [`relpath`], [`file_stamp`], [`text_fold`], [`panic_text`]: small shared rules (one home
+//!   each).
 //! - [`test_hooks`] and `fuzz_entry`: compiled for tests and fuzzing only (features
 //!   `test-hooks`, `fuzz-entry`).
 
@@ -26,6 +27,7 @@ pub mod app;
 pub mod config;
 pub mod db;
 pub mod embed;
+pub mod file_stamp;
 #[cfg(feature = "fuzz-entry")]
 pub mod fuzz_entry;
 pub mod library;

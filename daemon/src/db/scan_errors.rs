@@ -4,8 +4,6 @@
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::tracks::subtree_range;
-
 #[derive(Debug, Clone, FromRow)]
 pub struct ExistingError {
     pub rel_path: Vec<u8>,
@@ -25,31 +23,19 @@ pub struct ErrorRow {
     pub message: String,
 }
 
+/// The recorded errors of a library, or of one subtree of it.
 pub async fn existing(
     pool: &PgPool,
     library_id: i64,
     subdir: Option<&[u8]>,
 ) -> sqlx::Result<Vec<ExistingError>> {
-    match subdir {
-        None => sqlx::query_as(
-            "SELECT rel_path, size, mtime_ns, request_id FROM scan_errors WHERE library_id = $1",
-        )
-        .bind(library_id)
-        .fetch_all(pool)
-        .await,
-        Some(dir) => {
-            let (lo, hi) = subtree_range(dir);
-            sqlx::query_as(
-                "SELECT rel_path, size, mtime_ns, request_id FROM scan_errors
-                 WHERE library_id = $1 AND rel_path >= $2 AND rel_path < $3",
-            )
-            .bind(library_id)
-            .bind(lo)
-            .bind(hi)
-            .fetch_all(pool)
-            .await
-        }
-    }
+    super::tracks::in_library(
+        pool,
+        "SELECT rel_path, size, mtime_ns, request_id FROM scan_errors",
+        library_id,
+        subdir,
+    )
+    .await
 }
 
 pub async fn upsert_batch(

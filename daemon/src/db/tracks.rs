@@ -59,19 +59,41 @@ pub async fn existing(
     library_id: i64,
     subdir: Option<&[u8]>,
 ) -> sqlx::Result<Vec<ExistingTrack>> {
+    in_library(
+        pool,
+        "SELECT id, rel_path, size, mtime_ns, last_scan_id FROM tracks",
+        library_id,
+        subdir,
+    )
+    .await
+}
+
+/// The rows `select` (a `SELECT … FROM table` of a table keyed by `(library_id, rel_path)`)
+/// reads for a library, or for one subtree of it (a range scan on that key).
+pub(super) async fn in_library<T>(
+    pool: &PgPool,
+    select: &'static str,
+    library_id: i64,
+    subdir: Option<&[u8]>,
+) -> sqlx::Result<Vec<T>>
+where
+    T: for<'r> FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
     match subdir {
-        None => sqlx::query_as(
-            "SELECT id, rel_path, size, mtime_ns, last_scan_id FROM tracks WHERE library_id = $1",
-        )
-        .bind(library_id)
-        .fetch_all(pool)
-        .await,
+        None => {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{select} WHERE library_id = $1"
+            )))
+            .bind(library_id)
+            .fetch_all(pool)
+            .await
+        }
         Some(dir) => {
             let (lo, hi) = subtree_range(dir);
-            sqlx::query_as(
-                "SELECT id, rel_path, size, mtime_ns, last_scan_id FROM tracks
-                 WHERE library_id = $1 AND rel_path >= $2 AND rel_path < $3",
-            )
+            // `select` is one of this module's constant statements.
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{select} WHERE library_id = $1 AND rel_path >= $2 AND rel_path < $3"
+            )))
             .bind(library_id)
             .bind(lo)
             .bind(hi)

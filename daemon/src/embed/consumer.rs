@@ -405,7 +405,7 @@ fn check(c: &Claimed, path_map: &[(PathBuf, PathBuf)]) -> Result<(PathBuf, i64),
     match std::fs::metadata(&path) {
         Ok(md) => {
             let size = i64::try_from(md.len()).unwrap_or(i64::MAX);
-            if size != c.file_size || crate::scan::phase_1_walk::mtime_ns(&md) != c.file_mtime_ns {
+            if size != c.file_size || crate::file_stamp::mtime_ns(&md) != c.file_mtime_ns {
                 return Err(skipped(
                     "the file changed since it was indexed (the next scan re-reads and embeds it)",
                 ));

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::file_names::{is_audio_candidate, is_ignored_name};
+use crate::file_stamp::mtime_ns;
 
 /// A candidate audio file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,12 +64,6 @@ pub trait WalkObserver: Sync {
     fn discovered(&self, n: u64);
     /// Whether to stop early.
     fn cancelled(&self) -> bool;
-}
-
-pub(crate) fn mtime_ns(md: &fs::Metadata) -> i64 {
-    md.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(md.mtime_nsec())
 }
 
 fn skip_name(name: &OsStr) -> bool {
