@@ -12,7 +12,7 @@ use super::DaemonError;
 use crate::config::Config;
 use crate::rpc::api::CoralRpc;
 use crate::rpc::auth::AccessPolicy;
-use crate::rpc::server::{self, SocketError};
+use crate::rpc::server;
 
 pub(super) struct ApiSocket {
     /// Where clients connect.
@@ -38,8 +38,8 @@ impl ApiSocket {
     ) -> Result<Self, DaemonError> {
         let mode = config.rpc.socket_mode_bits()?;
         let configured = config.socket_path();
-        if activated.is_none() && tokio::net::UnixStream::connect(&configured).await.is_ok() {
-            return Err(SocketError::AlreadyRunning(configured).into());
+        if activated.is_none() {
+            server::refuse_if_answered(&configured).await?;
         }
         let policy = AccessPolicy::from_config(&config.rpc);
         if let Some(why) = &policy.fallback {

@@ -382,13 +382,7 @@ impl ScanReporter {
 
     /// Register a scan in `phase` (usually queued) and publish its first snapshot.
     pub fn register(&self, info: ScanInfo, phase: ScanPhase) -> Arc<ScanHandle> {
-        let handle = Arc::new(ScanHandle::new(info, phase));
-        self.scans
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(handle.request_id(), Arc::clone(&handle));
-        self.publish(&handle);
-        handle
+        self.insert(ScanHandle::new(info, phase))
     }
 
     /// Register a resumed scan with its persisted counters.
@@ -398,8 +392,14 @@ impl ScanReporter {
         phase: ScanPhase,
         counters: &CounterValues,
     ) -> Arc<ScanHandle> {
-        let handle = Arc::new(ScanHandle::new(info, phase));
+        let handle = ScanHandle::new(info, phase);
         handle.counters.restore(counters);
+        self.insert(handle)
+    }
+
+    /// Add a new scan to the registry and publish its first snapshot.
+    fn insert(&self, handle: ScanHandle) -> Arc<ScanHandle> {
+        let handle = Arc::new(handle);
         self.scans
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -37,6 +37,15 @@ pub enum SocketError {
     Activated(std::io::Error),
 }
 
+/// Refuse when another corald answers on `path`: checked before corald touches its database,
+/// and again when it binds.
+pub async fn refuse_if_answered(path: &Path) -> Result<(), SocketError> {
+    if UnixStream::connect(path).await.is_ok() {
+        return Err(SocketError::AlreadyRunning(path.to_owned()));
+    }
+    Ok(())
+}
+
 /// Bind the API socket at `path` with mode 0660.
 pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     bind_with(path, 0o660, None).await
@@ -70,9 +79,7 @@ pub async fn bind_with(
     }
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => {
-            if UnixStream::connect(path).await.is_ok() {
-                return Err(SocketError::AlreadyRunning(path.to_owned()));
-            }
+            refuse_if_answered(path).await?;
             tracing::info!(socket = %path.display(), "replacing stale socket file");
             let _ = std::fs::remove_file(path);
         }

@@ -77,23 +77,16 @@ pub(crate) fn sniff(src: &Source<'_>) -> Result<Sniffed, ProbeError> {
     let window = src.bytes(start, SNIFF_LEN)?;
     let w = &window[..];
     let at = |off: usize, magic: &[u8]| w.get(off..off + magic.len()) == Some(magic);
-    let simple = |format| Sniffed {
+    let found = |format, layout| Sniffed {
         format,
         start,
-        layout: Layout::Other,
+        layout,
     };
-    let ffmpeg = |format| Sniffed {
-        format,
-        start,
-        layout: Layout::FfmpegOnly,
-    };
+    let simple = |format| found(format, Layout::Other);
+    let ffmpeg = |format| found(format, Layout::FfmpegOnly);
 
     if at(0, b"fLaC") {
-        return Ok(Sniffed {
-            format: AudioFormat::Flac,
-            start,
-            layout: Layout::Flac,
-        });
+        return Ok(found(AudioFormat::Flac, Layout::Flac));
     }
     if at(0, b"MAC ") {
         return Ok(simple(AudioFormat::Ape));
@@ -103,38 +96,21 @@ pub(crate) fn sniff(src: &Source<'_>) -> Result<Sniffed, ProbeError> {
     }
     if !id3 {
         if at(0, b"OggS") {
-            return sniff_ogg(w).map(|format| Sniffed {
-                format,
-                start,
-                layout: Layout::Ogg,
-            });
+            return sniff_ogg(w).map(|format| found(format, Layout::Ogg));
         }
         if at(0, b"RIFF") && at(8, b"WAVE") {
-            return Ok(Sniffed {
-                format: AudioFormat::Wav,
-                start,
-                layout: Layout::Wav,
-            });
+            return Ok(found(AudioFormat::Wav, Layout::Wav));
         }
         if at(0, b"RF64") || at(0, b"BW64") {
             // 64-bit WAV: lofty refuses it.
             return Ok(ffmpeg(AudioFormat::Wav));
         }
         if at(0, b"FORM") && (at(8, b"AIFF") || at(8, b"AIFC")) {
-            return Ok(Sniffed {
-                format: AudioFormat::Aiff,
-                start,
-                layout: Layout::Aiff {
-                    aifc: at(8, b"AIFC"),
-                },
-            });
+            let aifc = at(8, b"AIFC");
+            return Ok(found(AudioFormat::Aiff, Layout::Aiff { aifc }));
         }
         if at(4, b"ftyp") {
-            return Ok(Sniffed {
-                format: AudioFormat::Mp4,
-                start,
-                layout: Layout::Mp4,
-            });
+            return Ok(found(AudioFormat::Mp4, Layout::Mp4));
         }
         if at(0, b"wvpk") {
             return Ok(simple(AudioFormat::WavPack));
