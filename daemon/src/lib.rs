@@ -16,6 +16,7 @@
 //!   batch → infer → store (`embed/phase_*`). [`worker`]: `corald worker`, the pipeline alone.
 //! - [`progress`]: counters, the ScanReporter, subscriber fan-out, and `persist` (the only
 //!   writer of `scans` rows).
+//! - [`track`]: the one shape of a probed track, from the probe to the `tracks` row.
 //! - [`db`]: every SQL statement, the managed cluster, database health and retries.
 //! - [`liveness`], [`systemd`], [`logging`]: heartbeats, the service manager, logs.
 //! - [`relpath`], [`file_stamp`], [`text_fold`], [`panic_text`]: small shared rules (one home
@@ -41,5 +42,6 @@ pub mod scan;
 pub mod systemd;
 pub mod test_hooks;
 pub mod text_fold;
+pub mod track;
 pub mod watch;
 pub mod worker;

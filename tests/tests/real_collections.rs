@@ -13,6 +13,7 @@ use coral_tests::fixtures::encode_into_place_with;
 use coral_tests::tagger::{self, Flavour};
 use corald::db::tracks::TrackRow;
 use corald::scan::phase_3_store;
+use corald::track::{AudioFormat, ProbedTrack};
 use sqlx::Row;
 
 fn encode(dir: &Path, name: &str, codec: &[&str]) -> Result<PathBuf> {
@@ -121,14 +122,20 @@ fn row(rel: &str, title: &str) -> TrackRow {
         rel_path_text: rel.to_owned(),
         size: 1000,
         mtime_ns: 1,
-        format: "mp3".into(),
-        duration_ms: 1000,
-        tags: coral_proto::TrackTags {
-            title: Some(title.to_owned()),
-            ..Default::default()
+        probed: ProbedTrack {
+            format: AudioFormat::Mp3,
+            codec: Some("mp3".into()),
+            duration_ms: 1000,
+            sample_rate: None,
+            channels: None,
+            bit_depth: None,
+            bitrate_kbps: None,
+            tags: coral_proto::TrackTags {
+                title: Some(title.to_owned()),
+                ..Default::default()
+            },
         },
         search_text: title.to_lowercase(),
-        ..Default::default()
     }
 }
 

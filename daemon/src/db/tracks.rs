@@ -3,6 +3,8 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use coral_proto::{Track, TrackTags};
+
+use crate::track::ProbedTrack;
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -16,21 +18,14 @@ pub struct ExistingTrack {
     pub last_scan_id: Option<Uuid>,
 }
 
-/// A row to insert or update.
-#[derive(Debug, Clone, Default)]
+/// A row to insert or update: the file, what the probe read from it, and its search document.
+#[derive(Debug, Clone)]
 pub struct TrackRow {
     pub rel_path: Vec<u8>,
     pub rel_path_text: String,
     pub size: i64,
     pub mtime_ns: i64,
-    pub format: String,
-    pub codec: Option<String>,
-    pub duration_ms: i64,
-    pub sample_rate: Option<i32>,
-    pub channels: Option<i32>,
-    pub bit_depth: Option<i32>,
-    pub bitrate_kbps: Option<i32>,
-    pub tags: TrackTags,
+    pub probed: ProbedTrack,
     pub search_text: String,
 }
 
@@ -118,16 +113,26 @@ pub async fn upsert_batch(
             rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
         };
     }
+    macro_rules! audio {
+        ($f:ident) => {
+            rows.iter().map(|r| r.probed.$f.clone()).collect::<Vec<_>>()
+        };
+    }
     macro_rules! tag {
         ($f:ident) => {
-            rows.iter().map(|r| r.tags.$f.clone()).collect::<Vec<_>>()
+            rows.iter()
+                .map(|r| r.probed.tags.$f.clone())
+                .collect::<Vec<_>>()
         };
     }
     macro_rules! list {
         ($f:ident) => {
-            rows.iter().map(|r| packed(&r.tags.$f)).collect::<Vec<_>>()
+            rows.iter()
+                .map(|r| packed(&r.probed.tags.$f))
+                .collect::<Vec<_>>()
         };
     }
+    let formats: Vec<&str> = rows.iter().map(|r| r.probed.format.as_str()).collect();
     let done = sqlx::query(
         "INSERT INTO tracks (library_id, last_scan_id, rel_path, rel_path_text, size, mtime_ns,
             format, codec, duration_ms, sample_rate, channels, bit_depth, bitrate_kbps, title,
@@ -176,13 +181,13 @@ pub async fn upsert_batch(
     .bind(col!(rel_path_text))
     .bind(col!(size))
     .bind(col!(mtime_ns))
-    .bind(col!(format))
-    .bind(col!(codec))
-    .bind(col!(duration_ms))
-    .bind(col!(sample_rate))
-    .bind(col!(channels))
-    .bind(col!(bit_depth))
-    .bind(col!(bitrate_kbps))
+    .bind(&formats)
+    .bind(audio!(codec))
+    .bind(audio!(duration_ms))
+    .bind(audio!(sample_rate))
+    .bind(audio!(channels))
+    .bind(audio!(bit_depth))
+    .bind(audio!(bitrate_kbps))
     .bind(tag!(title))
     .bind(tag!(artist))
     .bind(tag!(album))

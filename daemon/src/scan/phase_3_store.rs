@@ -56,14 +56,7 @@ pub fn track_row(found: &FoundFile, p: ProbedTrack) -> TrackRow {
         rel_path: found.rel_path.clone(),
         size: clamp_i64(found.size),
         mtime_ns: found.mtime_ns,
-        format: p.format.as_str().to_owned(),
-        codec: p.codec,
-        duration_ms: p.duration_ms,
-        sample_rate: p.sample_rate,
-        channels: p.channels,
-        bit_depth: p.bit_depth,
-        bitrate_kbps: p.bitrate_kbps,
-        tags: p.tags,
+        probed: p,
         search_text,
     }
 }

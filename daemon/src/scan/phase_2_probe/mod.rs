@@ -25,12 +25,12 @@ mod lofty_reader;
 mod source;
 mod tags;
 
-use std::fmt;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub use super::file_names::is_audio_candidate;
+pub use crate::track::{AudioFormat, ProbedTrack};
 pub use tags::TrackTags;
 
 use source::{Source, io_reason};
@@ -39,104 +39,6 @@ use source::{Source, io_reason};
 const SNIFF_LEN: usize = 4096;
 /// Junk allowed before the first MPEG/ADTS frame sync (lofty's default `max_junk_bytes`).
 const MAX_JUNK: usize = 1024;
-
-/// The container/stream format of an audio file, decided from its content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AudioFormat {
-    /// MPEG-1/2/2.5 audio (layer III, or layer I/II with the same framing).
-    Mp3,
-    Flac,
-    OggVorbis,
-    Opus,
-    /// Speex in Ogg.
-    Speex,
-    /// FLAC in Ogg (read with FFmpeg).
-    OggFlac,
-    /// MPEG-4 container (m4a, m4b, mp4): AAC, ALAC, …
-    Mp4,
-    /// Raw AAC stream (`.aac`): ADTS, or ADIF (read with FFmpeg).
-    Aac,
-    /// WAV, including RF64/BW64 and stream-written WAV (those read with FFmpeg).
-    Wav,
-    /// AIFF and AIFC.
-    Aiff,
-    /// Monkey's Audio.
-    Ape,
-    WavPack,
-    Musepack,
-    /// Windows Media Audio in ASF (read with FFmpeg).
-    Wma,
-    /// DSD stream files (read with FFmpeg).
-    Dsf,
-    /// DSDIFF (read with FFmpeg).
-    Dff,
-    /// TrueAudio (read with FFmpeg).
-    TrueAudio,
-    /// Tom's lossless Audio Kompressor (read with FFmpeg).
-    Tak,
-    /// OptimFROG (read with FFmpeg where it has a decoder; counted otherwise).
-    OptimFrog,
-    /// Raw AC-3 / E-AC-3 (read with FFmpeg).
-    Ac3,
-    /// Raw DTS (read with FFmpeg).
-    Dts,
-    /// Shorten (read with FFmpeg).
-    Shorten,
-    /// Matroska / WebM with an audio track (read with FFmpeg).
-    Matroska,
-}
-
-impl AudioFormat {
-    /// Stable lower-case name, as stored in the database and shown to users.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Mp3 => "mp3",
-            Self::Flac => "flac",
-            Self::OggVorbis => "ogg_vorbis",
-            Self::Opus => "opus",
-            Self::Speex => "speex",
-            Self::OggFlac => "ogg_flac",
-            Self::Mp4 => "mp4",
-            Self::Aac => "aac",
-            Self::Wav => "wav",
-            Self::Aiff => "aiff",
-            Self::Ape => "ape",
-            Self::WavPack => "wavpack",
-            Self::Musepack => "musepack",
-            Self::Wma => "wma",
-            Self::Dsf => "dsf",
-            Self::Dff => "dff",
-            Self::TrueAudio => "tta",
-            Self::Tak => "tak",
-            Self::OptimFrog => "optimfrog",
-            Self::Ac3 => "ac3",
-            Self::Dts => "dts",
-            Self::Shorten => "shorten",
-            Self::Matroska => "matroska",
-        }
-    }
-}
-
-impl fmt::Display for AudioFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What a probe learns about one audio file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbedTrack {
-    pub format: AudioFormat,
-    /// Codec inside the container, e.g. "mp3", "flac", "vorbis", "opus", "aac", "alac",
-    /// "pcm_s16le", "pcm_s16be", "wmav2".
-    pub codec: Option<String>,
-    pub duration_ms: i64,
-    pub sample_rate: Option<i32>,
-    pub channels: Option<i32>,
-    pub bit_depth: Option<i32>,
-    pub bitrate_kbps: Option<i32>,
-    pub tags: TrackTags,
-}
 
 /// Why a file could not be probed. Each message is meant for a person reading a scan report.
 #[derive(Debug, thiserror::Error)]
