@@ -99,66 +99,8 @@ pub async fn run_service(
     let mut api_socket = ApiSocket::new(&config, activated).await?;
 
     notifier.status("starting: opening the database");
-    // Configuration problems (a bad URL, a managed cluster that cannot start) stop corald here.
-    let database = Database::connect(&config.database, &state_dir).await?;
-    let pool = database.pool.clone();
-    let db_health = Arc::clone(&database.health);
-    // A server that cannot be reached yet does not: the API comes up, says why, and start-up
-    // completes once the database answers (no exit into a restart loop).
-    let waiting_for = match database.prepare().await {
-        Ok(()) => None,
-        Err(e) if e.is_transient() => {
-            tracing::error!(
-                database = database.target(),
-                error = %e,
-                "the database cannot be reached; the API socket comes up meanwhile and start-up \
-                 completes once it answers (retrying with back-off)"
-            );
-            db_health.start_unavailable(&e.to_string());
-            Some(e.to_string())
-        }
-        Err(e) => return Err(e.into()),
-    };
-
-    let reporter = ScanReporter::new();
-    let (queue, jobs) = ScanQueue::new(
-        config.scan.queue_capacity,
-        Arc::clone(&reporter),
-        pool.clone(),
-    );
-    let threads = rayon::ThreadPoolBuilder::new()
-        .num_threads(config.scan_threads())
-        .thread_name(|i| format!("coral-scan-{i}"))
-        .build()
-        .map_err(|e| DaemonError::Threads(e.to_string()))?;
-    let liveness = Liveness::new(service.systemd.watchdog);
-    // The filesystem watcher feeds the scan channel; its task starts with the workers.
-    let (fs_watcher, watch_task) = crate::watch::Watcher::new(
-        config.watch.clone(),
-        pool.clone(),
-        Arc::clone(&queue),
-        Arc::clone(&reporter),
-    );
-    let libraries = Arc::new(LibraryService {
-        pool: pool.clone(),
-        queue: Arc::clone(&queue),
-        reporter: Arc::clone(&reporter),
-        watcher: Arc::clone(&fs_watcher),
-    });
-    let rpc = CoralRpc(Arc::new(RpcContext {
-        pool: pool.clone(),
-        reporter: Arc::clone(&reporter),
-        queue: Arc::clone(&queue),
-        started_at: Utc::now(),
-        socket: api_socket.path.clone(),
-        state_dir: state_dir.clone(),
-        database: database.description().to_owned(),
-        watcher: fs_watcher,
-        services: std::sync::OnceLock::new(),
-        db: Arc::clone(&db_health),
-        last_counts: std::sync::Mutex::new((0, 0)),
-        libraries: Arc::clone(&libraries),
-    }));
+    let (database, waiting_for) = startup::open_database(&config, &state_dir).await?;
+    let (core, idle) = Core::assemble(&config, &service, &database, &api_socket, &state_dir)?;
     let mut tasks = tokio::task::JoinSet::new();
 
     // The watchdog runs from here on: a daemon waiting for its database is not wedged.
@@ -169,14 +111,14 @@ pub async fn run_service(
         );
         tasks.spawn(crate::systemd::watchdog_loop(
             notifier.clone(),
-            Arc::clone(&liveness),
+            Arc::clone(&core.liveness),
             interval,
             stop.clone(),
         ));
     }
 
     if let Some(why) = &waiting_for {
-        api_socket.serve(&mut tasks, &rpc, &stop).await?;
+        api_socket.serve(&mut tasks, &core.rpc, &stop).await?;
         tracing::info!(socket = %api_socket.path.display(), pid = std::process::id(), "corald is serving its API while it waits for the database");
         // Ready for systemd once the socket accepts: a start timeout must not turn a database
         // outage into a restart loop. STATUS= says what it waits for.
@@ -209,54 +151,19 @@ pub async fn run_service(
     }
     tracing::info!(database = database.description(), state_dir = %state_dir.display(), "database ready");
 
-    let (embedder, embed_unavailable) =
-        startup::start_embedder(&config, &pool, &db_health, &stop, &liveness).await;
-    let worker = ScanWorker {
-        pool: pool.clone(),
-        reporter: Arc::clone(&reporter),
-        queue: Arc::clone(&queue),
-        threads: Arc::new(threads),
-        batch_size: config.scan.batch_size,
-        heartbeat: liveness.register("scan worker"),
-        idle_beat: liveness.beat_interval(),
-        embedder: embedder.clone(),
-        db: Arc::clone(&db_health),
-    };
-
-    startup::resume_interrupted(&pool, &queue).await;
-
-    tasks.spawn(Arc::clone(&reporter).run_ticker(
-        Duration::from_millis(config.progress.notify_interval_ms),
-        stop.clone(),
-    ));
-    tasks.spawn(crate::progress::persist::run_periodic(
-        Arc::clone(&reporter),
-        pool.clone(),
-        Arc::clone(&db_health),
-        Duration::from_millis(config.progress.persist_interval_ms),
-        stop.clone(),
-    ));
-    tasks.spawn(worker.run(jobs, stop.clone()));
-    if let Some(e) = embedder.clone() {
-        tasks.spawn(startup::sweep_missing_embeddings(e, stop.clone()));
-    }
-    tasks.spawn(watch_task.run(stop.clone()));
-    tasks.spawn(database.monitor(stop.clone()));
-    let _ = rpc.0.services.set(Services {
-        embedder: embedder.clone(),
-        embed_unavailable,
-    });
-
+    let embedder = core
+        .start_workers(idle, &config, &database, &mut tasks, &stop)
+        .await;
     // Serves now unless it already did while waiting for the database.
-    api_socket.serve(&mut tasks, &rpc, &stop).await?;
+    api_socket.serve(&mut tasks, &core.rpc, &stop).await?;
     tracing::info!(socket = %api_socket.path.display(), pid = std::process::id(), "corald ready");
 
     // Migrations ran and the socket accepts: ready (already said while waiting, if it waited).
     let status = StatusReporter {
         notifier: notifier.clone(),
-        reporter: Arc::clone(&reporter),
-        pool: pool.clone(),
-        db: Arc::clone(&db_health),
+        reporter: Arc::clone(&core.reporter),
+        pool: database.pool.clone(),
+        db: Arc::clone(&database.health),
     };
     if waiting_for.is_none() {
         notifier.ready(&status.line(true).await);
@@ -266,7 +173,7 @@ pub async fn run_service(
     if notifier.enabled() {
         tasks.spawn(status.clone().run(stop.clone()));
     }
-    libraries.sync(&[], &config.libraries, false).await;
+    core.libraries.sync(&[], &config.libraries, false).await;
 
     loop {
         tokio::select! {
@@ -276,7 +183,7 @@ pub async fn run_service(
                 }
                 tracing::info!("SIGHUP received: reloading the configuration");
                 notifier.reloading();
-                reload::reload(&mut config, &service, &rpc).await;
+                reload::reload(&mut config, &service, &core.rpc).await;
                 notifier.ready(&status.line(true).await);
             }
             _ = stop.cancelled() => break,
@@ -286,13 +193,151 @@ pub async fn run_service(
         notifier: &notifier,
         stop: &stop,
         tasks,
-        reporter: &reporter,
+        reporter: &core.reporter,
         api_socket: &api_socket,
         embedder: embedder.as_ref(),
         database,
     })
     .await;
     Ok(())
+}
+
+/// The daemon's services, made before the database answers (the API can serve meanwhile).
+struct Core {
+    reporter: Arc<ScanReporter>,
+    queue: Arc<ScanQueue>,
+    liveness: Arc<Liveness>,
+    libraries: Arc<LibraryService>,
+    rpc: CoralRpc,
+}
+
+/// What the workers take when they start, once the database answers.
+struct IdleWorkers {
+    /// The scan channel's receiving end.
+    jobs: tokio::sync::mpsc::Receiver<crate::scan::queue::ScanJob>,
+    threads: rayon::ThreadPool,
+    watch_task: crate::watch::WatchTask,
+}
+
+impl Core {
+    fn assemble(
+        config: &Config,
+        service: &Service,
+        database: &Database,
+        api_socket: &ApiSocket,
+        state_dir: &std::path::Path,
+    ) -> Result<(Core, IdleWorkers), DaemonError> {
+        let pool = database.pool.clone();
+        let reporter = ScanReporter::new();
+        let (queue, jobs) = ScanQueue::new(
+            config.scan.queue_capacity,
+            Arc::clone(&reporter),
+            pool.clone(),
+        );
+        let threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.scan_threads())
+            .thread_name(|i| format!("coral-scan-{i}"))
+            .build()
+            .map_err(|e| DaemonError::Threads(e.to_string()))?;
+        // The filesystem watcher feeds the scan channel; its task starts with the workers.
+        let (fs_watcher, watch_task) = crate::watch::Watcher::new(
+            config.watch.clone(),
+            pool.clone(),
+            Arc::clone(&queue),
+            Arc::clone(&reporter),
+        );
+        let libraries = Arc::new(LibraryService {
+            pool: pool.clone(),
+            queue: Arc::clone(&queue),
+            reporter: Arc::clone(&reporter),
+            watcher: Arc::clone(&fs_watcher),
+        });
+        let rpc = CoralRpc(Arc::new(RpcContext {
+            pool,
+            reporter: Arc::clone(&reporter),
+            queue: Arc::clone(&queue),
+            started_at: Utc::now(),
+            socket: api_socket.path.clone(),
+            state_dir: state_dir.to_path_buf(),
+            database: database.description().to_owned(),
+            watcher: fs_watcher,
+            services: std::sync::OnceLock::new(),
+            db: Arc::clone(&database.health),
+            last_counts: std::sync::Mutex::new((0, 0)),
+            libraries: Arc::clone(&libraries),
+        }));
+        let core = Core {
+            reporter,
+            queue,
+            liveness: Liveness::new(service.systemd.watchdog),
+            libraries,
+            rpc,
+        };
+        let idle = IdleWorkers {
+            jobs,
+            threads,
+            watch_task,
+        };
+        Ok((core, idle))
+    }
+
+    /// Once the database answers: the embedding pipeline, the scan worker (after the scans a
+    /// restart interrupted are queued again), progress ticking and persistence, the watcher and
+    /// the database monitor. Returns the embedding pipeline, if it runs.
+    async fn start_workers(
+        &self,
+        idle: IdleWorkers,
+        config: &Config,
+        database: &Database,
+        tasks: &mut tokio::task::JoinSet<()>,
+        stop: &CancellationToken,
+    ) -> Option<crate::embed::Embedder> {
+        let pool = &database.pool;
+        let db_health = &database.health;
+        let (embedder, embed_unavailable) =
+            startup::start_embedder(config, pool, db_health, stop, &self.liveness).await;
+        let IdleWorkers {
+            jobs,
+            threads,
+            watch_task,
+        } = idle;
+        let worker = ScanWorker {
+            pool: pool.clone(),
+            reporter: Arc::clone(&self.reporter),
+            queue: Arc::clone(&self.queue),
+            threads: Arc::new(threads),
+            batch_size: config.scan.batch_size,
+            heartbeat: self.liveness.register("scan worker"),
+            idle_beat: self.liveness.beat_interval(),
+            embedder: embedder.clone(),
+            db: Arc::clone(db_health),
+        };
+
+        startup::resume_interrupted(pool, &self.queue).await;
+
+        tasks.spawn(Arc::clone(&self.reporter).run_ticker(
+            Duration::from_millis(config.progress.notify_interval_ms),
+            stop.clone(),
+        ));
+        tasks.spawn(crate::progress::persist::run_periodic(
+            Arc::clone(&self.reporter),
+            pool.clone(),
+            Arc::clone(db_health),
+            Duration::from_millis(config.progress.persist_interval_ms),
+            stop.clone(),
+        ));
+        tasks.spawn(worker.run(jobs, stop.clone()));
+        if let Some(e) = embedder.clone() {
+            tasks.spawn(startup::sweep_missing_embeddings(e, stop.clone()));
+        }
+        tasks.spawn(watch_task.run(stop.clone()));
+        tasks.spawn(database.monitor(stop.clone()));
+        let _ = self.rpc.0.services.set(Services {
+            embedder: embedder.clone(),
+            embed_unavailable,
+        });
+        embedder
+    }
 }
 
 /// What a signal asks of corald.

@@ -7,11 +7,40 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::DaemonError;
 use crate::config::Config;
+use crate::db::Database;
 use crate::db::health::DbHealth;
 use crate::db::scans;
 use crate::liveness::Liveness;
 use crate::scan::queue::{ScanQueue, ScanRequest};
+
+/// Open the database: the managed cluster started (or the external server's URL parsed), then
+/// one attempt to connect and migrate. Configuration problems (a bad URL, a managed cluster
+/// that cannot start) stop corald; a server that cannot be reached yet does not: the reason
+/// comes back, the API comes up and says why, and start-up completes once the database
+/// answers (no exit into a restart loop).
+pub(super) async fn open_database(
+    config: &Config,
+    state_dir: &std::path::Path,
+) -> Result<(Database, Option<String>), DaemonError> {
+    let database = Database::connect(&config.database, state_dir).await?;
+    let waiting_for = match database.prepare().await {
+        Ok(()) => None,
+        Err(e) if e.is_transient() => {
+            tracing::error!(
+                database = database.target(),
+                error = %e,
+                "the database cannot be reached; the API socket comes up meanwhile and start-up \
+                 completes once it answers (retrying with back-off)"
+            );
+            database.health.start_unavailable(&e.to_string());
+            Some(e.to_string())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok((database, waiting_for))
+}
 
 /// Queue again every scan that was queued or running when corald last stopped, with the same
 /// request id and `resumed = true`; queue a first scan for any library that never had one.
