@@ -331,33 +331,18 @@ mod tests {
 
     fn progress(phase: ScanPhase, indexing: Option<f64>, embedding: Option<f64>) -> ScanProgress {
         ScanProgress {
-            request_id: uuid::Uuid::new_v4(),
-            library_id: 1,
-            library_path: "/srv/music".into(),
-            path: None,
-            trigger: ScanTrigger::Manual,
-            mode: ScanMode::Incremental,
-            phase,
-            started_at: Utc::now(),
-            updated_at: Utc::now(),
-            finished_at: None,
             files_discovered: 1234,
-            tracks_expected: None,
-            tracks_indexed: 0,
-            tracks_unchanged: 0,
-            tracks_removed: 0,
-            tracks_failed: 0,
-            embeddings_expected: None,
-            embeddings_done: 0,
-            embeddings_skipped: 0,
-            embeddings_failed: 0,
             indexing_percent: indexing,
             embedding_percent: embedding,
-            tracks_per_second: None,
-            embeddings_per_second: None,
-            eta_seconds: None,
-            resumed: false,
-            error: None,
+            ..ScanProgress::starting(
+                uuid::Uuid::new_v4(),
+                1,
+                "/srv/music".into(),
+                ScanTrigger::Manual,
+                ScanMode::Incremental,
+                phase,
+                Utc::now(),
+            )
         }
     }
 

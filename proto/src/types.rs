@@ -257,6 +257,50 @@ pub struct ScanProgress {
     pub error: Option<String>,
 }
 
+impl ScanProgress {
+    /// A scan that has counted nothing yet: every count zero, no percentages, rates, ETA or
+    /// error, `updated_at` = `started_at`. A starting point for a snapshot.
+    pub fn starting(
+        request_id: Uuid,
+        library_id: i64,
+        library_path: String,
+        trigger: ScanTrigger,
+        mode: ScanMode,
+        phase: ScanPhase,
+        started_at: DateTime<Utc>,
+    ) -> ScanProgress {
+        ScanProgress {
+            request_id,
+            library_id,
+            library_path,
+            path: None,
+            trigger,
+            mode,
+            phase,
+            started_at,
+            updated_at: started_at,
+            finished_at: None,
+            files_discovered: 0,
+            tracks_expected: None,
+            tracks_indexed: 0,
+            tracks_unchanged: 0,
+            tracks_removed: 0,
+            tracks_failed: 0,
+            embeddings_expected: None,
+            embeddings_done: 0,
+            embeddings_skipped: 0,
+            embeddings_failed: 0,
+            indexing_percent: None,
+            embedding_percent: None,
+            tracks_per_second: None,
+            embeddings_per_second: None,
+            eta_seconds: None,
+            resumed: false,
+            error: None,
+        }
+    }
+}
+
 /// Returned by `scan.start`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScanStarted {

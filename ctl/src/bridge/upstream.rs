@@ -251,33 +251,19 @@ pub(crate) mod tests {
     pub(crate) fn progress(id: Uuid, phase: ScanPhase, indexed: u64) -> ScanProgress {
         let now = Utc::now() + ChronoDuration::milliseconds(indexed as i64);
         ScanProgress {
-            request_id: id,
-            library_id: 1,
-            library_path: "/music".to_owned(),
-            path: None,
-            trigger: ScanTrigger::Manual,
-            mode: ScanMode::Incremental,
-            phase,
-            started_at: now,
-            updated_at: now,
-            finished_at: None,
             files_discovered: 100,
             tracks_expected: Some(100),
             tracks_indexed: indexed,
-            tracks_unchanged: 0,
-            tracks_removed: 0,
-            tracks_failed: 0,
-            embeddings_expected: None,
-            embeddings_done: 0,
-            embeddings_skipped: 0,
-            embeddings_failed: 0,
             indexing_percent: Some(indexed as f64),
-            embedding_percent: None,
-            tracks_per_second: None,
-            embeddings_per_second: None,
-            eta_seconds: None,
-            resumed: false,
-            error: None,
+            ..ScanProgress::starting(
+                id,
+                1,
+                "/music".to_owned(),
+                ScanTrigger::Manual,
+                ScanMode::Incremental,
+                phase,
+                now,
+            )
         }
     }
 

@@ -362,30 +362,22 @@
 
   function phaseRow(kind, label, p) {
     const rowId = `${cardId(p.request_id)}-${kind}`;
-    let pct = null, done = 0, total = null, rate = null, failed = 0, detail = '';
-    if (kind === 'indexing') {
-      total = p.tracks_expected;
-      done = p.tracks_indexed + p.tracks_unchanged + p.tracks_failed;
-      pct = p.indexing_percent;
-      failed = p.tracks_failed;
-      rate = fmtRate(p.tracks_per_second, 'files');
-      if (total === null || total === undefined) {
-        detail = p.phase === 'queued' ? 'waiting to start' : `discovering: ${p.files_discovered} files found`;
-      } else {
-        detail = `${done} / ${total} files · ${p.tracks_indexed} indexed · ${p.tracks_unchanged} unchanged` +
-          (p.tracks_removed ? ` · ${p.tracks_removed} removed` : '');
-      }
+    const indexing = kind === 'indexing';
+    // The phase's counts: what is settled (done, unchanged or skipped, failed) of how many.
+    const total = indexing ? p.tracks_expected : p.embeddings_expected;
+    const failed = indexing ? p.tracks_failed : p.embeddings_failed;
+    const done = failed + (indexing ? p.tracks_indexed + p.tracks_unchanged : p.embeddings_done + p.embeddings_skipped);
+    let pct = indexing ? p.indexing_percent : p.embedding_percent;
+    const rate = indexing ? fmtRate(p.tracks_per_second, 'files') : fmtRate(p.embeddings_per_second, 'tracks');
+    let detail;
+    if (total === null || total === undefined) {
+      if (indexing) detail = p.phase === 'queued' ? 'waiting to start' : `discovering: ${p.files_discovered} files found`;
+      else detail = TERMINAL.has(p.phase) ? 'not run (embeddings are off)' : 'waiting for indexing';
+    } else if (indexing) {
+      detail = `${done} / ${total} files · ${p.tracks_indexed} indexed · ${p.tracks_unchanged} unchanged` +
+        (p.tracks_removed ? ` · ${p.tracks_removed} removed` : '');
     } else {
-      total = p.embeddings_expected;
-      done = p.embeddings_done + p.embeddings_skipped + p.embeddings_failed;
-      pct = p.embedding_percent;
-      failed = p.embeddings_failed;
-      rate = fmtRate(p.embeddings_per_second, 'tracks');
-      if (total === null || total === undefined) {
-        detail = TERMINAL.has(p.phase) ? 'not run (embeddings are off)' : 'waiting for indexing';
-      } else {
-        detail = `${done} / ${total} tracks · ${p.embeddings_done} embedded · ${p.embeddings_skipped} skipped`;
-      }
+      detail = `${done} / ${total} tracks · ${p.embeddings_done} embedded · ${p.embeddings_skipped} skipped`;
     }
     if ((pct === null || pct === undefined) && total !== null && total !== undefined) {
       pct = total === 0 ? 100 : (100 * done) / total;
