@@ -353,37 +353,17 @@ impl Embedder {
         let row_len = plan.window_samples;
         let threads = cfg.inference_threads();
         let decode_threads = cfg.decoder_threads();
-        let guess_rows = if cfg.batch_size == 0 {
-            32
-        } else {
-            cfg.batch_size
-        };
-        let infer_capacity = (2 * guess_rows).div_ceil(cfg.windows).max(2) + decode_threads;
-
-        // The inference thread loads the model itself (libtorch's CPU threads are per thread).
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let (infer_tx, infer_rx) = std_mpsc::sync_channel::<InferInput<WorkItem>>(infer_capacity);
-        let (store_tx, store_rx) = mpsc::channel::<Finished<WorkItem>>(4 * STORE_BATCH);
         let shared = Arc::new(Shared::default());
-        let loop_cfg = (cfg.batch_size, Duration::from_millis(cfg.batch_timeout_ms));
-        {
-            let stop = stop.clone();
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("coral-infer".into())
-                .spawn(move || {
-                    inference_thread(
-                        files, choice, threads, row_len, loop_cfg, ready_tx, infer_rx, store_tx,
-                        stop, shared, heartbeat,
-                    )
-                })
-                .map_err(|e| {
-                    EmbedError::Internal(format!("cannot start the inference thread: {e}"))
-                })?;
-        }
-        let (device, _accelerator) = ready_rx.await.map_err(|_| {
-            EmbedError::Internal("the inference thread ended while loading".into())
-        })??;
+        let (infer_tx, store_rx, device) = start_inference(
+            cfg,
+            files,
+            choice,
+            row_len,
+            Arc::clone(&shared),
+            heartbeat,
+            &stop,
+        )
+        .await?;
 
         let params = cfg.window_params();
         let registered = retry(&db, "register the model", &stop, None, || {
@@ -419,40 +399,11 @@ impl Embedder {
             wake: tokio::sync::Notify::new(),
             settled: tokio::sync::Notify::new(),
         });
-        // Leases of this corald's previous run (killed, or stopped mid-track) are free now.
-        // (Workers are many per host: theirs expire.)
         if matches!(role, Role::Daemon) {
-            let prefix = role.prefix();
-            let released = retry(&db, "release old leases", &stop, None, || {
-                queue::release_leases_of(&pool, &prefix)
-            })
-            .await?;
-            if released > 0 {
-                tracing::info!(released, "took back queued tracks leased by an earlier run");
-            }
-            let orphans = retry(&db, "forget unfollowed queue rows", &stop, None, || {
-                queue::forget_orphans(&pool)
-            })
-            .await?;
-            if orphans > 0 {
-                tracing::info!(
-                    orphans,
-                    "dropped queued tracks of requests that ended in an earlier run"
-                );
-            }
+            reclaim_earlier_run(&pool, &db, &stop, &role.prefix()).await?;
         }
 
-        let decode_rx = Arc::new(Mutex::new(decode_rx));
-        for i in 0..decode_threads {
-            let rx = Arc::clone(&decode_rx);
-            let tx = infer_tx.clone();
-            let shared = Arc::clone(&shared);
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name(format!("coral-decode-{i}"))
-                .spawn(move || decode_thread(rx, tx, plan, shared, stop))
-                .map_err(|e| EmbedError::Internal(format!("cannot start a decode thread: {e}")))?;
-        }
+        start_decoders(decode_threads, decode_rx, &infer_tx, plan, &shared, &stop)?;
         drop(infer_tx);
         tokio::spawn(store_task(
             Arc::clone(&shared),
@@ -715,6 +666,104 @@ async fn flush_issues(inner: &Inner, request_id: Uuid, issues: &mut Vec<NewIssue
         tracing::warn!(error = %e, "could not record embedding issues; they will be retried");
     }
     issues.clear();
+}
+
+/// Start the inference thread, which loads the model itself (libtorch's CPU threads are per
+/// thread), and wait until it runs. Returns its input queue, the store stage's input and the
+/// device it chose.
+async fn start_inference(
+    cfg: &EmbedConfig,
+    files: model::ModelFiles,
+    choice: DeviceChoice,
+    row_len: usize,
+    shared: Arc<Shared>,
+    heartbeat: Option<Arc<Heartbeat>>,
+    stop: &CancellationToken,
+) -> Result<
+    (
+        std_mpsc::SyncSender<InferInput<WorkItem>>,
+        mpsc::Receiver<Finished<WorkItem>>,
+        String,
+    ),
+    EmbedError,
+> {
+    let guess_rows = if cfg.batch_size == 0 {
+        32
+    } else {
+        cfg.batch_size
+    };
+    let infer_capacity = (2 * guess_rows).div_ceil(cfg.windows).max(2) + cfg.decoder_threads();
+    let threads = cfg.inference_threads();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (infer_tx, infer_rx) = std_mpsc::sync_channel::<InferInput<WorkItem>>(infer_capacity);
+    let (store_tx, store_rx) = mpsc::channel::<Finished<WorkItem>>(4 * STORE_BATCH);
+    let loop_cfg = (cfg.batch_size, Duration::from_millis(cfg.batch_timeout_ms));
+    let stop = stop.clone();
+    std::thread::Builder::new()
+        .name("coral-infer".into())
+        .spawn(move || {
+            inference_thread(
+                files, choice, threads, row_len, loop_cfg, ready_tx, infer_rx, store_tx, stop,
+                shared, heartbeat,
+            )
+        })
+        .map_err(|e| EmbedError::Internal(format!("cannot start the inference thread: {e}")))?;
+    let (device, _accelerator) = ready_rx
+        .await
+        .map_err(|_| EmbedError::Internal("the inference thread ended while loading".into()))??;
+    Ok((infer_tx, store_rx, device))
+}
+
+/// corald's own leases from its previous run (killed, or stopped mid-track) are free now, and
+/// queued rows of requests that run ended are dropped. (Workers are many per host: their
+/// leases expire instead.)
+async fn reclaim_earlier_run(
+    pool: &PgPool,
+    db: &DbHealth,
+    stop: &CancellationToken,
+    prefix: &str,
+) -> Result<(), EmbedError> {
+    let released = retry(db, "release old leases", stop, None, || {
+        queue::release_leases_of(pool, prefix)
+    })
+    .await?;
+    if released > 0 {
+        tracing::info!(released, "took back queued tracks leased by an earlier run");
+    }
+    let orphans = retry(db, "forget unfollowed queue rows", stop, None, || {
+        queue::forget_orphans(pool)
+    })
+    .await?;
+    if orphans > 0 {
+        tracing::info!(
+            orphans,
+            "dropped queued tracks of requests that ended in an earlier run"
+        );
+    }
+    Ok(())
+}
+
+/// Start the decode threads, which share the decode queue's receiving end.
+fn start_decoders(
+    count: usize,
+    decode_rx: mpsc::Receiver<WorkItem>,
+    infer_tx: &std_mpsc::SyncSender<InferInput<WorkItem>>,
+    plan: WindowPlan,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Result<(), EmbedError> {
+    let decode_rx = Arc::new(Mutex::new(decode_rx));
+    for i in 0..count {
+        let rx = Arc::clone(&decode_rx);
+        let tx = infer_tx.clone();
+        let shared = Arc::clone(shared);
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("coral-decode-{i}"))
+            .spawn(move || decode_thread(rx, tx, plan, shared, stop))
+            .map_err(|e| EmbedError::Internal(format!("cannot start a decode thread: {e}")))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
