@@ -119,30 +119,29 @@ fn slot(i: usize, same: bool) -> usize {
     if same { 1 } else { [0, 1, 5, 4][i % 4] }
 }
 
+/// Counter `s` of `c` (either counters struct: they have the same eight fields), in field order;
+/// 7 and above are `embeddings_failed`.
+macro_rules! counter_slot {
+    ($c:expr, $s:expr) => {
+        match $s {
+            0 => &$c.files_discovered,
+            1 => &$c.tracks_indexed,
+            2 => &$c.tracks_unchanged,
+            3 => &$c.tracks_removed,
+            4 => &$c.tracks_failed,
+            5 => &$c.embeddings_done,
+            6 => &$c.embeddings_skipped,
+            _ => &$c.embeddings_failed,
+        }
+    };
+}
+
 fn padded_slot(c: &ScanCounters, s: usize) -> &AtomicU64 {
-    match s {
-        0 => &c.files_discovered,
-        1 => &c.tracks_indexed,
-        2 => &c.tracks_unchanged,
-        3 => &c.tracks_removed,
-        4 => &c.tracks_failed,
-        5 => &c.embeddings_done,
-        6 => &c.embeddings_skipped,
-        _ => &c.embeddings_failed,
-    }
+    counter_slot!(c, s)
 }
 
 fn plain_slot(c: &PlainCounters, s: usize) -> &AtomicU64 {
-    match s {
-        0 => &c.files_discovered,
-        1 => &c.tracks_indexed,
-        2 => &c.tracks_unchanged,
-        3 => &c.tracks_removed,
-        4 => &c.tracks_failed,
-        5 => &c.embeddings_done,
-        6 => &c.embeddings_skipped,
-        _ => &c.embeddings_failed,
-    }
+    counter_slot!(c, s)
 }
 
 #[derive(Clone, Copy)]

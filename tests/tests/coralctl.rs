@@ -2,6 +2,7 @@
 //! `scan --wait/--follow` exit codes, live bars in a pseudo-terminal, one line per update when
 //! piped, reconnection when corald restarts, and the message when corald is not running.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -20,6 +21,16 @@ fn ok(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `coralctl --json library add <dir>`, which must succeed: the library it added.
+fn ctl_library_add(d: &Daemon, dir: &Path) -> Result<Library> {
+    Ok(serde_json::from_str(&ok(&d.ctl(&[
+        "--json",
+        "library",
+        "add",
+        &dir.to_string_lossy(),
+    ])?))?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_works_end_to_end() -> Result<()> {
     let lib = traversable_tempdir()?;
@@ -35,12 +46,7 @@ async fn every_command_works_end_to_end() -> Result<()> {
     std::fs::write(lib.path().join("x/broken.mp3"), b"not audio at all")?;
     let d = Daemon::start().await?;
 
-    let added: Library = serde_json::from_str(&ok(&d.ctl(&[
-        "--json",
-        "library",
-        "add",
-        &lib.path().to_string_lossy(),
-    ])?))?;
+    let added = ctl_library_add(&d, lib.path())?;
     let id = added.id.to_string();
     let out = d.ctl(&["scan", &id, "--wait"])?;
     let summary = ok(&out);
@@ -185,12 +191,7 @@ async fn follow_survives_a_daemon_restart() -> Result<()> {
     let mut d = Daemon::start_with(&["--config", &cfg]).await?;
     let lib = traversable_tempdir()?;
     let n = fixtures::big_library(lib.path(), 3000)? as u64;
-    let added: Library = serde_json::from_str(&ok(&d.ctl(&[
-        "--json",
-        "library",
-        "add",
-        &lib.path().to_string_lossy(),
-    ])?))?;
+    let added = ctl_library_add(&d, lib.path())?;
     let scan_id = added.last_scan.context("no scan")?.request_id;
 
     let follower = Command::new(coralctl_bin())

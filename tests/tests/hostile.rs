@@ -63,38 +63,37 @@ async fn corpus_daemon() -> Result<(Daemon, bool, Option<String>)> {
     }
 }
 
+/// The rows `sql` selects: their `rel_path` column (raw) → what `value` reads from the row.
+async fn rows_by_path<V>(
+    db: &mut sqlx::PgConnection,
+    sql: &'static str,
+    value: impl Fn(&sqlx::postgres::PgRow) -> V,
+) -> Result<BTreeMap<Vec<u8>, V>> {
+    let rows = sqlx::query(sql).fetch_all(db).await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<Vec<u8>, _>("rel_path"), value(r)))
+        .collect())
+}
+
 /// Every `tracks` row: raw path → (title, duration_ms, format).
 async fn track_rows(d: &Daemon) -> Result<BTreeMap<Vec<u8>, (Option<String>, i64, String)>> {
-    let mut db = d.db().await?;
-    let rows = sqlx::query("SELECT rel_path, title, duration_ms, format FROM tracks")
-        .fetch_all(&mut db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<Vec<u8>, _>("rel_path"),
-                (r.get("title"), r.get("duration_ms"), r.get("format")),
-            )
-        })
-        .collect())
+    rows_by_path(
+        &mut d.db().await?,
+        "SELECT rel_path, title, duration_ms, format FROM tracks",
+        |r| (r.get("title"), r.get("duration_ms"), r.get("format")),
+    )
+    .await
 }
 
 /// Every `scan_errors` row: raw path → (stage, message).
 async fn error_rows(d: &Daemon) -> Result<BTreeMap<Vec<u8>, (String, String)>> {
-    let mut db = d.db().await?;
-    let rows = sqlx::query("SELECT rel_path, stage, message FROM scan_errors")
-        .fetch_all(&mut db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<Vec<u8>, _>("rel_path"),
-                (r.get("stage"), r.get("message")),
-            )
-        })
-        .collect())
+    rows_by_path(
+        &mut d.db().await?,
+        "SELECT rel_path, stage, message FROM scan_errors",
+        |r| (r.get("stage"), r.get("message")),
+    )
+    .await
 }
 
 /// Raw path → embedding outcome ("done", or the issue's outcome and reason).
@@ -439,18 +438,15 @@ struct Snapshot {
 
 async fn snapshot(d: &Daemon) -> Result<Snapshot> {
     let mut db = d.db().await?;
-    let rows = sqlx::query(
+    let tracks = rows_by_path(
+        &mut db,
         "SELECT rel_path, concat_ws('|', size, mtime_ns, format, codec, duration_ms, sample_rate,
                 channels, bit_depth, bitrate_kbps, title, artist, album, album_artist,
                 track_number, disc_number, year, genre, search_text) AS props
          FROM tracks",
+        |r| r.get("props"),
     )
-    .fetch_all(&mut db)
     .await?;
-    let tracks = rows
-        .into_iter()
-        .map(|r| (r.get("rel_path"), r.get("props")))
-        .collect();
     let dups: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT track_id FROM track_embeddings
                                GROUP BY track_id, model_id HAVING count(*) > 1) d",
@@ -458,16 +454,13 @@ async fn snapshot(d: &Daemon) -> Result<Snapshot> {
     .fetch_one(&mut db)
     .await?;
     ensure!(dups == 0, "{dups} tracks with more than one embedding");
-    let rows = sqlx::query(
+    let embeddings = rows_by_path(
+        &mut db,
         "SELECT t.rel_path, e.embedding::real[] AS v
          FROM track_embeddings e JOIN tracks t ON t.id = e.track_id",
+        |r| r.get("v"),
     )
-    .fetch_all(&mut db)
     .await?;
-    let embeddings = rows
-        .into_iter()
-        .map(|r| (r.get("rel_path"), r.get("v")))
-        .collect();
     let errors = sqlx::query_scalar("SELECT rel_path FROM scan_errors")
         .fetch_all(&mut db)
         .await?

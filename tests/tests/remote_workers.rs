@@ -159,6 +159,21 @@ async fn every_track_embedded_once(
     Ok(())
 }
 
+/// A test's end: the worker, corald's client and corald go, in that order, then the server
+/// stops.
+async fn shut_down(
+    worker: Worker,
+    c: jsonrpsee::async_client::Client,
+    d: Daemon,
+    server: &mut Server,
+) -> Result<()> {
+    drop(worker);
+    drop(c);
+    drop(d);
+    server.pg.stop().await?;
+    Ok(())
+}
+
 async fn embedding_enabled(c: &jsonrpsee::async_client::Client) -> Result<bool> {
     let on = c.daemon_status().await?.embedding.enabled;
     if !on {
@@ -167,56 +182,42 @@ async fn embedding_enabled(c: &jsonrpsee::async_client::Client) -> Result<bool> 
     Ok(on)
 }
 
+/// What [`one_library`] sets up: the external server; the temporary directories of the
+/// configuration and of the library (kept while they are used); the configuration file; corald
+/// on the server with `embed.local = false`; its client; the library's queued scan.
+type Setup = (
+    Server,
+    (tempfile::TempDir, tempfile::TempDir),
+    PathBuf,
+    Daemon,
+    jsonrpsee::async_client::Client,
+    uuid::Uuid,
+);
+
 /// An external server, corald on it with `embed.local = false`, and one library of `tracks`
 /// tracks added (its scan queued); `None` when this build has no embeddings.
-struct Setup {
-    server: Server,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
-    cfg: PathBuf,
-    d: Daemon,
-    c: jsonrpsee::async_client::Client,
-    scan: uuid::Uuid,
-}
-
-impl Setup {
-    async fn one_library(tracks: usize) -> Result<Option<Setup>> {
-        let server = Server::start().await?;
-        let cfg_dir = traversable_tempdir()?;
-        let cfg = config(cfg_dir.path(), &server, false)?;
-        let lib = traversable_tempdir()?;
-        library(lib.path(), "Album", tracks)?;
-        let d = Daemon::start_with(&["--config", &cfg.to_string_lossy()]).await?;
-        let c = d.client().await?;
-        if !embedding_enabled(&c).await? {
-            return Ok(None);
-        }
-        let added = c
-            .library_add(lib.path().to_string_lossy().into_owned())
-            .await?;
-        let scan = added.last_scan.context("no scan")?.request_id;
-        Ok(Some(Setup {
-            server,
-            _dirs: (cfg_dir, lib),
-            cfg,
-            d,
-            c,
-            scan,
-        }))
+async fn one_library(tracks: usize) -> Result<Option<Setup>> {
+    let server = Server::start().await?;
+    let cfg_dir = traversable_tempdir()?;
+    let cfg = config(cfg_dir.path(), &server, false)?;
+    let lib = traversable_tempdir()?;
+    library(lib.path(), "Album", tracks)?;
+    let d = Daemon::start_with(&["--config", &cfg.to_string_lossy()]).await?;
+    let c = d.client().await?;
+    if !embedding_enabled(&c).await? {
+        return Ok(None);
     }
+    let added = c
+        .library_add(lib.path().to_string_lossy().into_owned())
+        .await?;
+    let scan = added.last_scan.context("no scan")?.request_id;
+    Ok(Some((server, (cfg_dir, lib), cfg, d, c, scan)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_tracks_are_taken_over_and_every_track_is_embedded_once() -> Result<()> {
     const TRACKS: usize = 40;
-    let Some(Setup {
-        mut server,
-        _dirs,
-        cfg,
-        d,
-        c,
-        scan,
-    }) = Setup::one_library(TRACKS).await?
-    else {
+    let Some((mut server, _dirs, cfg, d, c, scan)) = one_library(TRACKS).await? else {
         return Ok(());
     };
     let p = eventually(WAIT, "the scan to queue its tracks", || async {
@@ -366,11 +367,7 @@ async fn a_worker_reads_through_its_path_map_and_skips_files_changed_since_index
         "{}",
         w.log_text()
     );
-    drop(w);
-    drop(c);
-    drop(d);
-    server.pg.stop().await?;
-    Ok(())
+    shut_down(w, c, d, &mut server).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,11 +428,7 @@ async fn cancelling_a_scan_drops_its_queued_tracks_and_no_one_elses() -> Result<
         done.phase == ScanPhase::Completed && done.embeddings_done == 3,
         "{done:?}"
     );
-    drop(w);
-    drop(c);
-    drop(d);
-    server.pg.stop().await?;
-    Ok(())
+    shut_down(w, c, d, &mut server).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,15 +469,7 @@ async fn queued_tracks_that_no_request_follows_are_dropped_at_start() -> Result<
 async fn workers_killed_at_random_points_lose_and_duplicate_nothing() -> Result<()> {
     const TRACKS: usize = 30;
     const KILLS: u64 = 5;
-    let Some(Setup {
-        mut server,
-        _dirs,
-        cfg,
-        d,
-        c,
-        scan,
-    }) = Setup::one_library(TRACKS).await?
-    else {
+    let Some((mut server, _dirs, cfg, d, c, scan)) = one_library(TRACKS).await? else {
         return Ok(());
     };
     let pool = server.pool().await?;
@@ -513,9 +498,5 @@ async fn workers_killed_at_random_points_lose_and_duplicate_nothing() -> Result<
     let last = Worker::start(&cfg, &server.url, &[], logs.path().join("last.log"))?;
     let done = wait_scan(&c, scan).await.with_context(|| last.log_text())?;
     every_track_embedded_once(&pool, &done, TRACKS).await?;
-    drop(last);
-    drop(c);
-    drop(d);
-    server.pg.stop().await?;
-    Ok(())
+    shut_down(last, c, d, &mut server).await
 }

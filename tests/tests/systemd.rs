@@ -68,6 +68,37 @@ fn toml_str(p: &Path) -> String {
     format!("{:?}", p.to_string_lossy())
 }
 
+/// Starts `d` with a fake `NOTIFY_SOCKET` in its directory and `WATCHDOG_USEC` = 1 s (`tweak`
+/// adjusts the command further), then waits up to `timeout` for READY=1: the socket, and the
+/// index of READY=1 among its notifications.
+async fn start_notified(
+    d: &mut Daemon,
+    tweak: impl FnOnce(&mut Command),
+    timeout: Duration,
+) -> Result<(NotifySocket, usize)> {
+    let notify = NotifySocket::bind(d.dir.path().join("notify"), d.socket.clone())?;
+    let mut cmd = d.command(&[]);
+    cmd.env("NOTIFY_SOCKET", notify.path())
+        .env("WATCHDOG_USEC", "1000000");
+    tweak(&mut cmd);
+    d.spawn_command(cmd)?;
+    let ready = notify
+        .wait_for(0, "READY=1", timeout, |n| n.has("READY=1"))
+        .await?;
+    Ok((notify, ready))
+}
+
+/// How many WATCHDOG=1 notifications `notify` receives over the next `window`.
+async fn watchdog_pings_during(notify: &NotifySocket, window: Duration) -> usize {
+    let window_start = Instant::now();
+    tokio::time::sleep(window).await;
+    notify
+        .all()
+        .iter()
+        .filter(|n| n.at >= window_start && n.has("WATCHDOG=1"))
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_notify_socket_sees_ready_status_watchdog_reload_and_stopping() -> Result<()> {
     fixtures::require_ffmpeg()?;
@@ -82,17 +113,16 @@ async fn fake_notify_socket_sees_ready_status_watchdog_reload_and_stopping() -> 
         None => String::new(),
     };
     d.write_config(&format!("log = \"info\"\n{rpc}"))?;
-    let notify = NotifySocket::bind(d.dir.path().join("notify"), d.socket.clone())?;
-    let mut cmd = d.command(&[]);
-    cmd.env("NOTIFY_SOCKET", notify.path())
-        .env("WATCHDOG_USEC", "1000000")
-        .env_remove("RUST_LOG"); // the file's `log` applies, so a reload can change it
-    d.spawn_command(cmd)?;
-
     // READY=1 comes once the socket accepts (the reader connected when it arrived).
-    let ready = notify
-        .wait_for(0, "READY=1", Duration::from_secs(120), |n| n.has("READY=1"))
-        .await?;
+    let (notify, ready) = start_notified(
+        &mut d,
+        |cmd| {
+            // The file's `log` applies, so a reload can change it.
+            cmd.env_remove("RUST_LOG");
+        },
+        Duration::from_secs(120),
+    )
+    .await?;
     let n = &notify.all()[ready];
     assert_eq!(n.socket_accepted, Some(true), "{n:?}");
     assert_eq!(n.status(), Some("idle · 0 tracks"), "{n:?}");
@@ -112,13 +142,7 @@ async fn fake_notify_socket_sees_ready_status_watchdog_reload_and_stopping() -> 
 
     // WATCHDOG=1 every half WATCHDOG_USEC (500 ms) while idle: about 8 in 4 s (a loaded
     // machine may delay a few).
-    let window_start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let pings = notify
-        .all()
-        .iter()
-        .filter(|n| n.at >= window_start && n.has("WATCHDOG=1"))
-        .count();
+    let pings = watchdog_pings_during(&notify, Duration::from_secs(4)).await;
     assert!(
         (5..=10).contains(&pings),
         "{pings} watchdog pings in 4 s; expected about 8"
@@ -232,17 +256,9 @@ async fn waiting_for_an_unreachable_database_is_ready_with_watchdog_pings() -> R
         "[watch]\nenabled = false\n[embed]\nenabled = false\n[database]\nurl = \"postgres://coral@localhost/coral?host={}\"\n",
         nowhere.display()
     ))?;
-    let notify = NotifySocket::bind(d.dir.path().join("notify"), d.socket.clone())?;
-    let mut cmd = d.command(&[]);
-    cmd.env("NOTIFY_SOCKET", notify.path())
-        .env("WATCHDOG_USEC", "1000000");
-    d.spawn_command(cmd)?;
-
     // READY=1 once the socket accepts, although the database does not answer: a start timeout
     // must not turn a database outage into a restart loop. STATUS= says what corald waits for.
-    let ready = notify
-        .wait_for(0, "READY=1", Duration::from_secs(60), |n| n.has("READY=1"))
-        .await?;
+    let (notify, ready) = start_notified(&mut d, |_| {}, Duration::from_secs(60)).await?;
     let n = &notify.all()[ready];
     assert_eq!(n.socket_accepted, Some(true), "{n:?}");
     let status = n.status().unwrap_or_default();
@@ -257,13 +273,7 @@ async fn waiting_for_an_unreachable_database_is_ready_with_watchdog_pings() -> R
     );
 
     // The watchdog keeps being fed while corald waits (every 500 ms: about 6 in 3 s).
-    let window_start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let pings = notify
-        .all()
-        .iter()
-        .filter(|n| n.at >= window_start && n.has("WATCHDOG=1"))
-        .count();
+    let pings = watchdog_pings_during(&notify, Duration::from_secs(3)).await;
     assert!(
         pings >= 3,
         "{pings} watchdog pings in 3 s: {:?}",
@@ -291,15 +301,14 @@ async fn watchdog_pings_stop_when_the_scan_worker_is_wedged() -> Result<()> {
     )?;
 
     let mut d = Daemon::unstarted()?;
-    let notify = NotifySocket::bind(d.dir.path().join("notify"), d.socket.clone())?;
-    let mut cmd = d.command(&[]);
-    cmd.env("NOTIFY_SOCKET", notify.path())
-        .env("WATCHDOG_USEC", "1000000")
-        .env("CORALD_TEST_WEDGE_WORKER", "wedge-the-worker-here");
-    d.spawn_command(cmd)?;
-    notify
-        .wait_for(0, "READY=1", Duration::from_secs(120), |n| n.has("READY=1"))
-        .await?;
+    let (notify, _) = start_notified(
+        &mut d,
+        |cmd| {
+            cmd.env("CORALD_TEST_WEDGE_WORKER", "wedge-the-worker-here");
+        },
+        Duration::from_secs(120),
+    )
+    .await?;
     let ready_at = Instant::now();
     notify
         .wait_for(0, "watchdog pings", Duration::from_secs(5), |n| {
