@@ -1,6 +1,10 @@
 //! Paths below a library root as raw bytes (file names need not be UTF-8): the one joining rule
 //! the walker and the watcher share.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
 /// `dir/name`, or `name` at the root (`dir` empty).
 pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(dir.len() + 1 + name.len());
@@ -10,6 +14,15 @@ pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     }
     v.extend_from_slice(name);
     v
+}
+
+/// `root/rel` (`rel` empty: the root itself).
+pub fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
+    if rel.is_empty() {
+        root.to_owned()
+    } else {
+        root.join(OsStr::from_bytes(rel))
+    }
 }
 
 #[cfg(test)]

@@ -1,20 +1,21 @@
 //! Phase 1 of a scan: walk the library (or one subtree) in parallel and list every candidate
 //! audio file with its size and mtime, without opening any file.
 //!
-//! Choices: directories reached through symlinks are followed, but each directory (by device
-//! and inode) is visited once, so symlink loops end; hidden entries (`.name`) and NAS metadata
-//! folders (`@eaDir`, `#recycle`) are skipped; file names are kept as raw bytes, so non-UTF-8
+//! Choices: the traversal rules are `dir_tree`'s (the watcher's walk uses them too):
+//! directories reached through symlinks are followed, but each directory (by device and inode)
+//! is visited once, so symlink loops end; hidden entries (`.name`) and NAS metadata folders
+//! (`@eaDir`, `#recycle`) are skipped. File names are kept as raw bytes, so non-UTF-8
 //! names work; FIFOs, sockets and device nodes with audio extensions are reported, never opened.
 
-use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::file_names::{is_audio_candidate, is_ignored_name};
+use super::dir_tree::{self, Entry, Visited, skip_name};
+use super::file_names::is_audio_candidate;
 use crate::file_stamp::mtime_ns;
 
 /// A candidate audio file.
@@ -66,13 +67,9 @@ pub trait WalkObserver: Sync {
     fn cancelled(&self) -> bool;
 }
 
-fn skip_name(name: &OsStr) -> bool {
-    is_ignored_name(name.as_bytes())
-}
-
 struct Shared<'a> {
     root: &'a Path,
-    visited: Mutex<HashSet<(u64, u64)>>,
+    visited: Mutex<Visited>,
     out: Mutex<WalkOutcome>,
     observer: &'a dyn WalkObserver,
 }
@@ -82,7 +79,7 @@ impl Shared<'_> {
         self.visited
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((md.dev(), md.ino()))
+            .first_visit(md)
     }
 
     fn out(&self) -> std::sync::MutexGuard<'_, WalkOutcome> {
@@ -125,7 +122,7 @@ pub fn walk(
     }
     let shared = Shared {
         root,
-        visited: Mutex::new(HashSet::new()),
+        visited: Mutex::new(Visited::default()),
         out: Mutex::new(WalkOutcome::default()),
         observer,
     };
@@ -186,45 +183,32 @@ fn visit_dir<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, rel: Vec<u8>)
         if skip_name(&name) {
             continue;
         }
-        let Ok(mut ft) = entry.file_type() else {
+        let Some(resolved) = dir_tree::resolve(&entry) else {
             continue;
         };
         let child_rel = crate::relpath::join(&rel, name.as_bytes());
-        let mut md = None;
-        if ft.is_symlink() {
-            // Follow the link; a dangling one is reported only if it looks like audio.
-            match fs::metadata(entry.path()) {
-                Ok(m) => {
-                    ft = m.file_type();
-                    md = Some(m);
+        let (ft, md) = match resolved {
+            Entry::Dir(m) => {
+                if shared.first_visit(&m) {
+                    scope.spawn(move |s| visit_dir(s, shared, child_rel));
                 }
-                Err(e) => {
-                    if is_audio_candidate(Path::new(&name)) {
-                        issues.push(WalkIssue {
-                            rel_path: child_rel,
-                            size: 0,
-                            mtime_ns: 0,
-                            is_dir: false,
-                            message: format!("broken symbolic link: {e}"),
-                        });
-                    }
-                    continue;
+                continue;
+            }
+            // A dangling link is reported only if it looks like audio.
+            Entry::BrokenLink(e) => {
+                if is_audio_candidate(Path::new(&name)) {
+                    issues.push(WalkIssue {
+                        rel_path: child_rel,
+                        size: 0,
+                        mtime_ns: 0,
+                        is_dir: false,
+                        message: format!("broken symbolic link: {e}"),
+                    });
                 }
+                continue;
             }
-        }
-        if ft.is_dir() {
-            let m = match md {
-                Some(m) => m,
-                None => match entry.metadata() {
-                    Ok(m) => m,
-                    Err(_) => continue,
-                },
-            };
-            if shared.first_visit(&m) {
-                scope.spawn(move |s| visit_dir(s, shared, child_rel));
-            }
-            continue;
-        }
+            Entry::Other(ft, md) => (ft, md),
+        };
         if !is_audio_candidate(Path::new(&name)) {
             continue;
         }

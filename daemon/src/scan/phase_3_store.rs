@@ -1,6 +1,7 @@
 //! Phase 3 of a scan: turn probe results into rows and write them in bulk — one transaction per
 //! batch (tracks upserted, their old errors cleared, new errors recorded) — and, at the end,
-//! delete the rows of files that are gone.
+//! delete the rows of files that are gone. The watcher's cookie-paired moves are applied here
+//! too (`move_in_place`), so this is the only module that writes `tracks`.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -217,4 +218,17 @@ pub async fn delete_vanished(
         .await?;
     tx.commit().await?;
     Ok(removed)
+}
+
+/// Apply a rename or move inside one library in place (`tracks::move_path`: same track ids,
+/// so the same embeddings; scan-error rows move along); returns the number of tracks moved.
+/// One attempt, never waiting out an outage: the watcher rescans the directory when this fails.
+pub async fn move_in_place(
+    pool: &PgPool,
+    library_id: i64,
+    from: &[u8],
+    to: &[u8],
+    is_dir: bool,
+) -> sqlx::Result<u64> {
+    tracks::move_path(pool, library_id, from, to, is_dir).await
 }

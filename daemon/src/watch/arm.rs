@@ -1,17 +1,14 @@
-//! Arming: adding inotify watches. `arm_tree` walks a tree and adds one watch per directory
-//! (hidden `.name` directories and NAS metadata folders skipped, as the scanner skips them;
-//! symbolic links to directories followed, each directory watched once), and when the limit is
-//! hit goes on only to count what watching it all needs. The actor's side arms a library from
-//! its root (inotify where it works, polling where it cannot, paused when the root is not
-//! there), records the watches a walk added (falling back to polling at the watch limit),
-//! removes and re-paths watches, and arms the directories that events reported new. Walks run
-//! on the blocking pool; the task waits for them, so no event is read for a directory before
-//! its watch is recorded.
+//! Arming: adding inotify watches. `arm_tree` walks a tree with the scan's traversal rules
+//! (`scan::dir_tree::walk_dirs`: hidden `.name` directories and NAS metadata folders skipped;
+//! symbolic links to directories followed, each directory once), adds one watch per directory,
+//! and when the limit is hit goes on only to count what watching it all needs. The actor's side
+//! arms a library from its root (inotify where it works, polling where it cannot, paused when
+//! the root is not there), records the watches a walk added (falling back to polling at the
+//! watch limit), removes and re-paths watches, and arms the directories that events reported
+//! new. Walks run on the blocking pool; the task waits for them, so no event is read for a
+//! directory before its watch is recorded.
 
-use std::collections::HashSet;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,10 +16,10 @@ use coral_proto::WatchMode;
 use inotify::{WatchDescriptor, Watches};
 
 use super::actor::{Actor, PollReason, WatchEntry};
-use super::debounce::{is_under, join, rebase};
-use super::inotify::{abs_path, watch_mask};
+use super::debounce::{is_under, rebase};
+use super::inotify::watch_mask;
 use super::{mounts, poll};
-use crate::scan::file_names::is_ignored_name;
+use crate::scan::dir_tree::walk_dirs;
 
 /// What adding watches to a tree found.
 #[derive(Debug, Default)]
@@ -49,56 +46,27 @@ pub fn arm_tree(
     limit: Option<u64>,
 ) -> ArmOutcome {
     let mut out = ArmOutcome::default();
-    let mut visited: HashSet<(u64, u64)> = HashSet::new();
-    let mut stack = vec![start.to_vec()];
-    while let Some(rel) = stack.pop() {
-        let abs = abs_path(root, &rel);
-        let md = match std::fs::metadata(&abs) {
-            Ok(md) if md.is_dir() => md,
-            _ => {
-                if rel == start {
-                    out.missing = true;
-                }
-                continue;
-            }
-        };
-        if !visited.insert((md.dev(), md.ino())) {
-            continue;
-        }
+    let found = walk_dirs(root, start, |rel, abs, _| {
         out.needed += 1;
-        if !out.limit_hit {
-            if limit.is_some_and(|l| held + out.added.len() as u64 >= l) {
-                out.limit_hit = true;
-            } else {
-                match watches.add(&abs, watch_mask()) {
-                    Ok(wd) => out.added.push((rel.clone(), wd)),
-                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => out.limit_hit = true,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        out.skipped.push(format!("{}: {e}", abs.display()));
-                        continue;
-                    }
-                }
+        if out.limit_hit {
+            return true;
+        }
+        if limit.is_some_and(|l| held + out.added.len() as u64 >= l) {
+            out.limit_hit = true;
+            return true;
+        }
+        match watches.add(abs, watch_mask()) {
+            Ok(wd) => out.added.push((rel.to_vec(), wd)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => out.limit_hit = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+            Err(e) => {
+                out.skipped.push(format!("{}: {e}", abs.display()));
+                return false;
             }
         }
-        let Ok(entries) = std::fs::read_dir(&abs) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if is_ignored_name(name.as_bytes()) {
-                continue;
-            }
-            let Ok(ft) = entry.file_type() else {
-                continue;
-            };
-            let is_dir = ft.is_dir()
-                || (ft.is_symlink() && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()));
-            if is_dir {
-                stack.push(join(&rel, name.as_bytes()));
-            }
-        }
-    }
+        true
+    });
+    out.missing = !found;
     out
 }
 

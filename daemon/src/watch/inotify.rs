@@ -12,10 +12,10 @@
 //!   are added for its whole tree, then the directory is pending — its scan finds files that
 //!   landed before the watches existed.
 //! * `IN_MOVED_FROM` + `IN_MOVED_TO` with the same cookie inside one library: the rows move in
-//!   the database (`tracks::move_path`), watches below a moved directory are re-pathed, and no
-//!   scan runs — unless nothing was known at the old path, the source still had pending
-//!   changes, or a scan of that library is queued or running (a scan that read the old rows
-//!   before the move could drop the moved row; the follow-up scan puts it back). A
+//!   the database (`phase_3_store::move_in_place`), watches below a moved directory are
+//!   re-pathed, and no scan runs — unless nothing was known at the old path, the source still
+//!   had pending changes, or a scan of that library is queued or running (a scan that read the
+//!   old rows before the move could drop the moved row; the follow-up scan puts it back). A
 //!   `IN_MOVED_FROM` left unpaired for 100 ms is a removal (the old directory is scanned), an
 //!   unpaired `IN_MOVED_TO` an addition.
 //! * `IN_DELETE_SELF`, `IN_MOVE_SELF`, `IN_UNMOUNT` or `IN_IGNORED` on a library root pause the
@@ -32,7 +32,7 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use coral_proto::WatchMode;
@@ -42,6 +42,7 @@ use tokio::io::unix::AsyncFd;
 use super::actor::Actor;
 use super::debounce::join;
 use super::moves::MoveFrom;
+pub(super) use crate::relpath::abs_path;
 use crate::scan::file_names::{is_audio_candidate, is_ignored_name};
 
 /// Bytes read from the inotify descriptor at once.
@@ -65,15 +66,6 @@ pub(super) fn watch_mask() -> WatchMask {
 /// Whether a raw file name is one the scanner indexes.
 pub(super) fn is_audio(name: &[u8]) -> bool {
     is_audio_candidate(Path::new(OsStr::from_bytes(name)))
-}
-
-/// `root/rel` (`rel` empty: the root itself).
-pub(super) fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
-    if rel.is_empty() {
-        root.to_owned()
-    } else {
-        root.join(OsStr::from_bytes(rel))
-    }
 }
 
 /// A raw relative path for the log.

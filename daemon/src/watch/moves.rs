@@ -1,8 +1,9 @@
 //! Cookie-paired moves. An `IN_MOVED_FROM` waits up to `MOVE_PAIR_GRACE` for the
 //! `IN_MOVED_TO` with its cookie. A pair inside one library moves the rows in the database
-//! (`tracks::move_path`, same track id, so the same embedding) and re-paths the watches below a
-//! moved directory, with no scan unless one is needed (the rules are in `inotify`); a half left
-//! unpaired is a removal (`departed`) or an addition (`arrived`).
+//! through the scan's store stage (`phase_3_store::move_in_place`: same track id, so the same
+//! embedding) and re-paths the watches below a moved directory, with no scan unless one is
+//! needed (the rules are in `inotify`); a half left unpaired is a removal (`departed`) or an
+//! addition (`arrived`).
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use coral_proto::WatchMode;
 use super::actor::Actor;
 use super::debounce::join;
 use super::inotify::{is_audio, show};
-use crate::db::tracks;
+use crate::scan::phase_3_store;
 
 /// How long an `IN_MOVED_FROM` waits for its `IN_MOVED_TO`.
 pub(super) const MOVE_PAIR_GRACE: Duration = Duration::from_millis(100);
@@ -94,7 +95,7 @@ impl Actor {
         if is_dir {
             self.rebase_watches(id, &old, &new);
         }
-        let moved = tracks::move_path(&self.pool, id, &old, &new, is_dir).await;
+        let moved = phase_3_store::move_in_place(&self.pool, id, &old, &new, is_dir).await;
         let Some(lib) = self.noted(id) else {
             return;
         };
