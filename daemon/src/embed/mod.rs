@@ -33,12 +33,11 @@ pub mod queue;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -48,10 +47,9 @@ use crate::liveness::Heartbeat;
 use crate::progress::{ScanCounters, ScanHandle};
 use model::{ModelError, ModelManifest};
 use phase_2_resample::WindowPlan;
-use phase_3_batch::Finished;
-use phase_4_infer::{DeviceChoice, InferError, InferInput, InferStats};
+use phase_4_infer::{DeviceChoice, InferError, InferStats};
 use phase_5_store::{NewIssue, RegisteredModel};
-use pipeline::{decode_thread, housekeeping, inference_thread, store_task};
+use pipeline::{housekeeping, start_decoders, start_inference, store_task};
 /// The token `Embedder::start` and `Embedder::embed` take (re-exported for callers).
 pub use tokio_util::sync::CancellationToken;
 
@@ -668,52 +666,6 @@ async fn flush_issues(inner: &Inner, request_id: Uuid, issues: &mut Vec<NewIssue
     issues.clear();
 }
 
-/// Start the inference thread, which loads the model itself (libtorch's CPU threads are per
-/// thread), and wait until it runs. Returns its input queue, the store stage's input and the
-/// device it chose.
-async fn start_inference(
-    cfg: &EmbedConfig,
-    files: model::ModelFiles,
-    choice: DeviceChoice,
-    row_len: usize,
-    shared: Arc<Shared>,
-    heartbeat: Option<Arc<Heartbeat>>,
-    stop: &CancellationToken,
-) -> Result<
-    (
-        std_mpsc::SyncSender<InferInput<WorkItem>>,
-        mpsc::Receiver<Finished<WorkItem>>,
-        String,
-    ),
-    EmbedError,
-> {
-    let guess_rows = if cfg.batch_size == 0 {
-        32
-    } else {
-        cfg.batch_size
-    };
-    let infer_capacity = (2 * guess_rows).div_ceil(cfg.windows).max(2) + cfg.decoder_threads();
-    let threads = cfg.inference_threads();
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let (infer_tx, infer_rx) = std_mpsc::sync_channel::<InferInput<WorkItem>>(infer_capacity);
-    let (store_tx, store_rx) = mpsc::channel::<Finished<WorkItem>>(4 * STORE_BATCH);
-    let loop_cfg = (cfg.batch_size, Duration::from_millis(cfg.batch_timeout_ms));
-    let stop = stop.clone();
-    std::thread::Builder::new()
-        .name("coral-infer".into())
-        .spawn(move || {
-            inference_thread(
-                files, choice, threads, row_len, loop_cfg, ready_tx, infer_rx, store_tx, stop,
-                shared, heartbeat,
-            )
-        })
-        .map_err(|e| EmbedError::Internal(format!("cannot start the inference thread: {e}")))?;
-    let (device, _accelerator) = ready_rx
-        .await
-        .map_err(|_| EmbedError::Internal("the inference thread ended while loading".into()))??;
-    Ok((infer_tx, store_rx, device))
-}
-
 /// corald's own leases from its previous run (killed, or stopped mid-track) are free now, and
 /// queued rows of requests that run ended are dropped. (Workers are many per host: their
 /// leases expire instead.)
@@ -739,29 +691,6 @@ async fn reclaim_earlier_run(
             orphans,
             "dropped queued tracks of requests that ended in an earlier run"
         );
-    }
-    Ok(())
-}
-
-/// Start the decode threads, which share the decode queue's receiving end.
-fn start_decoders(
-    count: usize,
-    decode_rx: mpsc::Receiver<WorkItem>,
-    infer_tx: &std_mpsc::SyncSender<InferInput<WorkItem>>,
-    plan: WindowPlan,
-    shared: &Arc<Shared>,
-    stop: &CancellationToken,
-) -> Result<(), EmbedError> {
-    let decode_rx = Arc::new(Mutex::new(decode_rx));
-    for i in 0..count {
-        let rx = Arc::clone(&decode_rx);
-        let tx = infer_tx.clone();
-        let shared = Arc::clone(shared);
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name(format!("coral-decode-{i}"))
-            .spawn(move || decode_thread(rx, tx, plan, shared, stop))
-            .map_err(|e| EmbedError::Internal(format!("cannot start a decode thread: {e}")))?;
     }
     Ok(())
 }

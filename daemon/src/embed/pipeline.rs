@@ -1,7 +1,7 @@
 //! The stages' loops: the decode threads (work item → model-rate windows), the inference thread
 //! (owns the model, batches windows across tracks), the store task (vectors → pgvector, one
-//! statement per batch) and the housekeeping task. Each reports a track's outcome to its
-//! request's consumer.
+//! statement per batch) and the housekeeping task, and what starts the inference and decode
+//! threads. Each reports a track's outcome to its request's consumer.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
@@ -16,7 +16,9 @@ use super::phase_2_resample::{WindowMaker, WindowPlan};
 use super::phase_3_batch::Finished;
 use super::phase_4_infer::{self, DeviceChoice, InferInput, InferOutput, LoopConfig};
 use super::phase_5_store::{self, NewEmbedding, RegisteredModel};
-use super::{CancellationToken, EmbedError, Inner, Outcome, STORE_BATCH, Shared, WorkItem, lock};
+use super::{
+    CancellationToken, EmbedConfig, EmbedError, Inner, Outcome, STORE_BATCH, Shared, WorkItem, lock,
+};
 use crate::db::health::{DbHealth, retry};
 use crate::liveness::Heartbeat;
 
@@ -314,6 +316,75 @@ pub(super) async fn housekeeping(inner: Weak<Inner>, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// Start the inference thread, which loads the model itself (libtorch's CPU threads are per
+/// thread), and wait until it runs. Returns its input queue, the store stage's input and the
+/// device it chose.
+pub(super) async fn start_inference(
+    cfg: &EmbedConfig,
+    files: model::ModelFiles,
+    choice: DeviceChoice,
+    row_len: usize,
+    shared: Arc<Shared>,
+    heartbeat: Option<Arc<Heartbeat>>,
+    stop: &CancellationToken,
+) -> Result<
+    (
+        std_mpsc::SyncSender<InferInput<WorkItem>>,
+        mpsc::Receiver<Finished<WorkItem>>,
+        String,
+    ),
+    EmbedError,
+> {
+    let guess_rows = if cfg.batch_size == 0 {
+        32
+    } else {
+        cfg.batch_size
+    };
+    let infer_capacity = (2 * guess_rows).div_ceil(cfg.windows).max(2) + cfg.decoder_threads();
+    let threads = cfg.inference_threads();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (infer_tx, infer_rx) = std_mpsc::sync_channel::<InferInput<WorkItem>>(infer_capacity);
+    let (store_tx, store_rx) = mpsc::channel::<Finished<WorkItem>>(4 * STORE_BATCH);
+    let loop_cfg = (cfg.batch_size, Duration::from_millis(cfg.batch_timeout_ms));
+    let stop = stop.clone();
+    std::thread::Builder::new()
+        .name("coral-infer".into())
+        .spawn(move || {
+            inference_thread(
+                files, choice, threads, row_len, loop_cfg, ready_tx, infer_rx, store_tx, stop,
+                shared, heartbeat,
+            )
+        })
+        .map_err(|e| EmbedError::Internal(format!("cannot start the inference thread: {e}")))?;
+    let (device, _accelerator) = ready_rx
+        .await
+        .map_err(|_| EmbedError::Internal("the inference thread ended while loading".into()))??;
+    Ok((infer_tx, store_rx, device))
+}
+
+/// Start the decode threads, which share the decode queue's receiving end.
+pub(super) fn start_decoders(
+    count: usize,
+    decode_rx: mpsc::Receiver<WorkItem>,
+    infer_tx: &std_mpsc::SyncSender<InferInput<WorkItem>>,
+    plan: WindowPlan,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Result<(), EmbedError> {
+    let decode_rx = Arc::new(Mutex::new(decode_rx));
+    for i in 0..count {
+        let rx = Arc::clone(&decode_rx);
+        let tx = infer_tx.clone();
+        let shared = Arc::clone(shared);
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("coral-decode-{i}"))
+            .spawn(move || decode_thread(rx, tx, plan, shared, stop))
+            .map_err(|e| EmbedError::Internal(format!("cannot start a decode thread: {e}")))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
