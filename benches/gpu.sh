@@ -20,7 +20,7 @@ command -v nvidia-smi >/dev/null || {
     echo "gpu.sh: no nvidia-smi: this machine has no NVIDIA GPU driver" >&2
     exit 1
 }
-scripts/setup
+scripts/setup --for demo
 if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv "$VENV"
 fi

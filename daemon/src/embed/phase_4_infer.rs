@@ -251,17 +251,37 @@ mod torch {
     /// Present on machines with the NVIDIA kernel driver.
     const NVIDIA_DRIVER: &str = "/proc/driver/nvidia/version";
 
+    /// The directory of the shared library `name` mapped into this process, from
+    /// `/proc/self/maps`.
+    pub(super) fn loaded_library_dir(name: &str) -> Option<std::path::PathBuf> {
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        maps.lines()
+            .filter_map(|line| line.split_whitespace().nth(5))
+            .map(Path::new)
+            .find(|p| p.file_name().is_some_and(|f| f == name))
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+    }
+
     /// `dlopen` libtorch's CUDA backend once; registers CUDA with libtorch when it loads.
     fn load_cuda_backend() -> Result<(), String> {
         static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
         LOADED
             .get_or_init(|| {
                 let mut candidates = Vec::new();
-                // Set by build.rs: the libtorch this binary was linked against.
-                if let Some(dir) = option_env!("CORAL_LIBTORCH_LIB") {
-                    let p = Path::new(dir).join("libtorch_cuda.so");
-                    if p.exists() {
-                        candidates.push(p.to_string_lossy().into_owned());
+                // First beside the libtorch_cpu.so this process loaded (the installed package's
+                // /usr/lib/coral/torch/lib, whichever of coral-libtorch or -cuda is there), then
+                // in the libtorch this binary was linked against (set by build.rs), then by name.
+                let dirs = [
+                    loaded_library_dir("libtorch_cpu.so"),
+                    option_env!("CORAL_LIBTORCH_LIB")
+                        .map(Path::new)
+                        .map(Path::to_path_buf),
+                ];
+                for dir in dirs.into_iter().flatten() {
+                    let p = dir.join("libtorch_cuda.so").to_string_lossy().into_owned();
+                    if Path::new(&p).exists() && !candidates.contains(&p) {
+                        candidates.push(p);
                     }
                 }
                 candidates.push("libtorch_cuda.so".to_owned());
@@ -570,6 +590,20 @@ mod tests {
             "the heartbeat beats around every forward pass ({} beats, {} batches)",
             beats.get(),
             stats.batches.load(Ordering::Relaxed)
+        );
+    }
+
+    #[cfg(feature = "embed")]
+    #[test]
+    fn the_cuda_backend_is_looked_for_beside_the_loaded_libtorch() {
+        // libtorch_cpu.so is linked into this test binary: its directory is where an installed
+        // coral-libtorch-cuda puts libtorch_cuda.so.
+        let dir =
+            super::torch::loaded_library_dir("libtorch_cpu.so").expect("libtorch_cpu.so is mapped");
+        assert!(dir.join("libtorch_cpu.so").is_file(), "{}", dir.display());
+        assert_eq!(
+            super::torch::loaded_library_dir("libnot_loaded_here.so"),
+            None
         );
     }
 }
