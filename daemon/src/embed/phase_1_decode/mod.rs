@@ -15,7 +15,6 @@
 //! before its header says is reported as truncated.
 
 use std::fs::File;
-use std::io::ErrorKind;
 use std::path::Path;
 use std::sync::LazyLock;
 
@@ -24,13 +23,16 @@ use symphonia::core::codecs::audio::{AudioCodecId, AudioDecoder, AudioDecoderOpt
 use symphonia::core::codecs::registry::CodecRegistry;
 use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::probe::Hint;
-use symphonia::core::formats::{FormatOptions, FormatReader, SeekMode, SeekTo, TrackType};
+use symphonia::core::formats::{FormatOptions, FormatReader, TrackType};
 use symphonia::core::io::MediaSourceStream;
 use symphonia::core::meta::MetadataOptions;
-use symphonia::core::units::{TimeBase, Timestamp};
+use symphonia::core::units::TimeBase;
 use symphonia_adapter_libopus::OpusDecoder;
 
 use super::phase_1_decode_ffmpeg;
+use reader::{RegionFill, RegionReader};
+
+mod reader;
 
 /// Seek instead of decoding through when the next region starts this far ahead.
 const SEEK_GAP_S: f64 = 3.0;
@@ -190,30 +192,6 @@ impl Clock {
     }
 }
 
-/// One region being filled.
-struct Want {
-    /// First frame (may be negative: that part stays silent).
-    start: i64,
-    buf: Vec<f32>,
-    /// Frames of real audio written (contiguous from the region start or from frame 0).
-    written: usize,
-}
-
-impl Want {
-    fn end(&self) -> i64 {
-        self.start + self.buf.len() as i64
-    }
-    /// Frames before the start of the track, which can never be written.
-    fn silent_prefix(&self) -> usize {
-        usize::try_from(-self.start.min(0))
-            .unwrap_or(0)
-            .min(self.buf.len())
-    }
-    fn complete(&self) -> bool {
-        self.silent_prefix() + self.written >= self.buf.len()
-    }
-}
-
 /// A file ready to decode.
 struct Opened {
     format: Box<dyn FormatReader>,
@@ -361,239 +339,45 @@ pub fn decode_regions_symphonia(
     policy: SeekPolicy,
 ) -> Result<DecodedRegions, DecodeError> {
     check_request(regions)?;
-    let Opened {
-        mut format,
-        mut decoder,
-        track_id,
-        clock,
-        opus_pre_skip,
-    } = open(path)?;
-    let rate = f64::from(clock.rate);
-
-    // Fill regions in order of their start; report them in the order asked.
-    let mut order: Vec<usize> = (0..regions.len()).collect();
-    order.sort_by(|&a, &b| regions[a].start_s.total_cmp(&regions[b].start_s));
-    let mut wants: Vec<Want> = order
-        .iter()
-        .map(|&i| Want {
-            start: (regions[i].start_s * rate).round() as i64,
-            buf: vec![0.0; (regions[i].len_s * rate).ceil() as usize],
-            written: 0,
-        })
-        .collect();
-
-    let seek_gap = (SEEK_GAP_S * rate) as i64;
+    let mut reader = RegionReader::new(path, open(path)?, policy);
+    let rate = f64::from(reader.clock.rate);
+    let mut fill = RegionFill::new(regions, rate);
     let warmup = (WARMUP_S * rate) as i64;
-    let mut can_seek = policy == SeekPolicy::Seek;
-    let mut pos: Option<i64> = None; // frame after the last decoded packet
-    let mut first = 0usize; // first region not complete
-    let mut needs_reset = false;
-    // Each seek goes further than the last: a seek that lands early is not repeated.
-    let mut last_seek: Option<i64> = None;
-    let mut seeks = 0u32;
-    // After a seek: whether the first packet still has to be checked for landing too late.
-    let mut check_landing = false;
-    let mut decoded_frames = 0u64;
-    let mut damaged = 0u64;
-    let mut last_frame_seen = 0i64;
-    let mut planes: Vec<Vec<f32>> = Vec::new();
-    let mut mono: Vec<f32> = Vec::new();
 
-    loop {
-        while first < wants.len() && wants[first].complete() {
-            first += 1;
-        }
-        let Some(next) = wants.get(first) else { break };
-        let target = next.start.saturating_add(next.written as i64) - warmup;
-        if can_seek && target > pos.unwrap_or(0) + seek_gap && last_seek.is_none_or(|l| target > l)
-        {
-            last_seek = Some(target);
-            let ts = clock.frame_to_ts(target.max(0));
-            match format.seek(
-                SeekMode::Accurate,
-                SeekTo::Timestamp {
-                    ts: Timestamp::new(ts),
-                    track_id,
-                },
-            ) {
-                Ok(_) => {
-                    decoder.reset();
-                    needs_reset = false;
-                    seeks += 1;
-                    pos = Some(target.max(0));
-                    check_landing = true;
-                }
-                Err(e) => {
-                    tracing::debug!(path = %path.display(), error = %e, "seek failed: reading on");
-                    can_seek = false;
-                }
-            }
-        }
-
-        let packet = match format.next_packet() {
-            Ok(Some(p)) => p,
-            Ok(None) => break,
-            Err(SymError::IoError(e)) if e.kind() == ErrorKind::UnexpectedEof => break,
-            Err(SymError::ResetRequired) => break, // a chained stream: the first part is enough
-            Err(SymError::DecodeError(_)) | Err(SymError::IoError(_)) => {
-                damaged += 1;
-                if damaged > MAX_DAMAGED_PACKETS {
-                    return Err(DecodeError::Damaged(damaged));
-                }
-                continue;
-            }
-            Err(e) => return Err(DecodeError::Stream(e.to_string())),
+    while let Some(need) = fill.next_needed_frame() {
+        reader.seek_near(need - warmup);
+        let Some(packet) = reader.next_packet()? else {
+            break;
         };
-        if packet.track_id != track_id {
-            continue;
-        }
-        let p0 = clock.ts_to_frame(
+        let p0 = reader.clock.ts_to_frame(
             packet
                 .pts
                 .get()
                 .saturating_add(packet.trim_start.get() as i64),
         );
-        let p_len = clock.ts_to_frame(packet.dur.get().min(i64::MAX as u64) as i64);
-        if std::mem::take(&mut check_landing) {
-            let need = wants[first]
-                .start
-                .saturating_add(wants[first].written as i64);
-            if p0 > need {
-                // The seek went past the region (symphonia's Matroska reader can land a
-                // cluster late): read from the start instead, decoding only near regions.
-                tracing::debug!(
-                    path = %path.display(),
-                    landed_s = p0 as f64 / rate,
-                    needed_s = need as f64 / rate,
-                    "seek landed late: reading from the start"
-                );
-                can_seek = false;
-                format
-                    .seek(
-                        SeekMode::Accurate,
-                        SeekTo::Timestamp {
-                            ts: Timestamp::new(0),
-                            track_id,
-                        },
-                    )
-                    .map_err(|e| {
-                        DecodeError::Stream(format!(
-                            "a seek landed past {:.1} s and the stream cannot rewind: {e}",
-                            need as f64 / rate
-                        ))
-                    })?;
-                decoder.reset();
-                needs_reset = false;
-                pos = Some(0);
-                continue;
-            }
+        let p_len = reader
+            .clock
+            .ts_to_frame(packet.dur.get().min(i64::MAX as u64) as i64);
+        if reader.rewound_after_late_landing(p0, need)? {
+            continue;
         }
         // Far before the next region: demux only (no decode), and reset the decoder before
         // decoding again, as after a seek.
-        if policy != SeekPolicy::DecodeAll
-            && p0.saturating_add(p_len)
-                < wants[first]
-                    .start
-                    .saturating_add(wants[first].written as i64)
-                    - warmup
-        {
-            needs_reset = true;
-            pos = Some(p0.saturating_add(p_len));
+        if policy != SeekPolicy::DecodeAll && p0.saturating_add(p_len) < need - warmup {
+            reader.skip_to(p0.saturating_add(p_len));
             continue;
         }
-        if needs_reset {
-            decoder.reset();
-            needs_reset = false;
-        }
-        let buf = match decoder.decode(&packet) {
-            Ok(b) => b,
-            Err(SymError::DecodeError(_)) | Err(SymError::IoError(_)) => {
-                damaged += 1;
-                if damaged > MAX_DAMAGED_PACKETS {
-                    return Err(DecodeError::Damaged(damaged));
-                }
-                continue;
-            }
-            Err(SymError::ResetRequired) => {
-                decoder.reset();
-                continue;
-            }
-            Err(e) => return Err(DecodeError::Stream(e.to_string())),
-        };
-        let frames = buf.frames();
-        if frames == 0 {
-            continue;
-        }
-        // Opus: timestamps include the pre-skip, and libopus drops it from the front of the
-        // first packet it decodes (which is then shorter than its duration).
-        let p0 = match opus_pre_skip {
-            Some(skip) => p0 - skip + (p_len - frames as i64).max(0),
-            None => p0,
-        };
-        if buf.spec().rate() != clock.rate {
-            return Err(DecodeError::Stream(format!(
-                "sample rate changes mid-stream ({} → {} Hz)",
-                clock.rate,
-                buf.spec().rate()
-            )));
-        }
-        decoded_frames += frames as u64;
-        buf.copy_to_vecs_planar::<f32>(&mut planes);
-        let channels = planes.len().max(1);
-        mono.clear();
-        mono.resize(frames, 0.0);
-        for plane in &planes {
-            for (m, s) in mono.iter_mut().zip(plane.iter()) {
-                *m += *s;
-            }
-        }
-        let scale = 1.0 / channels as f32;
-        for m in &mut mono {
-            *m = if m.is_finite() { *m * scale } else { 0.0 };
-        }
-        let p_end = p0 + frames as i64;
-        pos = Some(p_end);
-        last_frame_seen = last_frame_seen.max(p_end);
-
-        for w in wants.iter_mut().skip(first) {
-            if w.start >= p_end {
-                break;
-            }
-            let from = p0.max(w.start).max(0);
-            let to = p_end.min(w.end());
-            if from >= to {
-                continue;
-            }
-            let src = usize::try_from(from - p0).unwrap_or(0);
-            let dst = usize::try_from(from - w.start).unwrap_or(0);
-            let n = usize::try_from(to - from).unwrap_or(0);
-            w.buf[dst..dst + n].copy_from_slice(&mono[src..src + n]);
-            let filled_to = dst + n - w.silent_prefix();
-            w.written = w.written.max(filled_to);
+        if let Some(p0) = reader.decode_mono(&packet, p0, p_len)? {
+            fill.copy(p0, &reader.mono);
         }
     }
-
-    // Regions the stream did not reach.
-    for w in &wants {
-        let have = w.silent_prefix() + w.written;
-        if (have as f64) < w.buf.len() as f64 * MIN_REGION_COVERAGE {
-            return Err(DecodeError::Truncated {
-                ends_s: last_frame_seen as f64 / rate,
-                needed_s: w.end() as f64 / rate,
-            });
-        }
-    }
-
-    let mut out: Vec<Vec<f32>> = vec![Vec::new(); regions.len()];
-    for (w, &i) in wants.into_iter().zip(order.iter()) {
-        out[i] = w.buf;
-    }
+    let regions = fill.finish(reader.last_frame_seen, rate)?;
     Ok(DecodedRegions {
-        sample_rate: clock.rate,
-        regions: out,
-        seeks,
-        decoded_frames,
-        damaged_packets: damaged,
+        sample_rate: reader.clock.rate,
+        regions,
+        seeks: reader.seeks,
+        decoded_frames: reader.decoded_frames,
+        damaged_packets: reader.damaged,
         decoded_by: DecodedBy::Symphonia,
     })
 }
