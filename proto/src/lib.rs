@@ -83,7 +83,22 @@ pub trait CoralApi {
         offset: Option<u32>,
     ) -> RpcResult<Vec<Track>>;
 
-    /// Tracks whose embeddings are nearest to this one's (cosine), best first.
+    /// Tracks that sound most like this one, best first: centred cosine similarity of their
+    /// embeddings (see `SimilarTrack::score`), with `options`' filters.
     #[method(name = "track.similar")]
-    async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>>;
+    async fn track_similar(
+        &self,
+        track: TrackRef,
+        limit: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>>;
+
+    /// Find indexed tracks from what a media server knows of one (path, MusicBrainz recording
+    /// id, ISRC, artist + title + duration): best match first, each with the rule it matched.
+    #[method(name = "track.lookup")]
+    async fn track_lookup(
+        &self,
+        query: TrackLookup,
+        limit: Option<u32>,
+    ) -> RpcResult<Vec<TrackMatch>>;
 }

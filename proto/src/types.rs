@@ -109,8 +109,126 @@ pub struct TrackTags {
 /// A neighbour returned by `track.similar`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimilarTrack {
-    /// Cosine similarity in [-1, 1]; higher is closer.
+    /// Centred cosine similarity in [-1, 1]: the cosine of the two tracks' vectors after the
+    /// model's mean vector over the collection is subtracted from both. 1 is the same sound,
+    /// 0 is as related as two tracks picked at random, negative is less alike than that.
     pub score: f64,
+    pub track: Track,
+}
+
+/// A track given by its Coral id (a bare integer is accepted too), its absolute path, or its
+/// MusicBrainz recording id: exactly one of the fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TrackRef {
+    Id(i64),
+    Key(TrackKey),
+}
+
+/// The object form of [`TrackRef`]: exactly one field set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    /// An absolute path below a library root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A MusicBrainz recording id; when several files share it, the lowest id with an
+    /// embedding is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mbid: Option<String>,
+}
+
+impl TrackRef {
+    /// Parse a command-line argument: all digits is an id, anything else a path.
+    pub fn parse_arg(arg: &str) -> Self {
+        match arg.parse::<i64>() {
+            Ok(id) => TrackRef::Id(id),
+            Err(_) => TrackRef::Key(TrackKey {
+                path: Some(arg.to_owned()),
+                ..TrackKey::default()
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for TrackRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrackRef::Id(id) | TrackRef::Key(TrackKey { id: Some(id), .. }) => write!(f, "{id}"),
+            TrackRef::Key(TrackKey { path: Some(p), .. }) => f.write_str(p),
+            TrackRef::Key(TrackKey { mbid: Some(m), .. }) => write!(f, "mbid {m}"),
+            TrackRef::Key(_) => f.write_str("(no track)"),
+        }
+    }
+}
+
+/// Filters of `track.similar` (every field optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimilarOptions {
+    /// Only tracks of these libraries (default: every library).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub library_ids: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_duration_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_s: Option<f64>,
+    /// Default true: other files of the same recording as the track asked about (same
+    /// MusicBrainz recording id, or same folded artist and title with durations within 2 s)
+    /// are left out, and of several files of one recording among the neighbours only the
+    /// closest is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_same_recording: Option<bool>,
+    /// At most this many tracks of one artist (folded display artist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_artist: Option<u32>,
+}
+
+/// What a media server knows of a track, for `track.lookup`: any of the fields. Rules are
+/// tried in this order: `path`, `mbid`, `isrc`, then `artist` + `title` (+ `duration_s`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackLookup {
+    /// Absolute path of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// MusicBrainz recording id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mbid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isrc: Option<String>,
+    /// One artist name (any of a track's artists, or its display credit, matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artist: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Used to prefer (and, when given, require within 3 s) the right length by artist + title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    /// Preferred among artist + title matches when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub album: Option<String>,
+}
+
+/// The rule by which `track.lookup` matched a track, strongest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LookupRule {
+    Path,
+    Mbid,
+    Isrc,
+    /// Folded artist and title equal, duration within 3 s of the one given.
+    ArtistTitleDuration,
+    /// Folded artist and title equal (no duration given).
+    ArtistTitle,
+}
+
+/// One answer of `track.lookup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrackMatch {
+    pub rule: LookupRule,
     pub track: Track,
 }
 

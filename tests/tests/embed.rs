@@ -765,7 +765,9 @@ async fn track_similar_through_the_api_returns_the_same_kind() -> Result<()> {
         .await?;
     let kind_of: HashMap<i64, MusicKind> = ids.iter().map(|(id, rel)| (*id, kinds[rel])).collect();
     for (id, rel) in &ids {
-        let near = c.track_similar(*id, Some(3)).await?;
+        let near = c
+            .track_similar(coral_proto::TrackRef::Id(*id), Some(3), None)
+            .await?;
         assert_eq!(near.len(), 3, "{rel}");
         assert!(near.iter().all(|s| s.track.id != *id));
         let named: Vec<_> = near

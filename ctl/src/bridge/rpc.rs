@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use coral_proto::{
     CoralApiClient, CoralApiServer, DaemonStatus, Library, LibrarySelector, RpcResult, ScanFilter,
-    ScanProgress, ScanStarted, SimilarTrack, Track, codes, errors::error,
+    ScanProgress, ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup, TrackMatch,
+    TrackRef, codes, errors::error,
 };
 use jsonrpsee::core::client::Error as ClientError;
 use jsonrpsee::core::{SubscriptionResult, async_trait};
@@ -221,8 +222,22 @@ impl CoralApiServer for Proxy {
             .await
     }
 
-    async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
-        self.forward(|c| async move { c.track_similar(id, limit).await })
+    async fn track_similar(
+        &self,
+        track: TrackRef,
+        limit: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        self.forward(|c| async move { c.track_similar(track, limit, options).await })
+            .await
+    }
+
+    async fn track_lookup(
+        &self,
+        query: TrackLookup,
+        limit: Option<u32>,
+    ) -> RpcResult<Vec<TrackMatch>> {
+        self.forward(|c| async move { c.track_lookup(query, limit).await })
             .await
     }
 }
@@ -462,6 +477,7 @@ mod tests {
             "track.get",
             "track.search",
             "track.similar",
+            "track.lookup",
             "bridge.info",
             "bridge.subscribe",
             "bridge.unsubscribe",

@@ -511,6 +511,11 @@ impl Embedder {
         self.inner.model.id
     }
 
+    /// The model as registered (id and dimension), for similarity queries.
+    pub fn model(&self) -> phase_5_store::RegisteredModel {
+        self.inner.model
+    }
+
     /// Embed these tracks for a scan, reporting each on the scan's counters (expected first,
     /// then done / skipped / failed). Resolves when every target is settled, or early with
     /// `Cancelled` when the scan is cancelled (queued work of the scan is dropped; vectors
