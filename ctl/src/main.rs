@@ -124,14 +124,16 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// Serve the live progress page and JSON-RPC over WebSocket to browsers.
+    /// Serve the live progress page, and JSON-RPC over WebSocket and plain HTTP.
     ///
-    /// The page is at http://LISTEN/ and the API at ws://LISTEN/ws: corald's methods and
-    /// notifications, plus `bridge.info` and `bridge.subscribe` (notifications `bridge.status`).
-    /// Loopback only unless --allow-remote. WebSocket handshakes from origins other than the
-    /// bridge's own and --allow-origin ones are refused. Without a token the bridge is read-only;
-    /// with one, scan.start, scan.cancel, library.add and library.remove need it: `?token=TOKEN`
-    /// on /ws or the subprotocol `coral.token.TOKEN`. Open the page as
+    /// The page is at http://LISTEN/, the API at ws://LISTEN/ws and, by POST, at
+    /// http://LISTEN/rpc: corald's methods and notifications, plus `bridge.info` and
+    /// `bridge.subscribe` (notifications `bridge.status`, WebSocket only).
+    /// Loopback only unless --allow-remote. Requests from origins other than the bridge's own
+    /// and --allow-origin ones are refused. Without a token the bridge is read-only; with one,
+    /// scan.start, scan.cancel, library.add and library.remove need it: `?token=TOKEN`, the
+    /// subprotocol `coral.token.TOKEN` on /ws, or `Authorization: Bearer TOKEN` on /rpc;
+    /// --token-required-for-reads makes every method need it. Open the page as
     /// http://LISTEN/?token=TOKEN, or type the token into it.
     Bridge(bridge::BridgeArgs),
     /// Write shell completions or man pages into DIR (used when packaging).

@@ -120,7 +120,7 @@ impl Proxy {
         }
         let message = if self.token_configured {
             format!(
-                "{method} changes the daemon's state and needs the bridge's token: connect with ?token=TOKEN or the WebSocket subprotocol coral.token.TOKEN"
+                "{method} changes the daemon's state and needs the bridge's token: connect with ?token=TOKEN or the WebSocket subprotocol coral.token.TOKEN (on POST /rpc: Authorization: Bearer TOKEN)"
             )
         } else {
             format!(
