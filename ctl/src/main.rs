@@ -102,6 +102,37 @@ enum Command {
         #[arg(long, conflicts_with = "json")]
         m3u: bool,
     },
+    /// A sonic path from one track to another (ids or paths): A first, B last, each step
+    /// closer to B. Scores are each track's centred cosine to B.
+    Path {
+        from: String,
+        to: String,
+        /// Tracks on the path, both ends included (at most).
+        #[arg(long, default_value_t = 25)]
+        count: u32,
+        /// Print an M3U8 playlist of the tracks' absolute paths.
+        #[arg(long, conflicts_with = "json")]
+        m3u: bool,
+    },
+    /// Tracks around some seeds (ids or paths, up to 20), or an album's or artist's tracks,
+    /// diversified. Scores are centred cosine to the seeds' centroid.
+    Mix {
+        seeds: Vec<String>,
+        /// Seed with the tracks of this album (also: with --artist, that artist's album).
+        #[arg(long)]
+        album: Option<String>,
+        /// Seed with the tracks of this artist.
+        #[arg(long)]
+        artist: Option<String>,
+        #[arg(long, default_value_t = 25)]
+        count: u32,
+        /// At most N tracks of one artist.
+        #[arg(long, value_name = "N")]
+        max_per_artist: Option<u32>,
+        /// Print an M3U8 playlist of the tracks' absolute paths.
+        #[arg(long, conflicts_with = "json")]
+        m3u: bool,
+    },
     /// Find indexed tracks by what a media server knows: path, MusicBrainz recording id, ISRC,
     /// or artist and title (and duration). Best match first, with the rule that matched.
     Lookup {
@@ -381,14 +412,44 @@ async fn run(cli: Cli) -> Result<u8> {
             let list = client
                 .track_similar(track_ref(&track), Some(limit), Some(options))
                 .await?;
-            if json {
-                print_json(&list)?
-            } else if m3u {
-                let tracks: Vec<_> = list.iter().map(|s| &s.track).collect();
-                print!("{}", output::m3u(&tracks))
-            } else {
-                output::similar(&list)
-            }
+            print_scored(&list, json, m3u)?
+        }
+        Command::Path {
+            from,
+            to,
+            count,
+            m3u,
+        } => {
+            let list = client
+                .track_path(track_ref(&from), track_ref(&to), Some(count), None)
+                .await?;
+            print_scored(&list, json, m3u)?
+        }
+        Command::Mix {
+            seeds,
+            album,
+            artist,
+            count,
+            max_per_artist,
+            m3u,
+        } => {
+            let group = coral_proto::SeedGroup {
+                tracks: seeds.iter().map(|s| track_ref(s)).collect(),
+                album,
+                artist,
+            };
+            let options = coral_proto::SimilarOptions {
+                max_per_artist,
+                ..coral_proto::SimilarOptions::default()
+            };
+            let list = client
+                .track_mix(
+                    coral_proto::MixSeeds::Group(group),
+                    Some(count),
+                    Some(options),
+                )
+                .await?;
+            print_scored(&list, json, m3u)?
         }
         Command::Lookup {
             path,
@@ -425,6 +486,19 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Bridge(_) | Command::Generate { .. } => {}
     }
     Ok(0)
+}
+
+/// Scored tracks as JSON, an M3U8 playlist, or a table.
+fn print_scored(list: &[coral_proto::SimilarTrack], json: bool, m3u: bool) -> Result<()> {
+    if json {
+        print_json(&list)?
+    } else if m3u {
+        let tracks: Vec<_> = list.iter().map(|s| &s.track).collect();
+        print!("{}", output::m3u(&tracks))
+    } else {
+        output::similar(list)
+    }
+    Ok(())
 }
 
 /// A track argument: all digits is an id, anything else a path (made absolute).

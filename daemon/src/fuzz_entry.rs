@@ -12,9 +12,9 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use coral_proto::{
-    CoralApiServer, DaemonStatus, Library, LibrarySelector, RpcResult, ScanFilter, ScanProgress,
-    ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup, TrackMatch, TrackRef, codes,
-    errors::error,
+    CoralApiServer, DaemonStatus, Library, LibrarySelector, MixSeeds, RpcResult, ScanFilter,
+    ScanProgress, ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup, TrackMatch,
+    TrackRef, codes, errors::error,
 };
 use jsonrpsee::core::{SubscriptionResult, async_trait};
 use jsonrpsee::{PendingSubscriptionSink, RpcModule};
@@ -227,6 +227,41 @@ impl CoralApiServer for ParamsOnly {
             return Err(broken(format!("similar options became {f:?}")));
         }
         accepted("track.similar")
+    }
+
+    async fn track_path(
+        &self,
+        from: TrackRef,
+        to: TrackRef,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        params::track_ref(&from)?;
+        params::track_ref(&to)?;
+        params::similar_options(options)?;
+        let n = params::path_count(count);
+        if !(2..=200).contains(&n) {
+            return Err(broken(format!("path count {n}")));
+        }
+        accepted("track.path")
+    }
+
+    async fn track_mix(
+        &self,
+        seeds: MixSeeds,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        let s = params::mix_seeds(&seeds)?;
+        params::similar_options(options)?;
+        let n = params::mix_count(count);
+        if s.tracks.len() > 20 || !(1..=1000).contains(&n) {
+            return Err(broken(format!(
+                "mix of {} seeds, count {n}",
+                s.tracks.len()
+            )));
+        }
+        accepted("track.mix")
     }
 
     async fn track_lookup(

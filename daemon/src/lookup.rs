@@ -40,6 +40,14 @@ impl std::fmt::Display for TrackWanted {
     }
 }
 
+/// `track.mix`'s checked seeds: tracks, and an album and/or artist (folded).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seeds {
+    pub tracks: Vec<TrackWanted>,
+    pub album: Option<String>,
+    pub artist: Option<String>,
+}
+
 /// A checked `track.lookup` query: at least one rule can run. Text keys are trimmed; artist,
 /// title and album are folded (accents, case, punctuation).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -180,4 +188,46 @@ fn by_artist_title(found: Vec<TrackRecord>, q: &LookupQuery) -> Vec<TrackRecord>
             .then(a.2.id.cmp(&b.2.id))
     });
     hits.into_iter().map(|(_, _, t)| t).collect()
+}
+
+/// Up to `limit` tracks of an album and/or artist (folded: the album's name, any artist
+/// credit or the album artist), those with a vector first, in album order.
+pub async fn album_or_artist(
+    pool: &PgPool,
+    album: Option<&str>,
+    artist: Option<&str>,
+    limit: usize,
+) -> sqlx::Result<Vec<TrackRecord>> {
+    let words: Vec<&str> = album
+        .into_iter()
+        .chain(artist)
+        .flat_map(|s| s.split(' '))
+        .collect();
+    if words.is_empty() {
+        return Ok(Vec::new());
+    }
+    let found = tracks::with_words(pool, &words.join(" & "), 10 * CANDIDATES).await?;
+    let mut hits: Vec<TrackRecord> = found
+        .into_iter()
+        .filter(|t| album.is_none_or(|a| t.album.as_deref().map(fold).as_deref() == Some(a)))
+        .filter(|t| {
+            artist.is_none_or(|a| {
+                t.artist
+                    .iter()
+                    .chain(t.artists.iter())
+                    .chain(t.album_artist.iter())
+                    .any(|x| fold(x) == a)
+            })
+        })
+        .collect();
+    hits.sort_by(|a, b| {
+        b.has_embedding
+            .cmp(&a.has_embedding)
+            .then(a.album.cmp(&b.album))
+            .then(a.disc_number.cmp(&b.disc_number))
+            .then(a.track_number.cmp(&b.track_number))
+            .then(a.id.cmp(&b.id))
+    });
+    hits.truncate(limit);
+    Ok(hits)
 }

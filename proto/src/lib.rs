@@ -93,6 +93,30 @@ pub trait CoralApi {
         options: Option<SimilarOptions>,
     ) -> RpcResult<Vec<SimilarTrack>>;
 
+    /// A sonic path from `from` to `to`: `from` first, `to` last, at most `count` tracks
+    /// (default 25), no repeats; each step lies near the straight line between the two in
+    /// centred embedding space and is closer to `to` than the one before. `score` is each
+    /// track's centred cosine to `to`, rising strictly along the path.
+    #[method(name = "track.path")]
+    async fn track_path(
+        &self,
+        from: TrackRef,
+        to: TrackRef,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>>;
+
+    /// Up to `count` tracks (default 25) around up to 20 seeds (tracks, or an album or
+    /// artist), no seeds and no repeats, diversified; `score` is each track's centred cosine
+    /// to the seeds' centroid. `options.max_per_artist` caps artists.
+    #[method(name = "track.mix")]
+    async fn track_mix(
+        &self,
+        seeds: MixSeeds,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>>;
+
     /// Find indexed tracks from what a media server knows of one (path, MusicBrainz recording
     /// id, ISRC, artist + title + duration): best match first, each with the rule it matched.
     #[method(name = "track.lookup")]

@@ -186,6 +186,27 @@ pub struct SimilarOptions {
     pub max_per_artist: Option<u32>,
 }
 
+/// The seeds of `track.mix`: a list of tracks, or an object naming tracks, an album and/or an
+/// artist (folded comparison; up to 20 of their tracks become seeds). At most 20 tracks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MixSeeds {
+    Tracks(Vec<TrackRef>),
+    Group(SeedGroup),
+}
+
+/// The object form of [`MixSeeds`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedGroup {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tracks: Vec<TrackRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub album: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artist: Option<String>,
+}
+
 /// What a media server knows of a track, for `track.lookup`: any of the fields. Rules are
 /// tried in this order: `path`, `mbid`, `isrc`, then `artist` + `title` (+ `duration_s`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

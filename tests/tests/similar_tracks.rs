@@ -8,126 +8,17 @@
 //!
 //! Needs corald built with `--features corald/embed`; without it the tests stop early.
 
-use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
-use coral_proto::{
-    CoralApiClient, ScanPhase, SimilarOptions, SimilarTrack, TrackKey, TrackRef, codes,
-};
-use coral_tests::daemon::{Daemon, add_and_scan, traversable_tempdir};
-use coral_tests::fixtures;
-use coral_tests::music::{self, MusicKind};
-use coral_tests::tagger::{self, Flavour};
+use anyhow::{Result, bail, ensure};
+use coral_proto::{CoralApiClient, SimilarOptions, SimilarTrack, TrackKey, TrackRef, codes};
+use coral_tests::daemon::{Daemon, traversable_tempdir};
+use coral_tests::music::MusicKind;
+use coral_tests::similarity::{daemon, embeddings_on, make, parse_m3u8, scan_all, spec, track_ids};
 use jsonrpsee::core::client::Error as ClientError;
 use pgvector::Vector;
 
 const MBID: &str = "6f1b3c2e-1d5a-4c3b-9a51-0c6e2f0d7a11";
-
-/// One file to make: where, what music, which tags; `transcode_of` makes it from another
-/// file of the list with ffmpeg instead of from the synthesiser.
-struct Spec {
-    rel: &'static str,
-    kind: MusicKind,
-    variant: u32,
-    seconds: f64,
-    artist: &'static str,
-    title: &'static str,
-    mbid: Option<&'static str>,
-    transcode_of: Option<&'static str>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spec(
-    rel: &'static str,
-    kind: MusicKind,
-    variant: u32,
-    seconds: f64,
-    artist: &'static str,
-    title: &'static str,
-    mbid: Option<&'static str>,
-    transcode_of: Option<&'static str>,
-) -> Spec {
-    Spec {
-        rel,
-        kind,
-        variant,
-        seconds,
-        artist,
-        title,
-        mbid,
-        transcode_of,
-    }
-}
-
-fn flavour(rel: &str) -> Flavour {
-    if rel.ends_with(".mp3") {
-        Flavour::Id3v24
-    } else {
-        Flavour::Vorbis
-    }
-}
-
-/// Make and tag the files of `specs` under `root`.
-fn make(root: &Path, specs: &[Spec]) -> Result<()> {
-    for s in specs {
-        let path = match s.transcode_of {
-            None => music::make_music(root, s.rel, s.kind, s.variant, s.seconds)?,
-            Some(src) => {
-                let src = root.join(src);
-                fixtures::encode_into_place(root, s.rel, &[OsStr::new("-i"), src.as_os_str()])?
-            }
-        };
-        let mut tags: Vec<(&str, &[&str])> = vec![
-            ("artist", std::slice::from_ref(&s.artist)),
-            ("title", std::slice::from_ref(&s.title)),
-        ];
-        if let Some(m) = &s.mbid {
-            tags.push(("musicbrainz_trackid", std::slice::from_ref(m)));
-        }
-        tagger::tag(&path, flavour(s.rel), &tags)?;
-    }
-    Ok(())
-}
-
-/// A daemon that embeds tracks from 10 s on, with extra environment (test hooks).
-async fn daemon(env: &[(&str, &str)]) -> Result<(Daemon, tempfile::TempDir)> {
-    let dir = traversable_tempdir()?;
-    let config = dir.path().join("corald.toml");
-    std::fs::write(&config, "[embed]\nmin_duration_s = 10\n")?;
-    let d = Daemon::start_with_env(&["--config", &config.to_string_lossy()], env).await?;
-    Ok((d, dir))
-}
-
-/// False (and the test ends) when corald was built without embeddings.
-async fn embeddings_on(d: &Daemon) -> Result<bool> {
-    let s = d.client().await?.daemon_status().await?;
-    if !s.embedding.enabled {
-        eprintln!(
-            "corald runs without embeddings ({:?}): stopping",
-            s.warnings
-        );
-    }
-    Ok(s.embedding.enabled)
-}
-
-async fn scan_all(d: &Daemon, root: &Path, files: u64) -> Result<i64> {
-    let c = d.client().await?;
-    let (id, p) = add_and_scan(&c, root).await?;
-    ensure!(p.phase == ScanPhase::Completed, "{p:?}");
-    ensure!(p.embeddings_done == files, "every file embedded: {p:?}");
-    Ok(id)
-}
-
-/// Track id by path relative to the library it is in.
-async fn ids(d: &Daemon) -> Result<HashMap<String, i64>> {
-    let mut db = d.db().await?;
-    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, rel_path_text FROM tracks")
-        .fetch_all(&mut db)
-        .await?;
-    Ok(rows.into_iter().map(|(id, rel)| (rel, id)).collect())
-}
 
 fn by_path(p: &Path) -> TrackRef {
     TrackRef::Key(TrackKey {
@@ -164,57 +55,12 @@ async fn other_files_of_the_same_recording_are_not_neighbours() -> Result<()> {
     use MusicKind::*;
     let lib = traversable_tempdir()?;
     let specs = [
-        spec(
-            "d0.flac",
-            Drums,
-            0,
-            22.0,
-            "Drum Crew",
-            "Kick Start",
-            None,
-            None,
-        ),
+        spec("d0.flac", Drums, 0, 22.0, "Drum Crew", "Kick Start"),
         // The same recording: an MP3 transcode with the same artist and title.
-        spec(
-            "d0.mp3",
-            Drums,
-            0,
-            22.0,
-            "Drum Crew",
-            "Kick Start",
-            None,
-            Some("d0.flac"),
-        ),
-        spec(
-            "d1.flac",
-            Drums,
-            1,
-            26.0,
-            "Drum Crew",
-            "Backbeat",
-            None,
-            None,
-        ),
-        spec(
-            "d2.ogg",
-            Drums,
-            2,
-            30.0,
-            "Other Drums",
-            "Rimshot",
-            None,
-            None,
-        ),
-        spec(
-            "c0.flac",
-            Chords,
-            0,
-            24.0,
-            "Pad Choir",
-            "Sunrise",
-            Some(MBID),
-            None,
-        ),
+        spec("d0.mp3", Drums, 0, 22.0, "Drum Crew", "Kick Start").transcode_of("d0.flac"),
+        spec("d1.flac", Drums, 1, 26.0, "Drum Crew", "Backbeat"),
+        spec("d2.ogg", Drums, 2, 30.0, "Other Drums", "Rimshot"),
+        spec("c0.flac", Chords, 0, 24.0, "Pad Choir", "Sunrise").mbid(MBID),
         // The same recording by MusicBrainz id, titled differently.
         spec(
             "c0 remaster.mp3",
@@ -223,21 +69,12 @@ async fn other_files_of_the_same_recording_are_not_neighbours() -> Result<()> {
             24.0,
             "Pad Choir",
             "Sunrise (2024)",
-            Some(MBID),
-            Some("c0.flac"),
-        ),
-        spec("c1.flac", Chords, 1, 28.0, "Pad Choir", "Dusk", None, None),
-        spec(
-            "s0.flac",
-            DistortedSaw,
-            0,
-            23.0,
-            "Fuzz",
-            "Grind",
-            None,
-            None,
-        ),
-        spec("s1.mp3", DistortedSaw, 1, 27.0, "Fuzz", "Buzz", None, None),
+        )
+        .mbid(MBID)
+        .transcode_of("c0.flac"),
+        spec("c1.flac", Chords, 1, 28.0, "Pad Choir", "Dusk"),
+        spec("s0.flac", DistortedSaw, 0, 23.0, "Fuzz", "Grind"),
+        spec("s1.mp3", DistortedSaw, 1, 27.0, "Fuzz", "Buzz"),
     ];
     make(lib.path(), &specs)?;
     let (d, _config) = daemon(&[]).await?;
@@ -246,7 +83,7 @@ async fn other_files_of_the_same_recording_are_not_neighbours() -> Result<()> {
     }
     scan_all(&d, lib.path(), specs.len() as u64).await?;
     let c = d.client().await?;
-    let id = ids(&d).await?;
+    let id = track_ids(&d).await?;
     let d0 = lib.path().join("d0.flac");
 
     // By path, the default: the MP3 of the same recording is not a neighbour.
@@ -380,26 +217,6 @@ async fn other_files_of_the_same_recording_are_not_neighbours() -> Result<()> {
     Ok(())
 }
 
-/// A strict M3U8 reader: `#EXTM3U` first, then for each entry an `#EXTINF:<seconds>,<name>`
-/// line followed by an absolute path; nothing else, no empty lines, valid UTF-8.
-fn parse_m3u8(text: &str) -> Result<Vec<(i64, PathBuf)>> {
-    let mut lines = text.lines();
-    ensure!(lines.next() == Some("#EXTM3U"), "header: {text:?}");
-    let mut out = Vec::new();
-    while let Some(info) = lines.next() {
-        let rest = info
-            .strip_prefix("#EXTINF:")
-            .with_context(|| format!("expected #EXTINF, got {info:?}"))?;
-        let (secs, name) = rest.split_once(',').context("no name after the duration")?;
-        ensure!(!name.is_empty(), "empty name in {info:?}");
-        let path = lines.next().context("an #EXTINF without a path")?;
-        ensure!(path.starts_with('/'), "not absolute: {path:?}");
-        out.push((secs.parse::<i64>()?, PathBuf::from(path)));
-    }
-    ensure!(text.ends_with('\n'), "ends with a line break");
-    Ok(out)
-}
-
 /// The HNSW candidate search (forced by the test hook): library scoping keeps another
 /// library's tracks out while enough remain, and the model's mean vector (sum and count) stays
 /// equal to a fresh sum over the stored vectors when vectors are added and a library's are
@@ -412,17 +229,17 @@ async fn library_scoping_keeps_other_libraries_out() -> Result<()> {
     make(
         a.path(),
         &[
-            spec("a0.flac", Drums, 0, 21.0, "A", "a0", None, None),
-            spec("a1.flac", Drums, 1, 23.0, "A", "a1", None, None),
-            spec("a2.flac", Chords, 0, 25.0, "A", "a2", None, None),
-            spec("a3.flac", DistortedSaw, 0, 27.0, "A", "a3", None, None),
+            spec("a0.flac", Drums, 0, 21.0, "A", "a0"),
+            spec("a1.flac", Drums, 1, 23.0, "A", "a1"),
+            spec("a2.flac", Chords, 0, 25.0, "A", "a2"),
+            spec("a3.flac", DistortedSaw, 0, 27.0, "A", "a3"),
         ],
     )?;
     make(
         b.path(),
         &[
-            spec("b0.flac", Drums, 2, 22.0, "B", "b0", None, None),
-            spec("b1.flac", Drums, 3, 24.0, "B", "b1", None, None),
+            spec("b0.flac", Drums, 2, 22.0, "B", "b0"),
+            spec("b1.flac", Drums, 3, 24.0, "B", "b1"),
         ],
     )?;
     let (d, _config) = daemon(&[("CORALD_TEST_SIMILAR_EXACT_MAX", "0")]).await?;
@@ -433,7 +250,7 @@ async fn library_scoping_keeps_other_libraries_out() -> Result<()> {
     let lib_b = scan_all(&d, b.path(), 2).await?;
     centroid_matches(&d, 6).await?;
     let c = d.client().await?;
-    let id = ids(&d).await?;
+    let id = track_ids(&d).await?;
     let a0 = TrackRef::Id(id["a0.flac"]);
 
     let everywhere = c.track_similar(a0.clone(), Some(10), None).await?;

@@ -12,9 +12,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use coral_proto::{
-    CoralApiClient, CoralApiServer, DaemonStatus, Library, LibrarySelector, RpcResult, ScanFilter,
-    ScanProgress, ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup, TrackMatch,
-    TrackRef, codes, errors::error,
+    CoralApiClient, CoralApiServer, DaemonStatus, Library, LibrarySelector, MixSeeds, RpcResult,
+    ScanFilter, ScanProgress, ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup,
+    TrackMatch, TrackRef, codes, errors::error,
 };
 use jsonrpsee::core::client::Error as ClientError;
 use jsonrpsee::core::{SubscriptionResult, async_trait};
@@ -229,6 +229,27 @@ impl CoralApiServer for Proxy {
         options: Option<SimilarOptions>,
     ) -> RpcResult<Vec<SimilarTrack>> {
         self.forward(|c| async move { c.track_similar(track, limit, options).await })
+            .await
+    }
+
+    async fn track_path(
+        &self,
+        from: TrackRef,
+        to: TrackRef,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        self.forward(|c| async move { c.track_path(from, to, count, options).await })
+            .await
+    }
+
+    async fn track_mix(
+        &self,
+        seeds: MixSeeds,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        self.forward(|c| async move { c.track_mix(seeds, count, options).await })
             .await
     }
 
@@ -478,6 +499,8 @@ mod tests {
             "track.search",
             "track.similar",
             "track.lookup",
+            "track.path",
+            "track.mix",
             "bridge.info",
             "bridge.subscribe",
             "bridge.unsubscribe",

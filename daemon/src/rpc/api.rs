@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use coral_proto::{
-    CoralApiServer, DaemonStatus, EmbeddingStatus, Library, LibrarySelector, RpcResult, ScanFilter,
-    ScanPhase, ScanProgress, ScanStarted, ScanTrigger, SimilarOptions, SimilarTrack, Track,
-    TrackLookup, TrackMatch, TrackRef, codes, errors::error,
+    CoralApiServer, DaemonStatus, EmbeddingStatus, Library, LibrarySelector, MixSeeds, RpcResult,
+    ScanFilter, ScanPhase, ScanProgress, ScanStarted, ScanTrigger, SimilarOptions, SimilarTrack,
+    Track, TrackLookup, TrackMatch, TrackRef, codes, errors::error,
 };
 use jsonrpsee::core::{SubscriptionResult, async_trait};
 use jsonrpsee::types::ErrorObjectOwned;
@@ -131,9 +131,20 @@ fn resolve_subdir(root: &Path, path: &str) -> Result<Option<PathBuf>, ErrorObjec
     Ok(Some(clean))
 }
 
+fn similar_tracks(scored: Vec<(TrackRecord, f64)>) -> Vec<SimilarTrack> {
+    scored
+        .into_iter()
+        .map(|(r, score)| SimilarTrack {
+            score,
+            track: Track::from(r),
+        })
+        .collect()
+}
+
 fn similarity_error(e: SimilarityError) -> ErrorObjectOwned {
     match e {
         SimilarityError::NoEmbedding(_) => error(codes::EMBEDDING_UNAVAILABLE, e.to_string()),
+        SimilarityError::Invalid(_) => error(codes::INVALID_ARGUMENT, e.to_string()),
         SimilarityError::Database(e) => db_error(e),
     }
 }
@@ -552,13 +563,65 @@ impl CoralApiServer for CoralRpc {
             .similar(&record, &filter, limit)
             .await
             .map_err(similarity_error)?;
-        Ok(near
-            .into_iter()
-            .map(|(r, score)| SimilarTrack {
-                score,
-                track: Track::from(r),
-            })
-            .collect())
+        Ok(similar_tracks(near))
+    }
+
+    async fn track_path(
+        &self,
+        from: TrackRef,
+        to: TrackRef,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        let (from, to) = (params::track_ref(&from)?, params::track_ref(&to)?);
+        let filter = params::similar_options(options)?;
+        let count = params::path_count(count);
+        let similarity = self.similarity()?;
+        let (a, b) = (self.resolve(&from).await?, self.resolve(&to).await?);
+        let path = similarity
+            .path(&a, &b, count, &filter)
+            .await
+            .map_err(similarity_error)?;
+        Ok(similar_tracks(path))
+    }
+
+    async fn track_mix(
+        &self,
+        seeds: MixSeeds,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        let seeds = params::mix_seeds(&seeds)?;
+        let filter = params::similar_options(options)?;
+        let count = params::mix_count(count);
+        let similarity = self.similarity()?;
+        let mut records = Vec::with_capacity(seeds.tracks.len());
+        for wanted in &seeds.tracks {
+            records.push(self.resolve(wanted).await?);
+        }
+        if seeds.album.is_some() || seeds.artist.is_some() {
+            let group = crate::lookup::album_or_artist(
+                &self.ctx().pool,
+                seeds.album.as_deref(),
+                seeds.artist.as_deref(),
+                crate::similarity::MAX_SEEDS,
+            )
+            .await
+            .map_err(db_error)?;
+            if group.is_empty() {
+                return Err(error(
+                    codes::TRACK_NOT_FOUND,
+                    "no track has that album or artist",
+                ));
+            }
+            records.extend(group);
+        }
+        records.truncate(crate::similarity::MAX_SEEDS);
+        let mix = similarity
+            .mix(&records, count, &filter)
+            .await
+            .map_err(similarity_error)?;
+        Ok(similar_tracks(mix))
     }
 
     async fn track_lookup(

@@ -4,10 +4,12 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use coral_proto::{ScanMode, SimilarOptions, TrackLookup, TrackRef, codes, errors::error};
+use coral_proto::{
+    MixSeeds, ScanMode, SimilarOptions, TrackLookup, TrackRef, codes, errors::error,
+};
 use jsonrpsee::types::ErrorObjectOwned;
 
-use crate::lookup::{LookupQuery, TrackWanted};
+use crate::lookup::{LookupQuery, Seeds, TrackWanted};
 use crate::similarity::SimilarFilter;
 
 /// Default and largest page of `scan.list` and `track.search`.
@@ -16,6 +18,8 @@ const MAX_LIST_LIMIT: u32 = 1000;
 /// Default and largest neighbour count of `track.similar`.
 const DEFAULT_SIMILAR_LIMIT: u32 = 10;
 const MAX_SIMILAR_LIMIT: u32 = 1000;
+/// Default length of `track.path` and `track.mix`.
+const DEFAULT_PLAYLIST_LEN: u32 = 25;
 
 /// `library.add`: the path must be absolute (it is canonicalised afterwards).
 pub fn library_path(path: &str) -> Result<&Path, ErrorObjectOwned> {
@@ -199,6 +203,51 @@ pub fn similar_options(o: Option<SimilarOptions>) -> Result<SimilarFilter, Error
     Ok(f)
 }
 
+/// `track.path`'s length: default 25, clamped to 2..=200.
+pub fn path_count(count: Option<u32>) -> u32 {
+    count
+        .unwrap_or(DEFAULT_PLAYLIST_LEN)
+        .clamp(2, crate::similarity::MAX_PATH_LEN)
+}
+
+/// `track.mix`'s length: default 25, clamped to 1..=1000.
+pub fn mix_count(count: Option<u32>) -> u32 {
+    count
+        .unwrap_or(DEFAULT_PLAYLIST_LEN)
+        .clamp(1, MAX_SIMILAR_LIMIT)
+}
+
+/// `track.mix`'s seeds: 1 to 20 tracks and/or an album or artist with words in it.
+pub fn mix_seeds(seeds: &MixSeeds) -> Result<Seeds, ErrorObjectOwned> {
+    let (tracks, album, artist) = match seeds {
+        MixSeeds::Tracks(t) => (t.as_slice(), None, None),
+        MixSeeds::Group(g) => (g.tracks.as_slice(), g.album.as_deref(), g.artist.as_deref()),
+    };
+    let max = crate::similarity::MAX_SEEDS;
+    if tracks.len() > max {
+        return Err(error(
+            codes::INVALID_ARGUMENT,
+            format!(
+                "a mix takes at most {max} seed tracks ({} given)",
+                tracks.len()
+            ),
+        ));
+    }
+    let folded = |s: Option<&str>| s.map(crate::text_fold::fold).filter(|s| !s.is_empty());
+    let out = Seeds {
+        tracks: tracks.iter().map(track_ref).collect::<Result<_, _>>()?,
+        album: folded(album),
+        artist: folded(artist),
+    };
+    if out.tracks.is_empty() && out.album.is_none() && out.artist.is_none() {
+        return Err(error(
+            codes::INVALID_ARGUMENT,
+            "a mix needs seeds: tracks, an album or an artist",
+        ));
+    }
+    Ok(out)
+}
+
 fn non_empty(s: &Option<String>) -> Option<String> {
     s.as_deref()
         .map(str::trim)
@@ -352,6 +401,37 @@ mod tests {
         }))
         .expect("valid");
         assert_eq!((f.min_ms, f.max_ms), (1500, i64::MAX));
+    }
+
+    #[test]
+    fn mixes_need_seeds_and_at_most_twenty_tracks() {
+        use coral_proto::SeedGroup;
+        assert!(mix_seeds(&MixSeeds::Tracks(vec![])).is_err());
+        let many = MixSeeds::Tracks((0..21).map(TrackRef::Id).collect());
+        assert_eq!(
+            mix_seeds(&many).map_err(|e| e.code()).err(),
+            Some(codes::INVALID_ARGUMENT)
+        );
+        let twenty = MixSeeds::Tracks((0..20).map(TrackRef::Id).collect());
+        assert_eq!(mix_seeds(&twenty).map(|s| s.tracks.len()).ok(), Some(20));
+        let album = MixSeeds::Group(SeedGroup {
+            album: Some(" Nuit Blanche! ".into()),
+            ..SeedGroup::default()
+        });
+        assert_eq!(
+            mix_seeds(&album).ok().and_then(|s| s.album),
+            Some("nuit blanche".into())
+        );
+        let blank = MixSeeds::Group(SeedGroup {
+            artist: Some("--".into()),
+            ..SeedGroup::default()
+        });
+        assert!(mix_seeds(&blank).is_err());
+        assert_eq!(
+            (path_count(None), path_count(Some(1)), path_count(Some(900))),
+            (25, 2, 200)
+        );
+        assert_eq!((mix_count(None), mix_count(Some(0))), (25, 1));
     }
 
     #[test]

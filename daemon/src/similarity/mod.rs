@@ -7,10 +7,16 @@
 //! centred, an unrelated pair scores near 0, a near-identical one near 1, and the scores
 //! spread over [-1, 1]. Candidates come from [`vectors::candidates`] (an exact scan while the
 //! model has at most [`EXACT_SCAN_MAX`] vectors, the HNSW index with over-fetch beyond), then
-//! [`rank::thin`] drops other files of the same recording and caps artists.
+//! [`rank::thin`] drops other files of the same recording and caps artists. `path.rs` and
+//! `mix.rs` build sonic paths and mixes from the same candidates.
 
+mod mix;
+mod path;
 pub mod rank;
 pub mod vectors;
+
+pub use mix::MAX_SEEDS;
+pub use path::MAX_PATH_LEN;
 
 use sqlx::PgPool;
 
@@ -23,7 +29,7 @@ pub const EXACT_SCAN_MAX: i64 = 5_000;
 /// Candidates read per neighbour asked (the filters in Rust drop some), and at least this many.
 const OVERFETCH: u32 = 4;
 const MIN_CANDIDATES: u32 = 100;
-const MAX_CANDIDATES: u32 = 4_000;
+pub(crate) const MAX_CANDIDATES: u32 = 4_000;
 
 /// `track.similar`'s checked filters.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +60,8 @@ pub enum SimilarityError {
          shows embedding progress"
     )]
     NoEmbedding(i64),
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -70,6 +78,42 @@ impl Similarity {
         Similarity { pool, model }
     }
 
+    /// The stored vector of `track`.
+    async fn vector(&self, track: &TrackRecord) -> Result<Vec<f32>, SimilarityError> {
+        phase_5_store::embedding_of(&self.pool, self.model.id, track.id)
+            .await?
+            .ok_or(SimilarityError::NoEmbedding(track.id))
+    }
+
+    /// Candidates around the centred direction `centred` (a unit vector after the mean is
+    /// subtracted), with their rows and vectors, best first.
+    async fn around(
+        &self,
+        centred: &[f32],
+        mean: &[f32],
+        count: i64,
+        scope: &vectors::Scope,
+        k: u32,
+    ) -> Result<Vec<(TrackRecord, f64, Vec<f32>)>, SimilarityError> {
+        // A raw query whose centred part is `centred` (the index path searches raw vectors).
+        let raw: Vec<f32> = centred.iter().zip(mean).map(|(c, m)| c + m).collect();
+        let exact = count <= crate::test_hooks::similar_exact_scan_max(EXACT_SCAN_MAX);
+        let scored =
+            vectors::candidates(&self.pool, self.model, &raw, mean, scope, k, exact).await?;
+        let ids: Vec<i64> = scored.iter().map(|(id, _)| *id).collect();
+        let mut records: std::collections::HashMap<i64, TrackRecord> =
+            tracks::get_many(&self.pool, &ids)
+                .await?
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect();
+        let mut vecs = vectors::embeddings(&self.pool, self.model, &ids).await?;
+        Ok(scored
+            .into_iter()
+            .filter_map(|(id, s)| Some((records.remove(&id)?, s, vecs.remove(&id)?)))
+            .collect())
+    }
+
     /// The neighbours of `track`, best first, at most `limit`, with `filter` applied.
     pub async fn similar(
         &self,
@@ -77,9 +121,7 @@ impl Similarity {
         filter: &SimilarFilter,
         limit: u32,
     ) -> Result<Vec<(TrackRecord, f64)>, SimilarityError> {
-        let query = phase_5_store::embedding_of(&self.pool, self.model.id, track.id)
-            .await?
-            .ok_or(SimilarityError::NoEmbedding(track.id))?;
+        let query = self.vector(track).await?;
         let centroid = vectors::centroid(&self.pool, self.model).await?;
         let scope = vectors::Scope {
             exclude: vec![track.id],

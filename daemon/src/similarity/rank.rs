@@ -116,6 +116,18 @@ pub fn centred_cosine(a: &[f32], b: &[f32], mean: &[f32]) -> f64 {
     }
 }
 
+/// `v - mean`, scaled to length 1 (`None` when it has no direction).
+pub fn centred_unit(v: &[f32], mean: &[f32]) -> Option<Vec<f32>> {
+    let c: Vec<f64> = v.iter().zip(mean).map(|(x, m)| f64::from(x - m)).collect();
+    unit(&c)
+}
+
+/// `v` scaled to length 1, as f32 (`None` for a zero or non-finite vector).
+pub fn unit(v: &[f64]) -> Option<Vec<f32>> {
+    let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    (n > 0.0 && n.is_finite()).then(|| v.iter().map(|x| (x / n) as f32).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

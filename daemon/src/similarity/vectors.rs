@@ -127,3 +127,22 @@ pub async fn candidates(
         .map(|(id, s)| (id, s.filter(|s| s.is_finite()).unwrap_or(0.0)))
         .collect())
 }
+
+/// The stored vectors of `ids` for a model (tracks without one are left out).
+pub async fn embeddings(
+    pool: &PgPool,
+    model: RegisteredModel,
+    ids: &[i64],
+) -> sqlx::Result<std::collections::HashMap<i64, Vec<f32>>> {
+    if ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let rows: Vec<(i64, Vector)> = sqlx::query_as(
+        "SELECT track_id, embedding FROM track_embeddings WHERE model_id = $1 AND track_id = ANY($2)",
+    )
+    .bind(model.id)
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, v)| (id, v.to_vec())).collect())
+}
