@@ -573,16 +573,6 @@ impl Embedder {
         .collect())
     }
 
-    /// Nearest neighbours by cosine distance (HNSW index), excluding the track itself:
-    /// `(track_id, cosine similarity)`, best first.
-    pub async fn similar(&self, track_id: i64, limit: u32) -> Result<Vec<(i64, f64)>, EmbedError> {
-        let i = &self.inner;
-        let v = phase_5_store::embedding_of(&i.pool, i.model.id, track_id)
-            .await?
-            .ok_or(EmbedError::NoEmbedding(track_id))?;
-        Ok(phase_5_store::nearest(&i.pool, i.model, &v, track_id, limit).await?)
-    }
-
     async fn run(
         &self,
         request_id: Uuid,

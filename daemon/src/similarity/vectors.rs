@@ -55,6 +55,38 @@ pub struct Scope {
     pub max_ms: i64,
 }
 
+/// The candidate filters: `$3` ids left out, `$4` libraries (or NULL), `$5`..`$6` duration.
+const FILTERS: &str = "e.track_id <> ALL($3) AND ($4::bigint[] IS NULL OR t.library_id = ANY($4))
+                       AND t.duration_ms BETWEEN $5 AND $6";
+
+/// The exact scan: `$1` the mean, `$2` the centred query, `$7` how many.
+pub fn exact_sql(model: RegisteredModel) -> String {
+    let id = model.id;
+    format!(
+        "SELECT e.track_id, 1 - ((e.embedding - $1::vector) <=> $2::vector) AS score
+         FROM track_embeddings e JOIN tracks t ON t.id = e.track_id
+         WHERE e.model_id = {id} AND {FILTERS}
+         ORDER BY (e.embedding - $1::vector) <=> $2::vector
+         LIMIT $7"
+    )
+}
+
+/// The index search: `$7` the raw query, `$8` how many raw-cosine candidates (from the model's
+/// partial HNSW index), re-scored by centred cosine (`$1` the mean, `$2` the centred query).
+pub fn index_sql(model: RegisteredModel) -> String {
+    let (dim, id) = (model.dim, model.id);
+    format!(
+        "WITH c AS MATERIALIZED (
+             SELECT e.track_id, e.embedding
+             FROM track_embeddings e JOIN tracks t ON t.id = e.track_id
+             WHERE e.model_id = {id} AND {FILTERS}
+             ORDER BY e.embedding::vector({dim}) <=> $7::vector({dim})
+             LIMIT $8)
+         SELECT track_id, 1 - ((embedding - $1::vector) <=> $2::vector) AS score
+         FROM c ORDER BY score DESC NULLS LAST"
+    )
+}
+
 /// Up to `k` candidates `(track_id, centred cosine)`, best first.
 pub async fn candidates(
     pool: &PgPool,
@@ -65,20 +97,10 @@ pub async fn candidates(
     k: u32,
     exact: bool,
 ) -> sqlx::Result<Vec<(i64, f64)>> {
-    let (dim, id) = (model.dim, model.id);
     let centred: Vec<f32> = query.iter().zip(mean).map(|(q, m)| q - m).collect();
-    let filters = "e.track_id <> ALL($3) AND ($4::bigint[] IS NULL OR t.library_id = ANY($4))
-                   AND t.duration_ms BETWEEN $5 AND $6";
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, Option<f64>)> = if exact {
-        let sql = format!(
-            "SELECT e.track_id, 1 - ((e.embedding - $1::vector) <=> $2::vector) AS score
-             FROM track_embeddings e JOIN tracks t ON t.id = e.track_id
-             WHERE e.model_id = {id} AND {filters}
-             ORDER BY (e.embedding - $1::vector) <=> $2::vector
-             LIMIT $7"
-        );
-        sqlx::query_as(AssertSqlSafe(sql))
+        sqlx::query_as(AssertSqlSafe(exact_sql(model)))
             .bind(Vector::from(mean.to_vec()))
             .bind(Vector::from(centred))
             .bind(&scope.exclude)
@@ -98,17 +120,7 @@ pub async fn candidates(
         sqlx::query("SET LOCAL hnsw.iterative_scan = relaxed_order")
             .execute(&mut *tx)
             .await?;
-        let sql = format!(
-            "WITH c AS MATERIALIZED (
-                 SELECT e.track_id, e.embedding
-                 FROM track_embeddings e JOIN tracks t ON t.id = e.track_id
-                 WHERE e.model_id = {id} AND {filters}
-                 ORDER BY e.embedding::vector({dim}) <=> $7::vector({dim})
-                 LIMIT $8)
-             SELECT track_id, 1 - ((embedding - $1::vector) <=> $2::vector) AS score
-             FROM c ORDER BY score DESC NULLS LAST"
-        );
-        sqlx::query_as(AssertSqlSafe(sql))
+        sqlx::query_as(AssertSqlSafe(index_sql(model)))
             .bind(Vector::from(mean.to_vec()))
             .bind(Vector::from(centred))
             .bind(&scope.exclude)
