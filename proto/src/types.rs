@@ -117,12 +117,38 @@ pub struct SimilarTrack {
 }
 
 /// A track given by its Coral id (a bare integer is accepted too), its absolute path, or its
-/// MusicBrainz recording id: exactly one of the fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// MusicBrainz recording id: exactly one of the fields. Anything else is refused with what
+/// was expected (an unknown field is named).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum TrackRef {
     Id(i64),
     Key(TrackKey),
+}
+
+impl<'de> Deserialize<'de> for TrackRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TrackRef;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a track id, or an object with one of `id`, `path`, `mbid`")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TrackRef, E> {
+                Ok(TrackRef::Id(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TrackRef, E> {
+                i64::try_from(v)
+                    .map(TrackRef::Id)
+                    .map_err(|_| E::custom(format!("track id {v} is out of range")))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<TrackRef, A::Error> {
+                TrackKey::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TrackRef::Key)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The object form of [`TrackRef`]: exactly one field set.
@@ -188,11 +214,32 @@ pub struct SimilarOptions {
 
 /// The seeds of `track.mix`: a list of tracks, or an object naming tracks, an album and/or an
 /// artist (folded comparison; up to 20 of their tracks become seeds). At most 20 tracks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum MixSeeds {
     Tracks(Vec<TrackRef>),
     Group(SeedGroup),
+}
+
+impl<'de> Deserialize<'de> for MixSeeds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MixSeeds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of tracks, or an object with `tracks`, `album`, `artist`")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<MixSeeds, A::Error> {
+                Vec::<TrackRef>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(MixSeeds::Tracks)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<MixSeeds, A::Error> {
+                SeedGroup::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(MixSeeds::Group)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The object form of [`MixSeeds`].
@@ -617,4 +664,40 @@ pub struct EmbedWorker {
     pub tracks_done: u64,
     /// Tracks stored per second over its last minute.
     pub tracks_per_second: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn track_refs_and_seeds_decode_or_say_what_was_expected() {
+        let r = |j: &str| serde_json::from_str::<TrackRef>(j).map_err(|e| e.to_string());
+        assert_eq!(r("7"), Ok(TrackRef::Id(7)));
+        assert_eq!(
+            r(r#"{"path": "/m/a.flac"}"#),
+            Ok(TrackRef::Key(TrackKey {
+                path: Some("/m/a.flac".into()),
+                ..TrackKey::default()
+            }))
+        );
+        let e = r(r#"{"paht": "/m/a.flac"}"#).err().unwrap_or_default();
+        assert!(e.contains("unknown field `paht`"), "{e}");
+        let e = r(r#""a.flac""#).err().unwrap_or_default();
+        assert!(e.contains("a track id, or an object"), "{e}");
+        assert!(r("18446744073709551615").is_err());
+        let m = |j: &str| serde_json::from_str::<MixSeeds>(j).map_err(|e| e.to_string());
+        assert_eq!(
+            m(r#"[1, {"mbid": "x"}]"#).map(|s| matches!(s, MixSeeds::Tracks(t) if t.len() == 2)),
+            Ok(true)
+        );
+        let e = m(r#"{"albun": "x"}"#).err().unwrap_or_default();
+        assert!(e.contains("unknown field `albun`"), "{e}");
+        assert!(m("3").is_err());
+        // Serialised as decoded: a bare id stays a bare id.
+        assert_eq!(
+            serde_json::to_string(&TrackRef::Id(3)).ok().as_deref(),
+            Some("3")
+        );
+    }
 }
