@@ -5,7 +5,8 @@
 //! The path property tested, exactly: the first track is A, the last is B, no track appears
 //! twice and no other file of A's or B's recording appears, and each track's centred cosine
 //! to B (computed here from the stored vectors and a fresh mean, not taken from the answer)
-//! is strictly greater than the previous track's. Mixes: no seed, no other file of a seed's
+//! is strictly greater than the previous track's; with `max_per_artist`, the cap holds with
+//! the ends counted. Mixes: no seed, no other file of a seed's
 //! recording, no repeats, at most `count` tracks, at most `max_per_artist` per artist; an
 //! album as seeds. `--m3u` playlists of both parse strictly.
 //!
@@ -135,6 +136,27 @@ async fn paths_rise_towards_the_end_and_mixes_stay_varied() -> Result<()> {
         ensure!((s.score - mine).abs() < 1e-3, "score {} vs {mine}", s.score);
     }
     eprintln!("path: {names:?}, centred cosine to B {to_b:.3?}");
+    // One per artist, the ends counted: nothing else by Drum Crew or Pad Choir in between.
+    let capped = SimilarOptions {
+        max_per_artist: Some(1),
+        ..SimilarOptions::default()
+    };
+    let path = c
+        .track_path(TrackRef::Id(a), TrackRef::Id(b), Some(8), Some(capped))
+        .await?;
+    let mut artists: Vec<_> = path
+        .iter()
+        .filter_map(|s| s.track.tags.artist.clone())
+        .collect();
+    let n = artists.len();
+    artists.sort();
+    artists.dedup();
+    ensure!(artists.len() == n && n == path.len(), "{:?}", rels(&path));
+    ensure!(
+        path.last().map(|s| s.track.id) == Some(b),
+        "{:?}",
+        rels(&path)
+    );
     let ends = c
         .track_path(TrackRef::Id(a), TrackRef::Id(b), Some(2), None)
         .await?;

@@ -1,7 +1,8 @@
 //! `track.path`: a sonic path from A to B. Waypoints are spaced evenly on the straight line
 //! between A's and B's centred vectors; at each, the candidate nearest the waypoint is taken,
 //! provided it is unused, not another file of a recording already on the path, and closer to
-//! B (centred cosine) than the track before it. So the path starts at A, ends at B, never
+//! B (centred cosine) than the track before it (and, with `max_per_artist`, of an artist not
+//! yet at the cap, A and B counted). So the path starts at A, ends at B, never
 //! repeats, and its similarity to B rises strictly at every step; it is shorter than asked
 //! when a waypoint has no such track.
 
@@ -41,6 +42,13 @@ impl Similarity {
         };
         let mut used: Vec<i64> = vec![from.id, to.id];
         let mut recordings: Vec<RecordingKey> = vec![RecordingKey::of(from), RecordingKey::of(to)];
+        let mut per_artist: std::collections::HashMap<String, u32> = [from, to]
+            .iter()
+            .filter_map(|t| rank::artist_key(t))
+            .fold(std::collections::HashMap::new(), |mut m, a| {
+                *m.entry(a).or_insert(0) += 1;
+                m
+            });
         let mut out: Vec<(TrackRecord, f64)> = vec![(from.clone(), to_b(&va))];
         let mut last = to_b(&va);
         let steps = count.clamp(2, MAX_PATH_LEN) - 1;
@@ -67,9 +75,16 @@ impl Similarity {
                 let key = RecordingKey::of(&t);
                 let repeat =
                     filter.exclude_same_recording && recordings.iter().any(|r| r.same(&key));
-                (closer > last && !repeat).then_some((t, closer, key))
+                let capped = filter.max_per_artist.is_some_and(|cap| {
+                    rank::artist_key(&t)
+                        .is_some_and(|a| per_artist.get(&a).copied().unwrap_or(0) >= cap)
+                });
+                (closer > last && !repeat && !capped).then_some((t, closer, key))
             });
             if let Some((t, closer, key)) = pick {
+                if let Some(a) = rank::artist_key(&t) {
+                    *per_artist.entry(a).or_insert(0) += 1;
+                }
                 last = closer;
                 used.push(t.id);
                 recordings.push(key);
