@@ -76,20 +76,95 @@ enum Command {
     },
     /// One track in full.
     Track { id: i64 },
-    /// Tracks that sound like this one.
+    /// Tracks that sound like this one (by id or path), best first. Scores are centred cosine
+    /// similarity: about 0 for unrelated tracks, 1 for the same sound.
     Similar {
-        id: i64,
+        /// Track id, or the path of an indexed file.
+        track: String,
         #[arg(long, default_value_t = 10)]
         limit: u32,
+        /// Only tracks of this library (id or root path); repeat for several.
+        #[arg(long = "library", value_name = "LIBRARY")]
+        libraries: Vec<String>,
+        /// Only tracks at least this many seconds long.
+        #[arg(long, value_name = "SECONDS")]
+        min_duration: Option<f64>,
+        /// Only tracks at most this many seconds long.
+        #[arg(long, value_name = "SECONDS")]
+        max_duration: Option<f64>,
+        /// At most N tracks of one artist.
+        #[arg(long, value_name = "N")]
+        max_per_artist: Option<u32>,
+        /// Keep other files of the same recording (left out by default).
+        #[arg(long)]
+        include_same_recording: bool,
+        /// Print an M3U8 playlist of the tracks' absolute paths.
+        #[arg(long, conflicts_with = "json")]
+        m3u: bool,
     },
-    /// Serve the live progress page and JSON-RPC over WebSocket to browsers.
+    /// A sonic path from one track to another (ids or paths): A first, B last, each step
+    /// closer to B. Scores are each track's centred cosine to B.
+    Path {
+        from: String,
+        to: String,
+        /// Tracks on the path, both ends included (at most).
+        #[arg(long, default_value_t = 25)]
+        count: u32,
+        /// Print an M3U8 playlist of the tracks' absolute paths.
+        #[arg(long, conflicts_with = "json")]
+        m3u: bool,
+    },
+    /// Tracks around some seeds (ids or paths, up to 20), or an album's or artist's tracks,
+    /// diversified. Scores are centred cosine to the seeds' centroid.
+    Mix {
+        seeds: Vec<String>,
+        /// Seed with the tracks of this album (also: with --artist, that artist's album).
+        #[arg(long)]
+        album: Option<String>,
+        /// Seed with the tracks of this artist.
+        #[arg(long)]
+        artist: Option<String>,
+        #[arg(long, default_value_t = 25)]
+        count: u32,
+        /// At most N tracks of one artist.
+        #[arg(long, value_name = "N")]
+        max_per_artist: Option<u32>,
+        /// Print an M3U8 playlist of the tracks' absolute paths.
+        #[arg(long, conflicts_with = "json")]
+        m3u: bool,
+    },
+    /// Find indexed tracks by what a media server knows: path, MusicBrainz recording id, ISRC,
+    /// or artist and title (and duration). Best match first, with the rule that matched.
+    Lookup {
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// MusicBrainz recording id.
+        #[arg(long)]
+        mbid: Option<String>,
+        #[arg(long)]
+        isrc: Option<String>,
+        #[arg(long)]
+        artist: Option<String>,
+        #[arg(long)]
+        title: Option<String>,
+        #[arg(long)]
+        album: Option<String>,
+        /// Duration in seconds (artist + title matches must be within 3 s of it).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Serve the live progress page, and JSON-RPC over WebSocket and plain HTTP.
     ///
-    /// The page is at http://LISTEN/ and the API at ws://LISTEN/ws: corald's methods and
-    /// notifications, plus `bridge.info` and `bridge.subscribe` (notifications `bridge.status`).
-    /// Loopback only unless --allow-remote. WebSocket handshakes from origins other than the
-    /// bridge's own and --allow-origin ones are refused. Without a token the bridge is read-only;
-    /// with one, scan.start, scan.cancel, library.add and library.remove need it: `?token=TOKEN`
-    /// on /ws or the subprotocol `coral.token.TOKEN`. Open the page as
+    /// The page is at http://LISTEN/, the API at ws://LISTEN/ws and, by POST, at
+    /// http://LISTEN/rpc: corald's methods and notifications, plus `bridge.info` and
+    /// `bridge.subscribe` (notifications `bridge.status`, WebSocket only).
+    /// Loopback only unless --allow-remote. Requests from origins other than the bridge's own
+    /// and --allow-origin ones are refused. Without a token the bridge is read-only; with one,
+    /// scan.start, scan.cancel, library.add and library.remove need it: `?token=TOKEN`, the
+    /// subprotocol `coral.token.TOKEN` on /ws, or `Authorization: Bearer TOKEN` on /rpc;
+    /// --token-required-for-reads makes every method need it. Open the page as
     /// http://LISTEN/?token=TOKEN, or type the token into it.
     Bridge(bridge::BridgeArgs),
     /// Write shell completions or man pages into DIR (used when packaging).
@@ -312,18 +387,163 @@ async fn run(cli: Cli) -> Result<u8> {
                 output::track(&t)
             }
         }
-        Command::Similar { id, limit } => {
-            let list = client.track_similar(id, Some(limit)).await?;
-            if json {
-                print_json(&list)?
+        Command::Similar {
+            track,
+            limit,
+            libraries,
+            min_duration,
+            max_duration,
+            max_per_artist,
+            include_same_recording,
+            m3u,
+        } => {
+            let library_ids = if libraries.is_empty() {
+                None
             } else {
-                output::similar(&list)
+                Some(library_ids(&client, &libraries).await?)
+            };
+            let options = coral_proto::SimilarOptions {
+                library_ids,
+                min_duration_s: min_duration,
+                max_duration_s: max_duration,
+                exclude_same_recording: Some(!include_same_recording),
+                max_per_artist,
+            };
+            let list = client
+                .track_similar(track_ref(&track), Some(limit), Some(options))
+                .await?;
+            print_scored(&list, json, m3u)?
+        }
+        Command::Path {
+            from,
+            to,
+            count,
+            m3u,
+        } => {
+            let list = client
+                .track_path(track_ref(&from), track_ref(&to), Some(count), None)
+                .await?;
+            print_scored(&list, json, m3u)?
+        }
+        Command::Mix {
+            seeds,
+            album,
+            artist,
+            count,
+            max_per_artist,
+            m3u,
+        } => {
+            let group = coral_proto::SeedGroup {
+                tracks: seeds.iter().map(|s| track_ref(s)).collect(),
+                album,
+                artist,
+            };
+            let options = coral_proto::SimilarOptions {
+                max_per_artist,
+                ..coral_proto::SimilarOptions::default()
+            };
+            let list = client
+                .track_mix(
+                    coral_proto::MixSeeds::Group(group),
+                    Some(count),
+                    Some(options),
+                )
+                .await?;
+            print_scored(&list, json, m3u)?
+        }
+        Command::Lookup {
+            path,
+            mbid,
+            isrc,
+            artist,
+            title,
+            album,
+            duration,
+            limit,
+        } => {
+            let query = coral_proto::TrackLookup {
+                path: path.map(|p| {
+                    std::path::absolute(&p)
+                        .unwrap_or(p)
+                        .to_string_lossy()
+                        .into_owned()
+                }),
+                mbid,
+                isrc,
+                artist,
+                title,
+                duration_s: duration,
+                album,
+            };
+            let found = client.track_lookup(query, Some(limit)).await?;
+            if json {
+                print_json(&found)?
+            } else {
+                output::matches(&found)
             }
         }
         // Served above, before connecting.
         Command::Bridge(_) | Command::Generate { .. } => {}
     }
     Ok(0)
+}
+
+/// Scored tracks as JSON, an M3U8 playlist, or a table.
+fn print_scored(list: &[coral_proto::SimilarTrack], json: bool, m3u: bool) -> Result<()> {
+    if json {
+        print_json(&list)?
+    } else if m3u {
+        let tracks: Vec<_> = list.iter().map(|s| &s.track).collect();
+        print!("{}", output::m3u(&tracks))
+    } else {
+        output::similar(list)
+    }
+    Ok(())
+}
+
+/// A track argument: all digits is an id, anything else a path (made absolute).
+fn track_ref(arg: &str) -> coral_proto::TrackRef {
+    match coral_proto::TrackRef::parse_arg(arg) {
+        coral_proto::TrackRef::Key(coral_proto::TrackKey {
+            path: Some(p),
+            id: None,
+            mbid: None,
+        }) => coral_proto::TrackRef::Key(coral_proto::TrackKey {
+            path: Some(
+                std::path::absolute(&p)
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .unwrap_or(p),
+            ),
+            ..coral_proto::TrackKey::default()
+        }),
+        other => other,
+    }
+}
+
+/// Library ids of `--library` arguments (ids, or root paths looked up in `library.list`).
+async fn library_ids(
+    client: &jsonrpsee::async_client::Client,
+    args: &[String],
+) -> Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(args.len());
+    let mut listed = None;
+    for arg in args {
+        match selector(arg) {
+            LibrarySelector::Id(id) => ids.push(id),
+            LibrarySelector::Path(p) => {
+                if listed.is_none() {
+                    listed = Some(client.library_list().await?);
+                }
+                let found = listed
+                    .iter()
+                    .flatten()
+                    .find(|l| l.path == p)
+                    .with_context(|| format!("no library has the path {p}"))?;
+                ids.push(found.id);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 fn selector(arg: &str) -> LibrarySelector {

@@ -321,6 +321,49 @@ pub fn similar(list: &[SimilarTrack]) {
     table(&["SCORE", "ID", "ARTIST", "TITLE", "PATH"], &rows);
 }
 
+/// `track.lookup`'s answers.
+pub fn matches(list: &[coral_proto::TrackMatch]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|m| {
+            vec![
+                serde_json::to_value(m.rule)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                m.track.id.to_string(),
+                opt(&m.track.tags.artist),
+                opt(&m.track.tags.title),
+                format_duration(m.track.duration_seconds),
+                m.track.path.clone(),
+            ]
+        })
+        .collect();
+    table(&["RULE", "ID", "ARTIST", "TITLE", "TIME", "PATH"], &rows);
+}
+
+/// An M3U8 playlist (UTF-8, `#EXTM3U`): per track an `#EXTINF` line (whole seconds, "artist -
+/// title") and its absolute path. Line breaks in tags would end a line early, so they become
+/// spaces.
+pub fn m3u(tracks: &[&Track]) -> String {
+    let one_line = |s: &str| s.replace(['\r', '\n'], " ");
+    let mut out = String::from("#EXTM3U\n");
+    for t in tracks {
+        let name = match (&t.tags.artist, &t.tags.title) {
+            (Some(a), Some(ti)) => format!("{a} - {ti}"),
+            (None, Some(ti)) => ti.clone(),
+            _ => t.relative_path.clone(),
+        };
+        out.push_str(&format!(
+            "#EXTINF:{},{}\n{}\n",
+            t.duration_seconds.round() as i64,
+            one_line(&name),
+            one_line(&t.path)
+        ));
+    }
+    out
+}
+
 pub fn track(t: &Track) {
     let kv = |k: &str, v: String| println!("{k:<13} {v}");
     kv("id", t.id.to_string());

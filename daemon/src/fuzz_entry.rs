@@ -12,8 +12,9 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use coral_proto::{
-    CoralApiServer, DaemonStatus, Library, LibrarySelector, RpcResult, ScanFilter, ScanProgress,
-    ScanStarted, SimilarTrack, Track, codes, errors::error,
+    CoralApiServer, DaemonStatus, Library, LibrarySelector, MixSeeds, RpcResult, ScanFilter,
+    ScanProgress, ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup, TrackMatch,
+    TrackRef, codes, errors::error,
 };
 use jsonrpsee::core::{SubscriptionResult, async_trait};
 use jsonrpsee::{PendingSubscriptionSink, RpcModule};
@@ -210,12 +211,76 @@ impl CoralApiServer for ParamsOnly {
         accepted("track.search")
     }
 
-    async fn track_similar(&self, _id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
+    async fn track_similar(
+        &self,
+        track: TrackRef,
+        limit: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
         let l = params::similar_limit(limit);
         if !(1..=1000).contains(&l) {
             return Err(broken(format!("similar limit {l}")));
         }
+        params::track_ref(&track)?;
+        let f = params::similar_options(options)?;
+        if f.min_ms < 0 || f.min_ms > f.max_ms || f.max_per_artist == Some(0) {
+            return Err(broken(format!("similar options became {f:?}")));
+        }
         accepted("track.similar")
+    }
+
+    async fn track_path(
+        &self,
+        from: TrackRef,
+        to: TrackRef,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        params::track_ref(&from)?;
+        params::track_ref(&to)?;
+        params::similar_options(options)?;
+        let n = params::path_count(count);
+        if !(2..=200).contains(&n) {
+            return Err(broken(format!("path count {n}")));
+        }
+        accepted("track.path")
+    }
+
+    async fn track_mix(
+        &self,
+        seeds: MixSeeds,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        let s = params::mix_seeds(&seeds)?;
+        params::similar_options(options)?;
+        let n = params::mix_count(count);
+        if s.tracks.len() > 20 || !(1..=1000).contains(&n) {
+            return Err(broken(format!(
+                "mix of {} seeds, count {n}",
+                s.tracks.len()
+            )));
+        }
+        accepted("track.mix")
+    }
+
+    async fn track_lookup(
+        &self,
+        query: TrackLookup,
+        _limit: Option<u32>,
+    ) -> RpcResult<Vec<TrackMatch>> {
+        let q = params::lookup_query(&query)?;
+        // Only letters and digits between single spaces reach the tsquery.
+        if let Some((a, t)) = &q.artist_title {
+            let clean = |s: &str| {
+                s.split(' ')
+                    .all(|w| !w.is_empty() && w.chars().all(char::is_alphanumeric))
+            };
+            if !clean(a) || !clean(t) {
+                return Err(broken(format!("lookup {query:?} became {q:?}")));
+            }
+        }
+        accepted("track.lookup")
     }
 }
 

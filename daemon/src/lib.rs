@@ -14,6 +14,8 @@
 //!   (`scan/job.rs`, `scan/discover.rs`, `scan/phase_*`).
 //! - [`embed`]: the embedding queue in PostgreSQL and its consumers; decode → resample →
 //!   batch → infer → store (`embed/phase_*`). [`worker`]: `corald worker`, the pipeline alone.
+//! - [`similarity`]: `track.similar` (centred cosine, filters); [`lookup`]: tracks found by
+//!   path, MusicBrainz id, ISRC, or artist + title (`track.lookup`, `TrackRef`).
 //! - [`progress`]: counters, the ScanReporter, subscriber fan-out, and `persist` (the only
 //!   writer of `scans` rows).
 //! - [`track`]: the one shape of a probed track, from the probe to the `tracks` row.
@@ -34,11 +36,13 @@ pub mod fuzz_entry;
 pub mod library;
 pub mod liveness;
 pub mod logging;
+pub mod lookup;
 pub mod panic_text;
 pub mod progress;
 pub mod relpath;
 pub mod rpc;
 pub mod scan;
+pub mod similarity;
 pub mod systemd;
 pub mod test_hooks;
 pub mod text_fold;

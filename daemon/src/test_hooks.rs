@@ -36,3 +36,19 @@ pub async fn batch_pause() {
 /// Without the hooks: nothing.
 #[cfg(not(all(feature = "test-hooks", debug_assertions)))]
 pub async fn batch_pause() {}
+
+/// `CORALD_TEST_SIMILAR_EXACT_MAX=N` replaces the vector count up to which `track.similar`
+/// scans exactly (0: always the HNSW index), so tests reach both ways with a few tracks.
+#[cfg(all(feature = "test-hooks", debug_assertions))]
+pub fn similar_exact_scan_max(default: i64) -> i64 {
+    std::env::var("CORALD_TEST_SIMILAR_EXACT_MAX")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(default)
+}
+
+/// Without the hooks: the default.
+#[cfg(not(all(feature = "test-hooks", debug_assertions)))]
+pub fn similar_exact_scan_max(default: i64) -> i64 {
+    default
+}

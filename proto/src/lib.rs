@@ -83,7 +83,46 @@ pub trait CoralApi {
         offset: Option<u32>,
     ) -> RpcResult<Vec<Track>>;
 
-    /// Tracks whose embeddings are nearest to this one's (cosine), best first.
+    /// Tracks that sound most like this one, best first: centred cosine similarity of their
+    /// embeddings (see `SimilarTrack::score`), with `options`' filters.
     #[method(name = "track.similar")]
-    async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>>;
+    async fn track_similar(
+        &self,
+        track: TrackRef,
+        limit: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>>;
+
+    /// A sonic path from `from` to `to`: `from` first, `to` last, at most `count` tracks
+    /// (default 25), no repeats; each step lies near the straight line between the two in
+    /// centred embedding space and is closer to `to` than the one before. `score` is each
+    /// track's centred cosine to `to`, rising strictly along the path.
+    #[method(name = "track.path")]
+    async fn track_path(
+        &self,
+        from: TrackRef,
+        to: TrackRef,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>>;
+
+    /// Up to `count` tracks (default 25) around up to 20 seeds (tracks, or an album or
+    /// artist), no seeds and no repeats, diversified; `score` is each track's centred cosine
+    /// to the seeds' centroid. `options.max_per_artist` caps artists.
+    #[method(name = "track.mix")]
+    async fn track_mix(
+        &self,
+        seeds: MixSeeds,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>>;
+
+    /// Find indexed tracks from what a media server knows of one (path, MusicBrainz recording
+    /// id, ISRC, artist + title + duration): best match first, each with the rule it matched.
+    #[method(name = "track.lookup")]
+    async fn track_lookup(
+        &self,
+        query: TrackLookup,
+        limit: Option<u32>,
+    ) -> RpcResult<Vec<TrackMatch>>;
 }

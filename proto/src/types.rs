@@ -109,8 +109,194 @@ pub struct TrackTags {
 /// A neighbour returned by `track.similar`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimilarTrack {
-    /// Cosine similarity in [-1, 1]; higher is closer.
+    /// Centred cosine similarity in [-1, 1]: the cosine of the two tracks' vectors after the
+    /// model's mean vector over the collection is subtracted from both. 1 is the same sound,
+    /// 0 is as related as two tracks picked at random, negative is less alike than that.
     pub score: f64,
+    pub track: Track,
+}
+
+/// A track given by its Coral id (a bare integer is accepted too), its absolute path, or its
+/// MusicBrainz recording id: exactly one of the fields. Anything else is refused with what
+/// was expected (an unknown field is named).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TrackRef {
+    Id(i64),
+    Key(TrackKey),
+}
+
+impl<'de> Deserialize<'de> for TrackRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TrackRef;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a track id, or an object with one of `id`, `path`, `mbid`")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TrackRef, E> {
+                Ok(TrackRef::Id(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TrackRef, E> {
+                i64::try_from(v)
+                    .map(TrackRef::Id)
+                    .map_err(|_| E::custom(format!("track id {v} is out of range")))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<TrackRef, A::Error> {
+                TrackKey::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TrackRef::Key)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The object form of [`TrackRef`]: exactly one field set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    /// An absolute path below a library root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A MusicBrainz recording id; when several files share it, the lowest id with an
+    /// embedding is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mbid: Option<String>,
+}
+
+impl TrackRef {
+    /// Parse a command-line argument: all digits is an id, anything else a path.
+    pub fn parse_arg(arg: &str) -> Self {
+        match arg.parse::<i64>() {
+            Ok(id) => TrackRef::Id(id),
+            Err(_) => TrackRef::Key(TrackKey {
+                path: Some(arg.to_owned()),
+                ..TrackKey::default()
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for TrackRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrackRef::Id(id) | TrackRef::Key(TrackKey { id: Some(id), .. }) => write!(f, "{id}"),
+            TrackRef::Key(TrackKey { path: Some(p), .. }) => f.write_str(p),
+            TrackRef::Key(TrackKey { mbid: Some(m), .. }) => write!(f, "mbid {m}"),
+            TrackRef::Key(_) => f.write_str("(no track)"),
+        }
+    }
+}
+
+/// Filters of `track.similar` (every field optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimilarOptions {
+    /// Only tracks of these libraries (default: every library).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub library_ids: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_duration_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_s: Option<f64>,
+    /// Default true: other files of the same recording as the track asked about (same
+    /// MusicBrainz recording id, or same folded artist and title with durations within 2 s)
+    /// are left out, and of several files of one recording among the neighbours only the
+    /// closest is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_same_recording: Option<bool>,
+    /// At most this many tracks of one artist (folded display artist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_artist: Option<u32>,
+}
+
+/// The seeds of `track.mix`: a list of tracks, or an object naming tracks, an album and/or an
+/// artist (folded comparison; up to 20 of their tracks become seeds). At most 20 tracks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum MixSeeds {
+    Tracks(Vec<TrackRef>),
+    Group(SeedGroup),
+}
+
+impl<'de> Deserialize<'de> for MixSeeds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MixSeeds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of tracks, or an object with `tracks`, `album`, `artist`")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<MixSeeds, A::Error> {
+                Vec::<TrackRef>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(MixSeeds::Tracks)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<MixSeeds, A::Error> {
+                SeedGroup::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(MixSeeds::Group)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The object form of [`MixSeeds`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedGroup {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tracks: Vec<TrackRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub album: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artist: Option<String>,
+}
+
+/// What a media server knows of a track, for `track.lookup`: any of the fields. Rules are
+/// tried in this order: `path`, `mbid`, `isrc`, then `artist` + `title` (+ `duration_s`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackLookup {
+    /// Absolute path of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// MusicBrainz recording id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mbid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isrc: Option<String>,
+    /// One artist name (any of a track's artists, or its display credit, matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artist: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Used to prefer (and, when given, require within 3 s) the right length by artist + title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    /// Preferred among artist + title matches when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub album: Option<String>,
+}
+
+/// The rule by which `track.lookup` matched a track, strongest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LookupRule {
+    Path,
+    Mbid,
+    Isrc,
+    /// Folded artist and title equal, duration within 3 s of the one given.
+    ArtistTitleDuration,
+    /// Folded artist and title equal (no duration given).
+    ArtistTitle,
+}
+
+/// One answer of `track.lookup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrackMatch {
+    pub rule: LookupRule,
     pub track: Track,
 }
 
@@ -478,4 +664,40 @@ pub struct EmbedWorker {
     pub tracks_done: u64,
     /// Tracks stored per second over its last minute.
     pub tracks_per_second: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn track_refs_and_seeds_decode_or_say_what_was_expected() {
+        let r = |j: &str| serde_json::from_str::<TrackRef>(j).map_err(|e| e.to_string());
+        assert_eq!(r("7"), Ok(TrackRef::Id(7)));
+        assert_eq!(
+            r(r#"{"path": "/m/a.flac"}"#),
+            Ok(TrackRef::Key(TrackKey {
+                path: Some("/m/a.flac".into()),
+                ..TrackKey::default()
+            }))
+        );
+        let e = r(r#"{"paht": "/m/a.flac"}"#).err().unwrap_or_default();
+        assert!(e.contains("unknown field `paht`"), "{e}");
+        let e = r(r#""a.flac""#).err().unwrap_or_default();
+        assert!(e.contains("a track id, or an object"), "{e}");
+        assert!(r("18446744073709551615").is_err());
+        let m = |j: &str| serde_json::from_str::<MixSeeds>(j).map_err(|e| e.to_string());
+        assert_eq!(
+            m(r#"[1, {"mbid": "x"}]"#).map(|s| matches!(s, MixSeeds::Tracks(t) if t.len() == 2)),
+            Ok(true)
+        );
+        let e = m(r#"{"albun": "x"}"#).err().unwrap_or_default();
+        assert!(e.contains("unknown field `albun`"), "{e}");
+        assert!(m("3").is_err());
+        // Serialised as decoded: a bare id stays a bare id.
+        assert_eq!(
+            serde_json::to_string(&TrackRef::Id(3)).ok().as_deref(),
+            Some("3")
+        );
+    }
 }

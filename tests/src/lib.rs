@@ -6,4 +6,5 @@ pub mod hostile_corpus;
 pub mod journald;
 pub mod music;
 pub mod notify_socket;
+pub mod similarity;
 pub mod tagger;

@@ -22,6 +22,7 @@ use corald::embed::phase_3_batch::Batcher;
 use corald::embed::phase_4_infer::{self, DeviceChoice, Forward};
 use corald::embed::{CancellationToken, EmbedConfig, EmbedError, EmbedTarget, Embedder};
 use corald::progress::{ScanInfo, ScanReporter};
+use corald::similarity::{SimilarFilter, Similarity, SimilarityError};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
@@ -453,9 +454,24 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
     assert_eq!(embedder.status().tracks_embedded, 9);
 
     // Similar tracks: the nearest neighbour is of the same kind; never the track itself.
+    let similarity = Similarity::new(pool.clone(), embedder.model());
+    let all = SimilarFilter::default();
+    let record = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            corald::db::tracks::get(&pool, id)
+                .await?
+                .context("track row")
+        }
+    };
     for (rel, kind) in &kinds {
         let id = targets[rel].track_id;
-        let near = embedder.similar(id, 5).await?;
+        let near: Vec<(i64, f64)> = similarity
+            .similar(&record(id).await?, &all, 5)
+            .await?
+            .into_iter()
+            .map(|(t, s)| (t.id, s))
+            .collect();
         assert_eq!(near.len(), 5, "{rel}");
         assert!(near.iter().all(|(n, _)| *n != id));
         assert!(
@@ -468,8 +484,8 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
     }
     let short = targets["short/twenty seconds.flac"].track_id;
     assert!(matches!(
-        embedder.similar(short, 5).await,
-        Err(EmbedError::NoEmbedding(id)) if id == short
+        similarity.similar(&record(short).await?, &all, 5).await,
+        Err(SimilarityError::NoEmbedding(id)) if id == short
     ));
     // The model's HNSW index exists and serves the query.
     let mut conn = pool.acquire().await?;
@@ -486,13 +502,18 @@ async fn the_pipeline_embeds_each_eligible_track_once_and_finds_similar_ones() -
             .await?;
     let sql = format!(
         "EXPLAIN {}",
-        corald::embed::phase_5_store::nearest_sql(corald::embed::phase_5_store::RegisteredModel {
+        corald::similarity::vectors::index_sql(corald::embed::phase_5_store::RegisteredModel {
             id: model_id,
             dim: 200,
         })
         .replace("$1", &literal)
-        .replace("$2", "0")
-        .replace("$3", "5")
+        .replace("$2", &literal)
+        .replace("$3", "'{0}'::bigint[]")
+        .replace("$4", "NULL")
+        .replace("$5", "0")
+        .replace("$6", "9223372036854775807")
+        .replace("$7", &literal)
+        .replace("$8", "5")
     );
     let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .fetch_all(&mut *conn)
@@ -765,7 +786,9 @@ async fn track_similar_through_the_api_returns_the_same_kind() -> Result<()> {
         .await?;
     let kind_of: HashMap<i64, MusicKind> = ids.iter().map(|(id, rel)| (*id, kinds[rel])).collect();
     for (id, rel) in &ids {
-        let near = c.track_similar(*id, Some(3)).await?;
+        let near = c
+            .track_similar(coral_proto::TrackRef::Id(*id), Some(3), None)
+            .await?;
         assert_eq!(near.len(), 3, "{rel}");
         assert!(near.iter().all(|s| s.track.id != *id));
         let named: Vec<_> = near

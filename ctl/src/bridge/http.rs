@@ -1,6 +1,7 @@
-//! The bridge's HTTP side: a TCP listener, routing (`/` and its assets, `/ws`), the `Origin`
-//! allow-list, the token (query parameter or WebSocket subprotocol, compared in constant time)
-//! and the hand-over of accepted WebSocket handshakes to jsonrpsee.
+//! The bridge's HTTP side: a TCP listener, routing (`/` and its assets, `/ws`, `/rpc`), the
+//! `Origin` allow-list, the token (query parameter, WebSocket subprotocol or, on `/rpc`, an
+//! `Authorization: Bearer` header; compared in constant time) and the hand-over of accepted
+//! WebSocket handshakes and HTTP `POST /rpc` calls to jsonrpsee, with the same methods.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -41,8 +42,12 @@ const FAVICON_SVG: &str = include_str!("page/favicon.svg");
 struct Ctx {
     origins: Vec<String>,
     token: Option<String>,
+    /// Every method (reads too) needs the token.
+    token_for_reads: bool,
     upstream: Arc<Upstream>,
     rpc: TowerServiceBuilder<Identity, Identity>,
+    /// The same API as plain HTTP (`POST /rpc`).
+    http_rpc: TowerServiceBuilder<Identity, Identity>,
     stop: StopHandle,
     /// Keeps `stop` from firing while the server runs.
     _handle: ServerHandle,
@@ -181,14 +186,25 @@ impl Server {
             .set_config(server_config)
             .to_service_builder()
             .max_connections(MAX_CONNECTIONS);
+        let http_config = ServerConfig::builder()
+            .http_only()
+            .max_request_body_size(MAX_MESSAGE_BYTES)
+            .max_response_body_size(16 * MAX_MESSAGE_BYTES)
+            .build();
+        let http_rpc = jsonrpsee::server::Server::builder()
+            .set_config(http_config)
+            .to_service_builder()
+            .max_connections(MAX_CONNECTIONS);
         let (stop, handle) = stop_channel();
         Ok(Server {
             listener,
             ctx: Arc::new(Ctx {
                 origins,
                 token: config.token.clone(),
+                token_for_reads: config.token_required_for_reads,
                 upstream,
                 rpc,
+                http_rpc,
                 stop,
                 _handle: handle,
             }),
@@ -232,6 +248,16 @@ async fn handle(ctx: &Ctx, req: Request<hyper::body::Incoming>) -> Response<Http
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
         "/ws" => websocket(ctx, req).await,
+        "/rpc" if req.method() == Method::POST => http_rpc(ctx, req).await,
+        "/rpc" => {
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "/rpc takes JSON-RPC 2.0 requests by POST (content-type: application/json)\n",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            r
+        }
         "/" | "/index.html" if get => asset("text/html; charset=utf-8", INDEX_HTML),
         "/app.js" if get => asset("text/javascript; charset=utf-8", APP_JS),
         "/style.css" if get => asset("text/css; charset=utf-8", STYLE_CSS),
@@ -246,50 +272,133 @@ async fn handle(ctx: &Ctx, req: Request<hyper::body::Incoming>) -> Response<Http
     }
 }
 
+/// Browsers always send Origin on WebSocket handshakes and cross-origin POSTs; other programs
+/// (coralctl, scripts, media-server plugins) may not, and cannot be driven by a web page, so a
+/// missing Origin is accepted. A present one must be allowed: otherwise the 403 response.
+fn refused_origin<B>(ctx: &Ctx, req: &Request<B>) -> Option<Response<HttpBody>> {
+    let origin = req.headers().get(header::ORIGIN)?;
+    let normalized = origin.to_str().ok().and_then(normalize_origin);
+    if normalized.is_some_and(|o| ctx.origins.contains(&o)) {
+        return None;
+    }
+    let shown = origin.to_str().unwrap_or("(unreadable)");
+    Some(text(
+        StatusCode::FORBIDDEN,
+        format!(
+            "origin {shown} is not allowed; allowed: {} (add one with --allow-origin)\n",
+            ctx.origins.join(", ")
+        ),
+    ))
+}
+
+/// Whether one of `presented` is the token.
+fn authorized(ctx: &Ctx, presented: &[String]) -> bool {
+    ctx.token.as_deref().is_some_and(|expected| {
+        presented
+            .iter()
+            .fold(false, |ok, t| ok | token_matches(expected, t))
+    })
+}
+
+/// The tokens of `Authorization: Bearer <TOKEN>` headers.
+fn bearer_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
+        })
+        .collect()
+}
+
+/// The refusal of a request without the token when every method needs it: HTTP 401 with a
+/// JSON-RPC error object (code `UNAUTHORIZED`) as the body.
+fn token_required() -> Response<HttpBody> {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": {
+            "code": rpc::bridge_codes::UNAUTHORIZED,
+            "message": "this bridge needs its token for every method: send \
+                        `Authorization: Bearer TOKEN` (or ?token=TOKEN)",
+        },
+    });
+    let mut r = Response::new(HttpBody::from(body.to_string()));
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"coral\""),
+    );
+    r
+}
+
+/// The forwarded API for one connection or request, or the 500 answer saying why not.
+fn methods(
+    ctx: &Ctx,
+    authorized: bool,
+) -> Result<jsonrpsee::RpcModule<()>, Box<Response<HttpBody>>> {
+    rpc::module(Arc::clone(&ctx.upstream), ctx.token.is_some(), authorized).map_err(|e| {
+        Box::new(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot build the API: {e}\n"),
+        ))
+    })
+}
+
+/// One JSON-RPC request (or batch) over plain HTTP: the same methods, errors and token rules
+/// as `/ws`, the token also taken from `Authorization: Bearer`.
+async fn http_rpc(ctx: &Ctx, req: Request<hyper::body::Incoming>) -> Response<HttpBody> {
+    if let Some(refused) = refused_origin(ctx, &req) {
+        return refused;
+    }
+    let mut presented = presented_tokens(&req, &[]);
+    presented.extend(bearer_tokens(req.headers()));
+    let authorized = authorized(ctx, &presented);
+    if ctx.token_for_reads && !authorized {
+        return token_required();
+    }
+    let methods = match methods(ctx, authorized) {
+        Ok(m) => m,
+        Err(r) => return *r,
+    };
+    let mut svc = ctx.http_rpc.clone().build(methods, ctx.stop.clone());
+    match svc.call(req).await {
+        Ok(r) => r,
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
+}
+
 /// Check a WebSocket handshake and hand it to jsonrpsee.
 async fn websocket(ctx: &Ctx, req: Request<hyper::body::Incoming>) -> Response<HttpBody> {
     if !jsonrpsee::server::ws::is_upgrade_request(&req) {
         let mut r = text(
             StatusCode::UPGRADE_REQUIRED,
-            "/ws speaks JSON-RPC 2.0 over WebSocket\n",
+            "/ws speaks JSON-RPC 2.0 over WebSocket (plain HTTP: POST /rpc)\n",
         );
         r.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return r;
     }
-    // Browsers always send Origin on WebSocket handshakes; other local programs (coralctl,
-    // scripts) may not, and cannot be driven by a web page, so a missing Origin is accepted.
-    if let Some(origin) = req.headers().get(header::ORIGIN) {
-        let origin = origin.to_str().ok().and_then(normalize_origin);
-        if !origin.is_some_and(|o| ctx.origins.contains(&o)) {
-            let shown = req
-                .headers()
-                .get(header::ORIGIN)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("(unreadable)");
-            return text(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "origin {shown} is not allowed; allowed: {} (add one with --allow-origin)\n",
-                    ctx.origins.join(", ")
-                ),
-            );
-        }
+    if let Some(refused) = refused_origin(ctx, &req) {
+        return refused;
     }
     let offered = offered_subprotocols(req.headers());
-    let authorized = ctx.token.as_deref().is_some_and(|expected| {
-        presented_tokens(&req, &offered)
-            .iter()
-            .fold(false, |ok, t| ok | token_matches(expected, t))
-    });
-    let methods = match rpc::module(Arc::clone(&ctx.upstream), ctx.token.is_some(), authorized) {
+    let authorized = authorized(ctx, &presented_tokens(&req, &offered));
+    if ctx.token_for_reads && !authorized {
+        return token_required();
+    }
+    let methods = match methods(ctx, authorized) {
         Ok(m) => m,
-        Err(e) => {
-            return text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot build the API: {e}\n"),
-            );
-        }
+        Err(r) => return *r,
     };
     let mut svc = ctx.rpc.clone().build(methods, ctx.stop.clone());
     let mut resp = match svc.call(req).await {
@@ -361,5 +470,13 @@ mod tests {
         assert!(!token_matches("abc", "abd"));
         assert!(!token_matches("abc", "abcd"));
         assert!(!token_matches("abc", ""));
+        let mut h = HeaderMap::new();
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer  t1 "),
+        );
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("basic xyz"));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("bearer t2"));
+        assert_eq!(bearer_tokens(&h), vec!["t1", "t2"]);
     }
 }

@@ -1,6 +1,7 @@
 //! `coralctl bridge`: brings corald's JSON-RPC API to web browsers without widening the daemon's
-//! attack surface. An HTTP server serves the live progress page at `/` and JSON-RPC 2.0 over
-//! WebSocket at `/ws`, with the daemon's own method, notification and wire types (from
+//! attack surface. An HTTP server serves the live progress page at `/`, JSON-RPC 2.0 over
+//! WebSocket at `/ws` and over plain HTTP at `POST /rpc` (for programs such as media-server
+//! plugins that can only make HTTP requests), with the daemon's own method, notification and wire types (from
 //! `coral-proto`), forwarded over one upstream connection to corald's Unix socket.
 //!
 //! Security model (see [`Config::from_args`]):
@@ -10,7 +11,9 @@
 //! - read-only methods and the subscriptions are open to allowed origins; `scan.start`,
 //!   `scan.cancel`, `library.add` and `library.remove` need the token, given as a `?token=`
 //!   query parameter or a `coral.token.<TOKEN>` WebSocket subprotocol entry (browsers cannot set
-//!   headers), compared in constant time.
+//!   headers), or on `/rpc` an `Authorization: Bearer <TOKEN>` header, compared in constant time;
+//! - `--token-required-for-reads` (for a listen beyond loopback) makes every method and
+//!   subscription need the token: requests without it get HTTP 401.
 //!
 //! Resilience: when corald goes away the bridge reconnects with back-off, re-subscribes, pushes a
 //! fresh snapshot to every browser subscription and announces the state with `bridge.status`
@@ -48,6 +51,11 @@ pub struct BridgeArgs {
     /// TLS-terminating proxy in front, since the bridge speaks plain HTTP.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Every method needs the token, reads too (HTTP 401 without it on /ws and /rpc). For a
+    /// listen beyond loopback, where anyone who reaches the port could otherwise read the
+    /// library.
+    #[arg(long)]
+    pub token_required_for_reads: bool,
 }
 
 /// Why the bridge refused its options.
@@ -65,6 +73,8 @@ pub enum ConfigError {
     RemoteNeedsToken,
     #[error("the token is empty; leave it unset for a read-only bridge")]
     EmptyToken,
+    #[error("--token-required-for-reads needs a token (--token or CORAL_BRIDGE_TOKEN)")]
+    ReadsNeedToken,
     #[error("--allow-origin {0:?} is not an http(s) origin such as http://localhost:8080")]
     BadOrigin(String),
 }
@@ -77,6 +87,8 @@ pub struct Config {
     /// Extra allowed origins, normalised (see [`http::normalize_origin`]).
     pub extra_origins: Vec<String>,
     pub socket: PathBuf,
+    /// Every method needs the token.
+    pub token_required_for_reads: bool,
 }
 
 impl Config {
@@ -102,6 +114,9 @@ impl Config {
                 return Err(ConfigError::RemoteNeedsToken);
             }
         }
+        if args.token_required_for_reads && token.is_none() {
+            return Err(ConfigError::ReadsNeedToken);
+        }
         let extra_origins = args
             .allow_origin
             .iter()
@@ -112,6 +127,7 @@ impl Config {
             token,
             extra_origins,
             socket,
+            token_required_for_reads: args.token_required_for_reads,
         })
     }
 }
@@ -128,7 +144,9 @@ pub async fn run(args: BridgeArgs, socket: PathBuf) -> Result<()> {
         "coralctl bridge: listening on http://{}/ (corald socket {}; {})",
         server.local_addr(),
         config.socket.display(),
-        if config.token.is_some() {
+        if config.token_required_for_reads {
+            "token required for every method"
+        } else if config.token.is_some() {
             "token set: scans can be started from the page"
         } else {
             "no token: read-only"
@@ -155,6 +173,7 @@ mod tests {
             token: token.map(str::to_owned),
             allow_origin: vec!["HTTP://Example.COM:80/".to_owned()],
             allow_remote: remote,
+            token_required_for_reads: false,
         }
     }
 
@@ -188,9 +207,17 @@ mod tests {
             Err(ConfigError::BadListen(_))
         ));
         assert!(matches!(
-            Config::from_args(&args("127.0.0.1:7700", Some(""), false), sock),
+            Config::from_args(&args("127.0.0.1:7700", Some(""), false), sock.clone()),
             Err(ConfigError::EmptyToken)
         ));
+        let mut reads = args("127.0.0.1:7700", None, false);
+        reads.token_required_for_reads = true;
+        assert!(matches!(
+            Config::from_args(&reads, sock.clone()),
+            Err(ConfigError::ReadsNeedToken)
+        ));
+        reads.token = Some("t".into());
+        assert!(Config::from_args(&reads, sock).is_ok_and(|c| c.token_required_for_reads));
     }
 
     #[test]

@@ -12,8 +12,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use coral_proto::{
-    CoralApiClient, CoralApiServer, DaemonStatus, Library, LibrarySelector, RpcResult, ScanFilter,
-    ScanProgress, ScanStarted, SimilarTrack, Track, codes, errors::error,
+    CoralApiClient, CoralApiServer, DaemonStatus, Library, LibrarySelector, MixSeeds, RpcResult,
+    ScanFilter, ScanProgress, ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup,
+    TrackMatch, TrackRef, codes, errors::error,
 };
 use jsonrpsee::core::client::Error as ClientError;
 use jsonrpsee::core::{SubscriptionResult, async_trait};
@@ -119,7 +120,7 @@ impl Proxy {
         }
         let message = if self.token_configured {
             format!(
-                "{method} changes the daemon's state and needs the bridge's token: connect with ?token=TOKEN or the WebSocket subprotocol coral.token.TOKEN"
+                "{method} changes the daemon's state and needs the bridge's token: connect with ?token=TOKEN or the WebSocket subprotocol coral.token.TOKEN (on POST /rpc: Authorization: Bearer TOKEN)"
             )
         } else {
             format!(
@@ -221,8 +222,43 @@ impl CoralApiServer for Proxy {
             .await
     }
 
-    async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
-        self.forward(|c| async move { c.track_similar(id, limit).await })
+    async fn track_similar(
+        &self,
+        track: TrackRef,
+        limit: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        self.forward(|c| async move { c.track_similar(track, limit, options).await })
+            .await
+    }
+
+    async fn track_path(
+        &self,
+        from: TrackRef,
+        to: TrackRef,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        self.forward(|c| async move { c.track_path(from, to, count, options).await })
+            .await
+    }
+
+    async fn track_mix(
+        &self,
+        seeds: MixSeeds,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        self.forward(|c| async move { c.track_mix(seeds, count, options).await })
+            .await
+    }
+
+    async fn track_lookup(
+        &self,
+        query: TrackLookup,
+        limit: Option<u32>,
+    ) -> RpcResult<Vec<TrackMatch>> {
+        self.forward(|c| async move { c.track_lookup(query, limit).await })
             .await
     }
 }
@@ -462,6 +498,9 @@ mod tests {
             "track.get",
             "track.search",
             "track.similar",
+            "track.lookup",
+            "track.path",
+            "track.mix",
             "bridge.info",
             "bridge.subscribe",
             "bridge.unsubscribe",

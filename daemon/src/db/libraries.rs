@@ -82,3 +82,10 @@ pub async fn delete(pool: &PgPool, id: i64) -> sqlx::Result<bool> {
         .await?;
     Ok(done.rows_affected() > 0)
 }
+
+/// Every library's id and root path.
+pub async fn roots(pool: &PgPool) -> sqlx::Result<Vec<(i64, String)>> {
+    sqlx::query_as("SELECT id, path FROM libraries ORDER BY id")
+        .fetch_all(pool)
+        .await
+}

@@ -339,6 +339,95 @@ pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<TrackRecord>> {
     .await
 }
 
+/// The tracks of `ids` that exist, in no particular order.
+pub async fn get_many(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<TrackRecord>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(concat!(
+        "SELECT ",
+        record_columns!(),
+        " FROM tracks t JOIN libraries l ON l.id = t.library_id WHERE t.id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// The track at `rel_path` (raw bytes) in a library.
+pub async fn by_rel_path(
+    pool: &PgPool,
+    library_id: i64,
+    rel_path: &[u8],
+) -> sqlx::Result<Option<TrackRecord>> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        record_columns!(),
+        " FROM tracks t JOIN libraries l ON l.id = t.library_id
+         WHERE t.library_id = $1 AND t.rel_path = $2"
+    ))
+    .bind(library_id)
+    .bind(rel_path)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Tracks tagged with this MusicBrainz recording id (any case): those with a vector of the
+/// active model first, then by id.
+pub async fn by_recording_mbid(
+    pool: &PgPool,
+    mbid: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<TrackRecord>> {
+    sqlx::query_as(concat!(
+        "SELECT * FROM (SELECT ",
+        record_columns!(),
+        " FROM tracks t JOIN libraries l ON l.id = t.library_id
+         WHERE lower(t.musicbrainz_recording_id) = lower($1)) r
+         ORDER BY r.has_embedding DESC, r.id LIMIT $2"
+    ))
+    .bind(mbid)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Tracks tagged with this ISRC (compared without case and hyphens), ordered like
+/// [`by_recording_mbid`].
+pub async fn by_isrc(pool: &PgPool, isrc: &str, limit: i64) -> sqlx::Result<Vec<TrackRecord>> {
+    sqlx::query_as(concat!(
+        "SELECT * FROM (SELECT ",
+        record_columns!(),
+        " FROM tracks t JOIN libraries l ON l.id = t.library_id
+         WHERE upper(replace(t.isrc, '-', '')) = upper(replace($1, '-', ''))) r
+         ORDER BY r.has_embedding DESC, r.id LIMIT $2"
+    ))
+    .bind(isrc)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Tracks whose search document holds every word of `tsquery` (a `to_tsquery('simple', …)`
+/// conjunction of whole folded words), by id; the caller checks which field holds them.
+pub async fn with_words(
+    pool: &PgPool,
+    tsquery: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<TrackRecord>> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        record_columns!(),
+        " FROM tracks t JOIN libraries l ON l.id = t.library_id
+         WHERE t.search @@ to_tsquery('simple', $1)
+         ORDER BY t.id LIMIT $2"
+    ))
+    .bind(tsquery)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 /// Ranked full-text search. `tsquery` comes from `text_fold::prefix_tsquery`.
 pub async fn search(
     pool: &PgPool,

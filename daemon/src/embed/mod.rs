@@ -511,6 +511,11 @@ impl Embedder {
         self.inner.model.id
     }
 
+    /// The model as registered (id and dimension), for similarity queries.
+    pub fn model(&self) -> phase_5_store::RegisteredModel {
+        self.inner.model
+    }
+
     /// Embed these tracks for a scan, reporting each on the scan's counters (expected first,
     /// then done / skipped / failed). Resolves when every target is settled, or early with
     /// `Cancelled` when the scan is cancelled (queued work of the scan is dropped; vectors
@@ -566,16 +571,6 @@ impl Embedder {
             duration_ms: m.duration_ms,
         })
         .collect())
-    }
-
-    /// Nearest neighbours by cosine distance (HNSW index), excluding the track itself:
-    /// `(track_id, cosine similarity)`, best first.
-    pub async fn similar(&self, track_id: i64, limit: u32) -> Result<Vec<(i64, f64)>, EmbedError> {
-        let i = &self.inner;
-        let v = phase_5_store::embedding_of(&i.pool, i.model.id, track_id)
-            .await?
-            .ok_or(EmbedError::NoEmbedding(track_id))?;
-        Ok(phase_5_store::nearest(&i.pool, i.model, &v, track_id, limit).await?)
     }
 
     async fn run(

@@ -2,7 +2,8 @@
 //! batch; the `models` registry with one HNSW cosine index per model (partial on its id, on
 //! `embedding::vector(dim)` — pgvector's way to index vectors of several sizes in one column);
 //! the issues table that stops damaged or undecodable files from being retried while unchanged;
-//! and the queries behind "what is missing" and "similar tracks".
+//! and the queries behind "what is missing" and a track's vector (similarity itself is
+//! `crate::similarity`).
 //!
 //! SQL that names a model id or a dimension is built with `format!` from our own integers (an
 //! index predicate must be a constant for the planner to use a partial index).
@@ -323,42 +324,4 @@ pub async fn embedding_of(
     .fetch_optional(pool)
     .await?;
     Ok(v.map(|v| v.to_vec()))
-}
-
-/// The SQL of a nearest-neighbour query for one model (uses its partial HNSW index).
-pub fn nearest_sql(model: RegisteredModel) -> String {
-    let (dim, id) = (model.dim, model.id);
-    format!(
-        "SELECT track_id, 1 - (embedding::vector({dim}) <=> $1::vector({dim})) AS score
-         FROM track_embeddings
-         WHERE model_id = {id} AND track_id <> $2
-         ORDER BY embedding::vector({dim}) <=> $1::vector({dim})
-         LIMIT $3"
-    )
-}
-
-/// The `limit` nearest tracks to `query` by cosine distance, excluding `exclude`:
-/// `(track_id, cosine similarity)`, best first.
-pub async fn nearest(
-    pool: &PgPool,
-    model: RegisteredModel,
-    query: &[f32],
-    exclude: i64,
-    limit: u32,
-) -> Result<Vec<(i64, f64)>, sqlx::Error> {
-    let limit = limit.clamp(1, 999);
-    let mut tx = pool.begin().await?;
-    // The index returns at most ef_search candidates.
-    let ef = (limit + 1).max(40);
-    sqlx::query(AssertSqlSafe(format!("SET LOCAL hnsw.ef_search = {ef}")))
-        .execute(&mut *tx)
-        .await?;
-    let rows: Vec<(i64, f64)> = sqlx::query_as(AssertSqlSafe(nearest_sql(model)))
-        .bind(Vector::from(query.to_vec()))
-        .bind(exclude)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(rows)
 }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use coral_proto::{
-    CoralApiServer, DaemonStatus, EmbeddingStatus, Library, LibrarySelector, RpcResult, ScanFilter,
-    ScanPhase, ScanProgress, ScanStarted, ScanTrigger, SimilarTrack, Track, codes, errors::error,
+    CoralApiServer, DaemonStatus, EmbeddingStatus, Library, LibrarySelector, MixSeeds, RpcResult,
+    ScanFilter, ScanPhase, ScanProgress, ScanStarted, ScanTrigger, SimilarOptions, SimilarTrack,
+    Track, TrackLookup, TrackMatch, TrackRef, codes, errors::error,
 };
 use jsonrpsee::core::{SubscriptionResult, async_trait};
 use jsonrpsee::types::ErrorObjectOwned;
@@ -19,11 +20,14 @@ use uuid::Uuid;
 
 use super::params;
 use crate::db::health::{self, DbHealth};
+use crate::db::tracks::TrackRecord;
 use crate::db::{libraries, scans, tracks};
 use crate::library::{LibraryError, LibraryService};
+use crate::lookup::TrackWanted;
 use crate::progress::ScanReporter;
 use crate::progress::fanout::ProgressSubscriber;
 use crate::scan::queue::{QueueError, ScanQueue, ScanRequest};
+use crate::similarity::{Similarity, SimilarityError};
 
 /// What exists only once the database is ready (start-up may wait for it).
 pub struct Services {
@@ -127,9 +131,49 @@ fn resolve_subdir(root: &Path, path: &str) -> Result<Option<PathBuf>, ErrorObjec
     Ok(Some(clean))
 }
 
+fn similar_tracks(scored: Vec<(TrackRecord, f64)>) -> Vec<SimilarTrack> {
+    scored
+        .into_iter()
+        .map(|(r, score)| SimilarTrack {
+            score,
+            track: Track::from(r),
+        })
+        .collect()
+}
+
+fn similarity_error(e: SimilarityError) -> ErrorObjectOwned {
+    match e {
+        SimilarityError::NoEmbedding(_) => error(codes::EMBEDDING_UNAVAILABLE, e.to_string()),
+        SimilarityError::Invalid(_) => error(codes::INVALID_ARGUMENT, e.to_string()),
+        SimilarityError::Database(e) => db_error(e),
+    }
+}
+
 impl CoralRpc {
     fn ctx(&self) -> &RpcContext {
         &self.0
+    }
+
+    /// Similarity over the active model, once the database and the embedding pipeline are up.
+    fn similarity(&self) -> RpcResult<Similarity> {
+        self.need_db()?;
+        let (embedder, unavailable) = self.embedder();
+        let Some(embedder) = embedder else {
+            let why = unavailable
+                .unwrap_or("embeddings are not available")
+                .to_owned();
+            return Err(error(codes::EMBEDDING_UNAVAILABLE, why));
+        };
+        Ok(Similarity::new(self.ctx().pool.clone(), embedder.model()))
+    }
+
+    /// The track a `TrackRef` names, or `TRACK_NOT_FOUND` saying which key found nothing.
+    async fn resolve(&self, wanted: &TrackWanted) -> RpcResult<TrackRecord> {
+        self.need_db()?;
+        crate::lookup::resolve(&self.ctx().pool, wanted)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| error(codes::TRACK_NOT_FOUND, wanted.to_string()))
     }
 
     /// The embedding pipeline and why it is missing (`None, None` during start-up).
@@ -504,42 +548,104 @@ impl CoralApiServer for CoralRpc {
         .collect())
     }
 
-    async fn track_similar(&self, id: i64, limit: Option<u32>) -> RpcResult<Vec<SimilarTrack>> {
-        let ctx = self.ctx();
-        self.need_db()?;
-        let (embedder, unavailable) = self.embedder();
-        let Some(embedder) = embedder else {
-            let why = unavailable
-                .unwrap_or("embeddings are not available")
-                .to_owned();
-            return Err(error(codes::EMBEDDING_UNAVAILABLE, why));
-        };
-        // The track must exist before asking for its neighbours.
+    async fn track_similar(
+        &self,
+        track: TrackRef,
+        limit: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        let wanted = params::track_ref(&track)?;
+        let filter = params::similar_options(options)?;
         let limit = params::similar_limit(limit);
-        self.track_get(id).await?;
-        let neighbours = match embedder.similar(id, limit).await {
-            Ok(n) => n,
-            Err(crate::embed::EmbedError::NoEmbedding(_)) => {
+        let similarity = self.similarity()?;
+        let record = self.resolve(&wanted).await?;
+        let near = similarity
+            .similar(&record, &filter, limit)
+            .await
+            .map_err(similarity_error)?;
+        Ok(similar_tracks(near))
+    }
+
+    async fn track_path(
+        &self,
+        from: TrackRef,
+        to: TrackRef,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        let (from, to) = (params::track_ref(&from)?, params::track_ref(&to)?);
+        let filter = params::similar_options(options)?;
+        let count = params::path_count(count);
+        let similarity = self.similarity()?;
+        let (a, b) = (self.resolve(&from).await?, self.resolve(&to).await?);
+        let path = similarity
+            .path(&a, &b, count, &filter)
+            .await
+            .map_err(similarity_error)?;
+        Ok(similar_tracks(path))
+    }
+
+    async fn track_mix(
+        &self,
+        seeds: MixSeeds,
+        count: Option<u32>,
+        options: Option<SimilarOptions>,
+    ) -> RpcResult<Vec<SimilarTrack>> {
+        let seeds = params::mix_seeds(&seeds)?;
+        let filter = params::similar_options(options)?;
+        let count = params::mix_count(count);
+        let similarity = self.similarity()?;
+        let mut records = Vec::with_capacity(seeds.tracks.len());
+        for wanted in &seeds.tracks {
+            records.push(self.resolve(wanted).await?);
+        }
+        if seeds.album.is_some() || seeds.artist.is_some() {
+            let group = crate::lookup::album_or_artist(
+                &self.ctx().pool,
+                seeds.album.as_deref(),
+                seeds.artist.as_deref(),
+                crate::similarity::MAX_SEEDS,
+            )
+            .await
+            .map_err(db_error)?;
+            if group.is_empty() {
                 return Err(error(
-                    codes::EMBEDDING_UNAVAILABLE,
-                    format!(
-                        "track {id} has no embedding yet (not embedded, skipped, or failed); \
-                         `coralctl scans` shows embedding progress"
-                    ),
+                    codes::TRACK_NOT_FOUND,
+                    "no track has that album or artist",
                 ));
             }
-            Err(e) => return Err(error(codes::INTERNAL, format!("similar tracks: {e}"))),
-        };
-        let mut out = Vec::with_capacity(neighbours.len());
-        for (track_id, score) in neighbours {
-            if let Some(r) = tracks::get(&ctx.pool, track_id).await.map_err(db_error)? {
-                out.push(SimilarTrack {
-                    score,
-                    track: Track::from(r),
-                });
-            }
+            records.extend(group);
         }
-        Ok(out)
+        records.truncate(crate::similarity::MAX_SEEDS);
+        let mix = similarity
+            .mix(&records, count, &filter)
+            .await
+            .map_err(similarity_error)?;
+        Ok(similar_tracks(mix))
+    }
+
+    async fn track_lookup(
+        &self,
+        query: TrackLookup,
+        limit: Option<u32>,
+    ) -> RpcResult<Vec<TrackMatch>> {
+        let q = params::lookup_query(&query)?;
+        let limit = params::list_limit(limit);
+        self.need_db()?;
+        let found = crate::lookup::lookup(
+            &self.ctx().pool,
+            &q,
+            usize::try_from(limit).unwrap_or(usize::MAX),
+        )
+        .await
+        .map_err(db_error)?;
+        Ok(found
+            .into_iter()
+            .map(|(rule, r)| TrackMatch {
+                rule,
+                track: Track::from(r),
+            })
+            .collect())
     }
 }
 
