@@ -12,8 +12,8 @@ use symphonia::core::packet::Packet;
 use symphonia::core::units::Timestamp;
 
 use super::{
-    Clock, DecodeError, Opened, Region, SeekPolicy, MAX_DAMAGED_PACKETS, MIN_REGION_COVERAGE,
-    SEEK_GAP_S,
+    Clock, DecodeError, MAX_DAMAGED_PACKETS, MIN_REGION_COVERAGE, Opened, Region, SEEK_GAP_S,
+    SeekPolicy,
 };
 
 /// One region being filled.
@@ -99,7 +99,11 @@ impl RegionFill {
     }
 
     /// The regions in the order asked, or `Truncated` when the stream did not reach one.
-    pub(super) fn finish(self, last_frame_seen: i64, rate: f64) -> Result<Vec<Vec<f32>>, DecodeError> {
+    pub(super) fn finish(
+        self,
+        last_frame_seen: i64,
+        rate: f64,
+    ) -> Result<Vec<Vec<f32>>, DecodeError> {
         for w in &self.wants {
             let have = w.silent_prefix() + w.written;
             if (have as f64) < w.buf.len() as f64 * MIN_REGION_COVERAGE {
@@ -233,7 +237,11 @@ impl<'a> RegionReader<'a> {
     /// After a seek, a first packet starting past `need` (symphonia's Matroska reader can land
     /// a cluster late): seeking stops and the stream is read from the start instead (decoding
     /// only near regions). True when it rewound.
-    pub(super) fn rewound_after_late_landing(&mut self, p0: i64, need: i64) -> Result<bool, DecodeError> {
+    pub(super) fn rewound_after_late_landing(
+        &mut self,
+        p0: i64,
+        need: i64,
+    ) -> Result<bool, DecodeError> {
         if !std::mem::take(&mut self.check_landing) || p0 <= need {
             return Ok(false);
         }
@@ -327,4 +335,3 @@ impl<'a> RegionReader<'a> {
         Ok(Some(p0))
     }
 }
-
