@@ -80,7 +80,8 @@ async fn by_path(pool: &PgPool, path: &Path) -> sqlx::Result<Option<TrackRecord>
     if let Some(t) = in_roots(pool, &roots, path).await? {
         return Ok(Some(t));
     }
-    match std::fs::canonicalize(path) {
+    // Off the runtime's threads: a path on a hung network mount must not stall other requests.
+    match tokio::fs::canonicalize(path).await {
         Ok(real) if real != path => in_roots(pool, &roots, &real).await,
         _ => Ok(None),
     }
