@@ -332,3 +332,58 @@ async fn centroid_matches(d: &Daemon, count: i64) -> Result<()> {
     ensure!(off < 1e-4, "the kept sum is off by {off}");
     Ok(())
 }
+
+/// An upgrade from a release that did not keep the mean: a database that already holds vectors
+/// gets migration 0005, which fills the mean from them, and centred scores work at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_a_database_with_vectors_fills_the_mean() -> Result<()> {
+    use MusicKind::*;
+    let lib = traversable_tempdir()?;
+    make(
+        lib.path(),
+        &[
+            spec("a0.flac", Drums, 0, 21.0, "A", "a0"),
+            spec("a1.flac", Chords, 0, 23.0, "B", "a1"),
+            spec("a2.flac", DistortedSaw, 0, 25.0, "C", "a2"),
+        ],
+    )?;
+    let (mut d, _config) = daemon(&[]).await?;
+    if !embeddings_on(&d).await? {
+        return Ok(());
+    }
+    scan_all(&d, lib.path(), 3).await?;
+    // Back to the schema of migration 0004, the vectors kept: what an older release left.
+    {
+        let mut db = d.db().await?;
+        for statement in [
+            "DROP TRIGGER track_embeddings_centroid_insert ON track_embeddings",
+            "DROP TRIGGER track_embeddings_centroid_delete ON track_embeddings",
+            "DROP TRIGGER track_embeddings_centroid_update ON track_embeddings",
+            "DROP FUNCTION coral_centroid_inserted()",
+            "DROP FUNCTION coral_centroid_deleted()",
+            "DROP FUNCTION coral_centroid_updated()",
+            "DROP FUNCTION coral_centroid_apply(INTEGER, BIGINT, vector, BIGINT)",
+            "DROP TABLE model_centroids",
+            "DROP INDEX tracks_recording_mbid_idx",
+            "DROP INDEX tracks_isrc_idx",
+            "DELETE FROM _sqlx_migrations WHERE version = 5",
+        ] {
+            sqlx::query(statement).execute(&mut db).await?;
+        }
+        let vectors: i64 = sqlx::query_scalar("SELECT count(*) FROM track_embeddings")
+            .fetch_one(&mut db)
+            .await?;
+        ensure!(vectors == 3, "the vectors stay: {vectors}");
+    }
+    d.terminate()?;
+    d.spawn().await?;
+    centroid_matches(&d, 3).await?;
+    let id = track_ids(&d).await?;
+    let near = d
+        .client()
+        .await?
+        .track_similar(TrackRef::Id(id["a0.flac"]), Some(5), None)
+        .await?;
+    ensure!(near.len() == 2, "{:?}", rels(&near));
+    Ok(())
+}
