@@ -3,6 +3,7 @@
 pub mod daemon;
 pub mod fixtures;
 pub mod hostile_corpus;
+pub mod http;
 pub mod journald;
 pub mod music;
 pub mod notify_socket;

@@ -112,6 +112,22 @@ pub async fn daemon(env: &[(&str, &str)]) -> Result<(Daemon, tempfile::TempDir)>
     Ok((d, dir))
 }
 
+/// `specs` made in `root`, and a [`daemon`] that indexed and embedded them as one library;
+/// `None` (the test should end) when corald was built without embeddings. Keep the directory
+/// as long as the daemon.
+pub async fn one_embedded_library(
+    root: &Path,
+    specs: &[Spec],
+) -> Result<Option<(Daemon, tempfile::TempDir)>> {
+    make(root, specs)?;
+    let (d, config) = daemon(&[]).await?;
+    if !embeddings_on(&d).await? {
+        return Ok(None);
+    }
+    scan_all(&d, root, specs.len() as u64).await?;
+    Ok(Some((d, config)))
+}
+
 /// False (and the test should end) when corald was built without embeddings.
 pub async fn embeddings_on(d: &Daemon) -> Result<bool> {
     let s = d.client().await?.daemon_status().await?;

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use coral_proto::{CoralApiClient, LibrarySelector, ScanPhase, ScanProgress, codes};
 use coral_tests::daemon::{Daemon, add_and_scan, coralctl_bin, eventually, traversable_tempdir};
 use coral_tests::fixtures;
+use coral_tests::http::request;
 use jsonrpsee::async_client::{Client, ClientBuilder};
 use jsonrpsee::client_transport::ws::{
     HeaderMap, HeaderValue, Url, WsHandshakeError, WsTransportClientBuilder,
@@ -134,50 +135,6 @@ fn call_error(r: Result<impl std::fmt::Debug, ClientError>) -> Result<(i32, Stri
     }
 }
 
-/// A plain HTTP/1.1 request; returns the status code, the headers and the body (read up to
-/// `Content-Length`, so keep-alive connections do not hang).
-async fn http_request(port: u16, head: &str) -> Result<(u16, String, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(head.as_bytes()).await?;
-    let read = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let headers = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let len: usize = headers
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
-                if buf.len() >= end + 4 + len {
-                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                    return Ok::<_, anyhow::Error>((headers, body));
-                }
-            }
-            let n = s.read(&mut chunk).await?;
-            ensure!(
-                n > 0,
-                "connection closed mid-answer: {:?}",
-                String::from_utf8_lossy(&buf)
-            );
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    let (headers, body) = tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .context("no HTTP answer within 10 s")??;
-    let status = headers
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status line")?;
-    Ok((status, headers, body))
-}
-
 /// A raw WebSocket connection, for what well-behaved clients never send.
 struct RawWs {
     stream: TcpStream,
@@ -286,7 +243,7 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     let origin = b.origin();
 
     // The page and its assets, with a strict content security policy.
-    let (status, headers, body) = http_request(
+    let (status, headers, body) = request(
         b.port,
         "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
@@ -300,7 +257,7 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     );
     assert!(lower.contains("referrer-policy: no-referrer"), "{headers}");
     for asset in ["/app.js", "/style.css", "/favicon.svg"] {
-        let (status, _, body) = http_request(
+        let (status, _, body) = request(
             b.port,
             &format!("GET {asset} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
         )
@@ -312,19 +269,19 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
             "{asset} links out"
         );
     }
-    let (status, _, _) = http_request(
+    let (status, _, _) = request(
         b.port,
         "GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     .await?;
     assert_eq!(status, 404);
-    let (status, _, _) = http_request(
+    let (status, _, _) = request(
         b.port,
         "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     .await?;
     assert_eq!(status, 426, "/ws without an upgrade");
-    let (status, _, body) = http_request(
+    let (status, _, body) = request(
         b.port,
         "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
@@ -341,7 +298,7 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
             Ok(_) => bail!("origin {bad} was accepted"),
         }
     }
-    let (status, _, body) = http_request(
+    let (status, _, body) = request(
         b.port,
         "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://evil.example\r\n\r\n",
     )

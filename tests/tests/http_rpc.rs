@@ -11,8 +11,9 @@ use anyhow::{Context, Result, ensure};
 use coral_proto::ScanPhase;
 use coral_tests::daemon::{Daemon, add_and_scan, coralctl_bin, eventually, traversable_tempdir};
 use coral_tests::fixtures::{self, FixtureTrack};
+use coral_tests::http::exchange;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 
@@ -73,53 +74,6 @@ async fn bridge(socket: &Path, extra: &[&str]) -> Result<Bridge> {
         _child: child,
         port,
     })
-}
-
-/// One HTTP/1.1 exchange on `s`: status, headers, body (read up to `Content-Length`).
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    head: &str,
-    body: &str,
-) -> Result<(u16, String, String)> {
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body.as_bytes()).await?;
-    let read = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let headers = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let len: usize = headers
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
-                if buf.len() >= end + 4 + len {
-                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                    return Ok::<_, anyhow::Error>((headers, body));
-                }
-            }
-            let n = s.read(&mut chunk).await?;
-            ensure!(
-                n > 0,
-                "closed mid-answer: {:?}",
-                String::from_utf8_lossy(&buf)
-            );
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    let (headers, body) = tokio::time::timeout(Duration::from_secs(20), read)
-        .await
-        .context("no HTTP answer within 20 s")??;
-    let status = headers
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status line")?;
-    Ok((status, headers, body))
 }
 
 fn post_head(path: &str, body: &str, extra_headers: &str) -> String {

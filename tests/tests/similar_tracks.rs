@@ -14,7 +14,9 @@ use anyhow::{Result, bail, ensure};
 use coral_proto::{CoralApiClient, SimilarOptions, SimilarTrack, TrackKey, TrackRef, codes};
 use coral_tests::daemon::{Daemon, traversable_tempdir};
 use coral_tests::music::MusicKind;
-use coral_tests::similarity::{daemon, embeddings_on, make, parse_m3u8, scan_all, spec, track_ids};
+use coral_tests::similarity::{
+    daemon, embeddings_on, make, one_embedded_library, parse_m3u8, scan_all, spec, track_ids,
+};
 use jsonrpsee::core::client::Error as ClientError;
 use pgvector::Vector;
 
@@ -76,12 +78,9 @@ async fn other_files_of_the_same_recording_are_not_neighbours() -> Result<()> {
         spec("s0.flac", DistortedSaw, 0, 23.0, "Fuzz", "Grind"),
         spec("s1.mp3", DistortedSaw, 1, 27.0, "Fuzz", "Buzz"),
     ];
-    make(lib.path(), &specs)?;
-    let (d, _config) = daemon(&[]).await?;
-    if !embeddings_on(&d).await? {
+    let Some((d, _config)) = one_embedded_library(lib.path(), &specs).await? else {
         return Ok(());
-    }
-    scan_all(&d, lib.path(), specs.len() as u64).await?;
+    };
     let c = d.client().await?;
     let id = track_ids(&d).await?;
     let d0 = lib.path().join("d0.flac");

@@ -20,9 +20,7 @@ use coral_proto::{
 };
 use coral_tests::daemon::{Daemon, traversable_tempdir};
 use coral_tests::music::MusicKind::{self, *};
-use coral_tests::similarity::{
-    Spec, daemon, embeddings_on, make, parse_m3u8, scan_all, spec, track_ids,
-};
+use coral_tests::similarity::{Spec, one_embedded_library, parse_m3u8, spec, track_ids};
 use jsonrpsee::core::client::Error as ClientError;
 use pgvector::Vector;
 
@@ -98,12 +96,9 @@ fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Result<i32> {
 async fn paths_rise_towards_the_end_and_mixes_stay_varied() -> Result<()> {
     let lib = traversable_tempdir()?;
     let specs = library();
-    make(lib.path(), &specs)?;
-    let (d, _config) = daemon(&[]).await?;
-    if !embeddings_on(&d).await? {
+    let Some((d, _config)) = one_embedded_library(lib.path(), &specs).await? else {
         return Ok(());
-    }
-    scan_all(&d, lib.path(), specs.len() as u64).await?;
+    };
     let c = d.client().await?;
     let id = track_ids(&d).await?;
     let (vecs, mean) = vectors(&d).await?;

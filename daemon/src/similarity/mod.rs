@@ -74,6 +74,18 @@ pub struct Similarity {
 }
 
 impl Similarity {
+    /// The track rows of `ids`, by id.
+    async fn records_by_id(
+        &self,
+        ids: &[i64],
+    ) -> Result<std::collections::HashMap<i64, TrackRecord>, SimilarityError> {
+        Ok(tracks::get_many(&self.pool, ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect())
+    }
+
     pub fn new(pool: PgPool, model: RegisteredModel) -> Similarity {
         Similarity { pool, model }
     }
@@ -101,12 +113,7 @@ impl Similarity {
         let scored =
             vectors::candidates(&self.pool, self.model, &raw, mean, scope, k, exact).await?;
         let ids: Vec<i64> = scored.iter().map(|(id, _)| *id).collect();
-        let mut records: std::collections::HashMap<i64, TrackRecord> =
-            tracks::get_many(&self.pool, &ids)
-                .await?
-                .into_iter()
-                .map(|r| (r.id, r))
-                .collect();
+        let mut records = self.records_by_id(&ids).await?;
         let mut vecs = vectors::embeddings(&self.pool, self.model, &ids).await?;
         Ok(scored
             .into_iter()
@@ -144,12 +151,7 @@ impl Similarity {
         )
         .await?;
         let ids: Vec<i64> = scored.iter().map(|(id, _)| *id).collect();
-        let mut records: std::collections::HashMap<i64, TrackRecord> =
-            tracks::get_many(&self.pool, &ids)
-                .await?
-                .into_iter()
-                .map(|r| (r.id, r))
-                .collect();
+        let mut records = self.records_by_id(&ids).await?;
         let ordered: Vec<(TrackRecord, f64)> = scored
             .into_iter()
             .filter_map(|(id, s)| records.remove(&id).map(|r| (r, s)))
