@@ -156,6 +156,16 @@ pub async fn lookup(
     Ok(out)
 }
 
+/// Whether `folded` is the track's display credit, one of its artists or its album artist
+/// (folded).
+fn credits(t: &TrackRecord, folded: &str) -> bool {
+    t.artist
+        .iter()
+        .chain(t.artists.iter())
+        .chain(t.album_artist.iter())
+        .any(|a| fold(a) == folded)
+}
+
 /// Of the tracks holding the words, those whose folded title and one folded artist credit are
 /// the ones asked (and whose duration is within [`DURATION_TOLERANCE_MS`] when one was given),
 /// ranked.
@@ -166,13 +176,7 @@ fn by_artist_title(found: Vec<TrackRecord>, q: &LookupQuery) -> Vec<TrackRecord>
     let mut hits: Vec<(bool, i64, TrackRecord)> = found
         .into_iter()
         .filter(|t| t.title.as_deref().map(fold).as_ref() == Some(title))
-        .filter(|t| {
-            t.artist
-                .iter()
-                .chain(t.artists.iter())
-                .chain(t.album_artist.iter())
-                .any(|a| fold(a) == *artist)
-        })
+        .filter(|t| credits(t, artist))
         .filter_map(|t| {
             let off = q.duration_ms.map_or(0, |d| (t.duration_ms - d).abs());
             if off > DURATION_TOLERANCE_MS {
@@ -211,15 +215,7 @@ pub async fn album_or_artist(
     let mut hits: Vec<TrackRecord> = found
         .into_iter()
         .filter(|t| album.is_none_or(|a| t.album.as_deref().map(fold).as_deref() == Some(a)))
-        .filter(|t| {
-            artist.is_none_or(|a| {
-                t.artist
-                    .iter()
-                    .chain(t.artists.iter())
-                    .chain(t.album_artist.iter())
-                    .any(|x| fold(x) == a)
-            })
-        })
+        .filter(|t| artist.is_none_or(|a| credits(t, a)))
         .collect();
     hits.sort_by(|a, b| {
         b.has_embedding

@@ -5,8 +5,6 @@
 //! without filling up with near-copies of one another. Seeds, other files of their
 //! recordings (and of chosen ones) are left out; `max_per_artist` caps artists.
 
-use std::collections::HashMap;
-
 use super::rank::{self, RecordingKey};
 use super::{MAX_CANDIDATES, SimilarFilter, Similarity, SimilarityError, vectors};
 use crate::db::tracks::TrackRecord;
@@ -51,11 +49,9 @@ impl Similarity {
             max_ms: filter.max_ms,
         };
         let k = count.saturating_mul(5).clamp(100, MAX_CANDIDATES);
-        let pool = self
-            .around(&target, mean, centroid.count, &scope, k)
-            .await?;
-        let mut taken: Vec<RecordingKey> = seeds.iter().map(RecordingKey::of).collect();
-        let mut per_artist: HashMap<String, u32> = HashMap::new();
+        let pool = self.around(&target, &centroid, &scope, k).await?;
+        let seed_keys: Vec<RecordingKey> = seeds.iter().map(RecordingKey::of).collect();
+        let mut rules = rank::Chosen::new(filter.thinning(), &seed_keys);
         let mut chosen: Vec<(TrackRecord, f64, Vec<f32>)> = Vec::new();
         let mut left: Vec<Option<(TrackRecord, f64, Vec<f32>)>> =
             pool.into_iter().map(Some).collect();
@@ -64,13 +60,7 @@ impl Similarity {
             let mut best: Option<(usize, f64)> = None;
             for (i, c) in left.iter().enumerate() {
                 let Some((t, relevance, v)) = c else { continue };
-                let key = RecordingKey::of(t);
-                if filter.exclude_same_recording && taken.iter().any(|r| r.same(&key)) {
-                    continue;
-                }
-                if let (Some(cap), Some(a)) = (filter.max_per_artist, rank::artist_key(t))
-                    && per_artist.get(&a).copied().unwrap_or(0) >= cap
-                {
+                if !rules.admits(t) {
                     continue;
                 }
                 let redundancy = chosen
@@ -91,10 +81,7 @@ impl Similarity {
             let Some((t, relevance, v)) = left[i].take() else {
                 break;
             };
-            taken.push(RecordingKey::of(&t));
-            if let Some(a) = rank::artist_key(&t) {
-                *per_artist.entry(a).or_insert(0) += 1;
-            }
+            rules.add(&t);
             chosen.push((t, relevance, v));
         }
         Ok(chosen.into_iter().map(|(t, r, _)| (t, r)).collect())

@@ -73,19 +73,17 @@ pub struct Similarity {
     model: RegisteredModel,
 }
 
-impl Similarity {
-    /// The track rows of `ids`, by id.
-    async fn records_by_id(
-        &self,
-        ids: &[i64],
-    ) -> Result<std::collections::HashMap<i64, TrackRecord>, SimilarityError> {
-        Ok(tracks::get_many(&self.pool, ids)
-            .await?
-            .into_iter()
-            .map(|r| (r.id, r))
-            .collect())
+impl SimilarFilter {
+    /// The rules on recordings and artists.
+    pub fn thinning(&self) -> rank::Thinning {
+        rank::Thinning {
+            distinct_recordings: self.exclude_same_recording,
+            max_per_artist: self.max_per_artist,
+        }
     }
+}
 
+impl Similarity {
     pub fn new(pool: PgPool, model: RegisteredModel) -> Similarity {
         Similarity { pool, model }
     }
@@ -97,27 +95,55 @@ impl Similarity {
             .ok_or(SimilarityError::NoEmbedding(track.id))
     }
 
+    /// Candidates near the raw vector `raw`, with their rows, best first.
+    async fn scored(
+        &self,
+        raw: &[f32],
+        centroid: &vectors::Centroid,
+        scope: &vectors::Scope,
+        k: u32,
+    ) -> Result<Vec<(TrackRecord, f64)>, SimilarityError> {
+        let exact = centroid.count <= crate::test_hooks::similar_exact_scan_max(EXACT_SCAN_MAX);
+        let scored =
+            vectors::candidates(&self.pool, self.model, raw, &centroid.mean, scope, k, exact)
+                .await?;
+        let ids: Vec<i64> = scored.iter().map(|(id, _)| *id).collect();
+        let mut records: std::collections::HashMap<i64, TrackRecord> =
+            tracks::get_many(&self.pool, &ids)
+                .await?
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect();
+        Ok(scored
+            .into_iter()
+            .filter_map(|(id, s)| Some((records.remove(&id)?, s)))
+            .collect())
+    }
+
     /// Candidates around the centred direction `centred` (a unit vector after the mean is
     /// subtracted), with their rows and vectors, best first.
     async fn around(
         &self,
         centred: &[f32],
-        mean: &[f32],
-        count: i64,
+        centroid: &vectors::Centroid,
         scope: &vectors::Scope,
         k: u32,
     ) -> Result<Vec<(TrackRecord, f64, Vec<f32>)>, SimilarityError> {
         // A raw query whose centred part is `centred` (the index path searches raw vectors).
-        let raw: Vec<f32> = centred.iter().zip(mean).map(|(c, m)| c + m).collect();
-        let exact = count <= crate::test_hooks::similar_exact_scan_max(EXACT_SCAN_MAX);
-        let scored =
-            vectors::candidates(&self.pool, self.model, &raw, mean, scope, k, exact).await?;
-        let ids: Vec<i64> = scored.iter().map(|(id, _)| *id).collect();
-        let mut records = self.records_by_id(&ids).await?;
+        let raw: Vec<f32> = centred
+            .iter()
+            .zip(&centroid.mean)
+            .map(|(c, m)| c + m)
+            .collect();
+        let scored = self.scored(&raw, centroid, scope, k).await?;
+        let ids: Vec<i64> = scored.iter().map(|(t, _)| t.id).collect();
         let mut vecs = vectors::embeddings(&self.pool, self.model, &ids).await?;
         Ok(scored
             .into_iter()
-            .filter_map(|(id, s)| Some((records.remove(&id)?, s, vecs.remove(&id)?)))
+            .filter_map(|(t, s)| {
+                let v = vecs.remove(&t.id)?;
+                Some((t, s, v))
+            })
             .collect())
     }
 
@@ -139,31 +165,11 @@ impl Similarity {
         let k = limit
             .saturating_mul(OVERFETCH)
             .clamp(MIN_CANDIDATES, MAX_CANDIDATES);
-        let exact = centroid.count <= crate::test_hooks::similar_exact_scan_max(EXACT_SCAN_MAX);
-        let scored = vectors::candidates(
-            &self.pool,
-            self.model,
-            &query,
-            &centroid.mean,
-            &scope,
-            k,
-            exact,
-        )
-        .await?;
-        let ids: Vec<i64> = scored.iter().map(|(id, _)| *id).collect();
-        let mut records = self.records_by_id(&ids).await?;
-        let ordered: Vec<(TrackRecord, f64)> = scored
-            .into_iter()
-            .filter_map(|(id, s)| records.remove(&id).map(|r| (r, s)))
-            .collect();
-        let how = rank::Thinning {
-            distinct_recordings: filter.exclude_same_recording,
-            max_per_artist: filter.max_per_artist,
-        };
+        let ordered = self.scored(&query, &centroid, &scope, k).await?;
         Ok(rank::thin(
             &[rank::RecordingKey::of(track)],
             ordered,
-            how,
+            filter.thinning(),
             usize::try_from(limit).unwrap_or(usize::MAX),
         ))
     }

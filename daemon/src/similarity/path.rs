@@ -6,7 +6,7 @@
 //! repeats, and its similarity to B rises strictly at every step; it is shorter than asked
 //! when a waypoint has no such track.
 
-use super::rank::{self, RecordingKey};
+use super::rank;
 use super::{SimilarFilter, Similarity, SimilarityError, vectors};
 use crate::db::tracks::TrackRecord;
 
@@ -41,14 +41,10 @@ impl Similarity {
             return Ok(vec![(from.clone(), to_b(&va)), (to.clone(), 1.0)]);
         };
         let mut used: Vec<i64> = vec![from.id, to.id];
-        let mut recordings: Vec<RecordingKey> = vec![RecordingKey::of(from), RecordingKey::of(to)];
-        let mut per_artist: std::collections::HashMap<String, u32> = [from, to]
-            .iter()
-            .filter_map(|t| rank::artist_key(t))
-            .fold(std::collections::HashMap::new(), |mut m, a| {
-                *m.entry(a).or_insert(0) += 1;
-                m
-            });
+        // The ends count: no other file of their recordings, and their artists towards the cap.
+        let mut chosen = rank::Chosen::new(filter.thinning(), &[]);
+        chosen.add(from);
+        chosen.add(to);
         let mut out: Vec<(TrackRecord, f64)> = vec![(from.clone(), to_b(&va))];
         let mut last = to_b(&va);
         let steps = count.clamp(2, MAX_PATH_LEN) - 1;
@@ -68,26 +64,16 @@ impl Similarity {
                 max_ms: filter.max_ms,
             };
             let near = self
-                .around(&waypoint, mean, centroid.count, &scope, PER_WAYPOINT)
+                .around(&waypoint, &centroid, &scope, PER_WAYPOINT)
                 .await?;
             let pick = near.into_iter().find_map(|(t, _, v)| {
                 let closer = to_b(&v);
-                let key = RecordingKey::of(&t);
-                let repeat =
-                    filter.exclude_same_recording && recordings.iter().any(|r| r.same(&key));
-                let capped = filter.max_per_artist.is_some_and(|cap| {
-                    rank::artist_key(&t)
-                        .is_some_and(|a| per_artist.get(&a).copied().unwrap_or(0) >= cap)
-                });
-                (closer > last && !repeat && !capped).then_some((t, closer, key))
+                (closer > last && chosen.admits(&t)).then_some((t, closer))
             });
-            if let Some((t, closer, key)) = pick {
-                if let Some(a) = rank::artist_key(&t) {
-                    *per_artist.entry(a).or_insert(0) += 1;
-                }
+            if let Some((t, closer)) = pick {
+                chosen.add(&t);
                 last = closer;
                 used.push(t.id);
-                recordings.push(key);
                 out.push((t, closer));
             }
         }

@@ -64,37 +64,68 @@ pub struct Thinning {
     pub max_per_artist: Option<u32>,
 }
 
-/// Keep, best first, up to `limit` of `scored` (already best first): with `distinct_recordings`,
-/// none of the recordings of `seeds` and one file per recording; at most `max_per_artist` per
+/// The tracks chosen so far, for the rules a next one must pass: with `distinct_recordings`,
+/// no other file of a recording already chosen (or of a seed); at most `max_per_artist` per
 /// folded artist.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    how: Thinning,
+    recordings: Vec<RecordingKey>,
+    per_artist: HashMap<String, u32>,
+}
+
+impl Chosen {
+    /// Nothing chosen yet; the recordings of `seeds` are never chosen (seeds do not count
+    /// towards the artist cap).
+    pub fn new(how: Thinning, seeds: &[RecordingKey]) -> Chosen {
+        Chosen {
+            how,
+            recordings: seeds.to_vec(),
+            per_artist: HashMap::new(),
+        }
+    }
+
+    /// Whether `t` may be chosen next.
+    pub fn admits(&self, t: &TrackRecord) -> bool {
+        if self.how.distinct_recordings {
+            let key = RecordingKey::of(t);
+            if self.recordings.iter().any(|r| r.same(&key)) {
+                return false;
+            }
+        }
+        match (self.how.max_per_artist, artist_key(t)) {
+            (Some(cap), Some(a)) => self.per_artist.get(&a).copied().unwrap_or(0) < cap,
+            _ => true,
+        }
+    }
+
+    /// Counts `t` as chosen: its recording and its artist.
+    pub fn add(&mut self, t: &TrackRecord) {
+        self.recordings.push(RecordingKey::of(t));
+        if let Some(a) = artist_key(t) {
+            *self.per_artist.entry(a).or_insert(0) += 1;
+        }
+    }
+}
+
+/// Keep, best first, up to `limit` of `scored` (already best first) that [`Chosen`] admits in
+/// turn, starting from `seeds`.
 pub fn thin(
     seeds: &[RecordingKey],
     scored: Vec<(TrackRecord, f64)>,
     how: Thinning,
     limit: usize,
 ) -> Vec<(TrackRecord, f64)> {
+    let mut chosen = Chosen::new(how, seeds);
     let mut kept: Vec<(TrackRecord, f64)> = Vec::with_capacity(limit);
-    let mut kept_keys: Vec<RecordingKey> = Vec::with_capacity(limit);
-    let mut per_artist: HashMap<String, u32> = HashMap::new();
     for (t, score) in scored {
         if kept.len() >= limit {
             break;
         }
-        let key = RecordingKey::of(&t);
-        if how.distinct_recordings
-            && (seeds.iter().any(|s| s.same(&key)) || kept_keys.iter().any(|k| k.same(&key)))
-        {
-            continue;
+        if chosen.admits(&t) {
+            chosen.add(&t);
+            kept.push((t, score));
         }
-        if let (Some(cap), Some(a)) = (how.max_per_artist, artist_key(&t)) {
-            let n = per_artist.entry(a).or_insert(0);
-            if *n >= cap {
-                continue;
-            }
-            *n += 1;
-        }
-        kept_keys.push(key);
-        kept.push((t, score));
     }
     kept
 }
