@@ -14,9 +14,10 @@
 //!   WavPack and TrueAudio, cached under `target/bench-embed-library/formats-<seconds>s/`;
 //! * `embed/resample`: stage 2 alone, one thread: rubato FFT resampling of those decoded regions
 //!   from 44.1 kHz to the model's 16 kHz;
-//! * `embed/inference`: stage 4 alone: forward passes of the committed musicnn model via
-//!   libtorch on the CPU with `embed.threads` = the number of cores, at 1, 2, 8 and 32 windows
-//!   per pass (32 windows per iteration);
+//! * `embed/inference`: stage 4 alone: forward passes of the committed musicnn models via
+//!   libtorch with `embed.threads` = the number of cores, at 1, 2, 8 and 32 windows per pass
+//!   (32 windows per iteration): on a CPU the default int8 model and the fp32 one, on CUDA the
+//!   fp32 one;
 //! * `embed/end_to_end`: `Embedder::embed` on every track with the default configuration (the
 //!   daemon's code, a real PostgreSQL: the harness daemon's managed cluster), vectors deleted
 //!   before each iteration;
@@ -89,8 +90,18 @@ fn workspace_dir() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The model the daemon loads by default on the bench device: the int8 model on a CPU, the
+/// fp32 one on CUDA.
 fn model_path() -> PathBuf {
-    workspace_dir().join("model/musicnn-msd.pt")
+    model_named(default_model())
+}
+
+fn default_model() -> &'static str {
+    model::default_model_name(bench_device().is_ok_and(|d| d.starts_with("cuda")))
+}
+
+fn model_named(name: &str) -> PathBuf {
+    workspace_dir().join(format!("model/{name}.pt"))
 }
 
 /// The generated library: (path, duration in seconds) per track, made once per size.
@@ -203,32 +214,40 @@ fn main() -> Result<()> {
         let row = plan.window_samples;
         let device = bench_device()?;
         let choice = DeviceChoice::parse(&device).context("CORAL_BENCH_DEVICE")?;
-        let mut m = phase_4_infer::load_model(&files, choice, cores, row)?;
-        println!("inference on {}", m.device_label());
         let input: Vec<f32> = music::synthesize(MusicKind::Chords, 0, 100.0)
             .into_iter()
             .step_by(2)
             .take(INFER_WINDOWS * row)
             .collect();
         ensure!(input.len() == INFER_WINDOWS * row, "not enough input");
+        // The default model first, then the other one the device can run (on a CPU: the fp32
+        // model, for the ratio the int8 convolutions buy).
+        let mut names = vec![default_model()];
+        if !device.starts_with("cuda") {
+            names.push(model::DEFAULT_ACCELERATOR_MODEL);
+        }
         let mut g = c.benchmark_group("embed/inference");
         g.throughput(Throughput::Elements(INFER_WINDOWS as u64));
-        for batch in BATCHES {
-            g.bench_with_input(
-                BenchmarkId::new(format!("{device}, {cores} threads, batch"), batch),
-                &batch,
-                |b, &batch| {
-                    b.iter(|| {
-                        for chunk in input.chunks(batch * row) {
-                            let y = m.forward(chunk, batch);
-                            std::hint::black_box(y.map(|y| y.len()).unwrap_or(0));
-                        }
-                    })
-                },
-            );
+        for name in names {
+            let files = model::load(&model_named(name))?;
+            let mut m = phase_4_infer::load_model(&files, choice, cores, row)?;
+            println!("inference with {name} on {}", m.device_label());
+            for batch in BATCHES {
+                g.bench_with_input(
+                    BenchmarkId::new(format!("{device}, {name}, {cores} threads, batch"), batch),
+                    &batch,
+                    |b, &batch| {
+                        b.iter(|| {
+                            for chunk in input.chunks(batch * row) {
+                                let y = m.forward(chunk, batch);
+                                std::hint::black_box(y.map(|y| y.len()).unwrap_or(0));
+                            }
+                        })
+                    },
+                );
+            }
         }
         g.finish();
-        drop(m);
 
         end_to_end(&mut c, &lib)?;
     } else {
@@ -656,7 +675,9 @@ fn summary(tracks: usize, seconds: usize, cores: usize) {
             "  {:<20} {id:<45} {tps:>8.2} tracks/s ({wps:.1} windows/s)",
             "embed/inference"
         );
-        if id.ends_with(&format!("batch/{default_batch}")) {
+        if id.contains(&format!(", {}, ", default_model()))
+            && id.ends_with(&format!("batch/{default_batch}"))
+        {
             consider(format!("embed/inference {id}"), tps);
         }
     }

@@ -12,9 +12,11 @@ The wheel `musicnn==0.1.0` (ISC licence) is taken from --wheel, or from the cach
 `pip download --no-deps musicnn==0.1.0` when missing. Its sha256 is checked.
 
 Output (in --out):
-  musicnn-msd.pt     TorchScript module: forward(x: [B, N] f32 mono 16 kHz) -> [B, 200]
-  musicnn-msd.json   manifest (see README.md)
-  LICENSE-musicnn    the licence text shipped in the wheel
+  musicnn-msd.pt          TorchScript module: forward(x: [B, N] f32 mono 16 kHz) -> [B, 200]
+  musicnn-msd.json        manifest (see README.md)
+  musicnn-msd-int8.pt     the same network with its two timbral convolutions in int8 (CPU only)
+  musicnn-msd-int8.json   its manifest
+  LICENSE-musicnn         the licence text shipped in the wheel
 """
 
 import argparse
@@ -50,6 +52,10 @@ BN_EPS = 1e-3  # tf.compat.v1.layers.batch_normalization default
 
 MODEL_NAME = "musicnn-msd"
 MODEL_VERSION = "1"
+INT8_NAME = "musicnn-msd-int8"
+INT8_VERSION = "1"
+CALIBRATION_WINDOWS = 64
+CALIBRATION_SEED = 20261204
 
 
 # --------------------------------------------------------------------------
@@ -272,6 +278,24 @@ class MusicnnMSD(torch.nn.Module):
                         ("bn_pool", 1506)]:
             for stat in ("mean", "var", "gamma", "beta"):
                 self.register_buffer(f"{name}_{stat}", torch.zeros(n))
+        # per-channel sign of each front-end batch norm's slope (see `_pool_freq`)
+        for name, n in [("sign74", 204), ("sign77", 204), ("sign_t128", 51), ("sign_t64", 51),
+                        ("sign_t32", 51)]:
+            self.register_buffer(name, torch.ones(n))
+        self.quant = torch.ao.quantization.QuantStub()
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def fold_signs(self):
+        """Negate the kernels and biases of the front-end channels whose batch norm has a
+        negative slope (gamma < 0) and record the sign, for `_pool_freq`'s exact rewrite."""
+        for conv, bn, sign in [("conv74", "bn74", "sign74"), ("conv77", "bn77", "sign77"),
+                               ("conv_t128", "bn_t128", "sign_t128"), ("conv_t64", "bn_t64", "sign_t64"),
+                               ("conv_t32", "bn_t32", "sign_t32")]:
+            s = torch.where(getattr(self, bn + "_gamma") < 0, -1.0, 1.0)
+            mod = getattr(self, conv)
+            mod.weight.data.mul_(s.view(-1, 1, 1, 1))
+            mod.bias.data.mul_(s)
+            getattr(self, sign).copy_(s)
 
     @torch.jit.export
     def logmel(self, windows: torch.Tensor) -> torch.Tensor:
@@ -287,27 +311,44 @@ class MusicnnMSD(torch.nn.Module):
             gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, self.bn_eps)
 
-    def _pool_freq(self, conv: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                   gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        y = self._bn(F.relu(conv), mean, var, gamma, beta)  # [P, C, T, F']
-        return torch.amax(y, dim=3)  # [P, C, T]
+    def _freq_max(self, conv: torch.Tensor) -> torch.Tensor:
+        """[P, C, T, F'] -> [P, C, T]: max over frequency. A max pool over the whole frequency
+        axis rather than amax, because it also runs on the int8 map (a max of quantized values
+        is the quantized max, exactly), before anything is dequantized."""
+        return F.max_pool2d(conv, [1, conv.size(3)])
+
+    def _pool_freq(self, m: torch.Tensor, sign: torch.Tensor, mean: torch.Tensor,
+                   var: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """bn(relu(sign * m)) for m = `_freq_max(conv)`: the max over frequency of bn(relu(conv)).
+
+        Exact: batch norm is a per-channel affine map, monotone in each channel. Where its
+        slope is positive, max commutes with relu and bn. Where it is negative, the max of
+        bn(relu(c)) is bn(relu(min c)); `fold_signs` negated those channels' kernels and
+        biases (so the conv gives -c exactly), and min c = -max(-c). So the full-size
+        [P, C, T, F'] map only goes through one max instead of relu, bn and max."""
+        m = m.squeeze(3)  # [P, C, T]
+        return self._bn(F.relu(m * sign.view(1, -1, 1)), mean, var, gamma, beta)
 
     @torch.jit.export
     def network(self, patches: torch.Tensor) -> torch.Tensor:
         """[P, 187, 96] log-mel patches -> [P, 200] pre-ReLU penultimate dense."""
         x = patches.unsqueeze(1)  # [P, 1, T, F]  (TF: [P, T, F, 1])
         x = self._bn(x, self.bn_in_mean, self.bn_in_var, self.bn_in_gamma, self.bn_in_beta)
-        # timbral: pad time by 3 each side, 'valid' conv, max over frequency
-        xp = F.pad(x, [0, 0, 3, 3])
-        f74 = self._pool_freq(self.conv74(xp), self.bn74_mean, self.bn74_var, self.bn74_gamma, self.bn74_beta)
-        f77 = self._pool_freq(self.conv77(xp), self.bn77_mean, self.bn77_var, self.bn77_gamma, self.bn77_beta)
+        # timbral: pad time by 3 each side, 'valid' conv, max over frequency. The two big
+        # convolutions sit between quant/dequant stubs: identities in the fp32 model, int8 in
+        # the quantized one.
+        xp = self.quant(F.pad(x, [0, 0, 3, 3]))
+        f74 = self._pool_freq(self.dequant(self._freq_max(self.conv74(xp))), self.sign74, self.bn74_mean,
+                              self.bn74_var, self.bn74_gamma, self.bn74_beta)
+        f77 = self._pool_freq(self.dequant(self._freq_max(self.conv77(xp))), self.sign77, self.bn77_mean,
+                              self.bn77_var, self.bn77_gamma, self.bn77_beta)
         # temporal: TF 'same' padding over time (even kernels: (k-1)//2 before, k//2 after)
-        s1 = self._pool_freq(self.conv_t128(F.pad(x, [0, 0, 63, 64])), self.bn_t128_mean,
-                             self.bn_t128_var, self.bn_t128_gamma, self.bn_t128_beta)
-        s2 = self._pool_freq(self.conv_t64(F.pad(x, [0, 0, 31, 32])), self.bn_t64_mean,
-                             self.bn_t64_var, self.bn_t64_gamma, self.bn_t64_beta)
-        s3 = self._pool_freq(self.conv_t32(F.pad(x, [0, 0, 15, 16])), self.bn_t32_mean,
-                             self.bn_t32_var, self.bn_t32_gamma, self.bn_t32_beta)
+        s1 = self._pool_freq(self._freq_max(self.conv_t128(F.pad(x, [0, 0, 63, 64]))), self.sign_t128,
+                             self.bn_t128_mean, self.bn_t128_var, self.bn_t128_gamma, self.bn_t128_beta)
+        s2 = self._pool_freq(self._freq_max(self.conv_t64(F.pad(x, [0, 0, 31, 32]))), self.sign_t64,
+                             self.bn_t64_mean, self.bn_t64_var, self.bn_t64_gamma, self.bn_t64_beta)
+        s3 = self._pool_freq(self._freq_max(self.conv_t32(F.pad(x, [0, 0, 15, 16]))), self.sign_t32,
+                             self.bn_t32_mean, self.bn_t32_var, self.bn_t32_gamma, self.bn_t32_beta)
         front = torch.cat([f74, f77, s1, s2, s3], dim=1)  # [P, 561, T]
         # mid-end: dense (residual) 1-D convolutions over time
         m1 = self._bn(F.relu(self.mid1(F.pad(front, [3, 3]))), self.bn_mid1_mean, self.bn_mid1_var,
@@ -367,6 +408,76 @@ def load_weights(model, ckpt):
 
 
 # --------------------------------------------------------------------------
+# The int8 variant: static quantization of the two big timbral convolutions
+# --------------------------------------------------------------------------
+
+def calibration_audio(count=CALIBRATION_WINDOWS, seed=CALIBRATION_SEED):
+    """[count, 47616] float32 windows of generated music, the same on every machine: chords of
+    harmonic tones (plucked and sustained, changing every 0.25-1 s), kick, snare and hi-hat on a
+    beat of 80-170 bpm, sometimes distorted, at peaks from -30 to -0.5 dBFS. It only sets the
+    activation ranges of the quantized convolutions (model/README.md measures the result on
+    real music)."""
+    rng = np.random.default_rng(seed)
+    n = WINDOW_SAMPLES
+    t = np.arange(n) / SR
+    out = np.zeros((count, n), np.float64)
+    for i in range(count):
+        x = np.zeros(n)
+        pos = 0
+        while pos < n:  # chords
+            length = int(rng.uniform(0.25, 1.0) * SR)
+            seg = np.arange(min(length, n - pos)) / SR
+            root = 55.0 * 2 ** rng.uniform(0, 4)
+            pluck = rng.random() < 0.5
+            env = np.exp(-seg * rng.uniform(2, 8)) if pluck else np.minimum(1, seg * 20)
+            for interval in rng.choice([0, 3, 4, 7, 10, 12], size=rng.integers(2, 5), replace=False):
+                f0 = root * 2 ** (interval / 12)
+                for k in range(1, 9):
+                    if f0 * k < SR / 2:
+                        x[pos:pos + len(seg)] += env * np.sin(2 * np.pi * f0 * k * seg + rng.uniform(0, 6.3)) / k
+            pos += length
+        if rng.random() < 0.8:  # drums
+            beat = 60.0 / rng.uniform(80, 170)
+            for b in np.arange(rng.uniform(0, beat), n / SR, beat / 2):
+                s = int(b * SR)
+                seg = t[: min(n - s, SR // 2)]
+                if round(b / beat * 2) % 4 == 0:
+                    x[s:s + len(seg)] += 2.0 * np.sin(2 * np.pi * (50 + 100 * np.exp(-seg * 30)) * seg) * np.exp(-seg * 12)
+                elif round(b / beat * 2) % 4 == 2:
+                    x[s:s + len(seg)] += rng.normal(0, 0.8, len(seg)) * np.exp(-seg * 25)
+                hat = min(len(seg), SR // 20)
+                x[s:s + hat] += np.diff(rng.normal(0, 0.4, hat + 1)) * np.exp(-seg[:hat] * 80)
+        if rng.random() < 0.3:
+            x = np.tanh(x * rng.uniform(2, 6))
+        peak = 10 ** (rng.uniform(-30, -0.5) / 20)
+        out[i] = x / max(np.max(np.abs(x)), 1e-9) * peak
+    return out.astype(np.float32)
+
+
+def quantize_timbral(model):
+    """A copy of `model` whose two timbral convolutions (3/4 of the network's multiply-adds)
+    run in int8: per-channel symmetric weights, activations observed on `calibration_audio`
+    (x86 backend, fbgemm kernels). Everything else stays fp32: quantizing the rest costs far
+    more accuracy, and the small temporal convolutions are not faster in int8."""
+    import copy
+    import torch.ao.quantization as tq
+
+    q = copy.deepcopy(model)
+    q.qconfig = None
+    qconfig = tq.get_default_qconfig("x86")
+    for name in ("quant", "conv74", "conv77", "dequant"):
+        getattr(q, name).qconfig = qconfig
+    torch.backends.quantized.engine = "x86"
+    tq.prepare(q, inplace=True)
+    with torch.inference_mode():
+        audio = torch.from_numpy(calibration_audio())
+        for chunk in audio.split(16):
+            q.network(q.logmel(chunk))
+    tq.convert(q, inplace=True)
+    return q
+
+
+# --------------------------------------------------------------------------
 # Wheel handling and export
 # --------------------------------------------------------------------------
 
@@ -398,6 +509,7 @@ def build_model(wheel_path):
         licence = z.read(LICENSE_MEMBER)
     model = MusicnnMSD()
     load_weights(model, Checkpoint(index, [data]))
+    model.fold_signs()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -458,39 +570,54 @@ def _stable_source_paths():
         jit_internal.get_source_lines_and_file = relative
 
 
-def export(out_dir, wheel_path=None):
-    torch.manual_seed(0)
-    wheel_path = find_wheel(wheel_path)
-    model, licence = build_model(wheel_path)
-    _stable_source_paths()
+def _save(module, out_dir, name, version, output, source, **extra):
+    """Script and save `module` as <name>.pt (reproducible bytes) with its manifest."""
     with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is what tch loads
         warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(model)
-    os.makedirs(out_dir, exist_ok=True)
-    pt_path = os.path.join(out_dir, MODEL_NAME + ".pt")
+        scripted = torch.jit.script(module)
     buf = io.BytesIO()
     torch.jit.save(scripted, buf)
     blob = _fix_serialization_id(buf.getvalue())
+    pt_path = os.path.join(out_dir, name + ".pt")
     with open(pt_path, "wb") as f:
         f.write(blob)
     manifest = {
-        "name": MODEL_NAME,
-        "version": MODEL_VERSION,
+        "name": name,
+        "version": version,
         "sample_rate": SR,
         "window_samples": WINDOW_SAMPLES,
         "embedding_dim": EMBEDDING_DIM,
         "input": "[B, N] f32 mono in [-1,1]",
-        "output": "[B, 200] embedding (pre-ReLU penultimate dense, mean over 3 s patches)",
+        "output": output,
         "sha256": hashlib.sha256(blob).hexdigest(),
-        "source": "musicnn 0.1.0 (ISC), MSD_musicnn checkpoint",
+        "source": source,
         "torch": torch.__version__.split("+")[0],
+        **extra,
     }
-    with open(os.path.join(out_dir, MODEL_NAME + ".json"), "w") as f:
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
+    return pt_path, manifest
+
+
+def export(out_dir, wheel_path=None):
+    """Both models: musicnn-msd (fp32) and musicnn-msd-int8. Returns [(pt_path, manifest)]."""
+    torch.manual_seed(0)
+    wheel_path = find_wheel(wheel_path)
+    model, licence = build_model(wheel_path)
+    _stable_source_paths()
+    os.makedirs(out_dir, exist_ok=True)
+    source = "musicnn 0.1.0 (ISC), MSD_musicnn checkpoint"
+    written = [_save(model, out_dir, MODEL_NAME, MODEL_VERSION,
+                     "[B, 200] embedding (pre-ReLU penultimate dense, mean over 3 s patches)", source)]
+    written.append(_save(quantize_timbral(model), out_dir, INT8_NAME, INT8_VERSION,
+                         "[B, 200] embedding (as musicnn-msd; timbral convolutions in int8)",
+                         source + f"; int8 timbral convolutions calibrated on {CALIBRATION_WINDOWS} "
+                         f"generated windows (seed {CALIBRATION_SEED})",
+                         cpu_only=True))
     with open(os.path.join(out_dir, "LICENSE-musicnn"), "wb") as f:
         f.write(licence)
-    return pt_path, manifest
+    return written
 
 
 def main(argv=None):
@@ -506,9 +633,9 @@ def main(argv=None):
     if not torch.__version__.startswith("2.13.0"):
         print(f"warning: torch {torch.__version__}; tch 0.26 loads exports of 2.13.0", file=sys.stderr)
     t0 = time.perf_counter()
-    pt_path, manifest = export(args.out, args.wheel)
-    print(f"wrote {pt_path} ({os.path.getsize(pt_path)} bytes, sha256 {manifest['sha256']}) "
-          f"in {time.perf_counter() - t0:.1f} s")
+    for pt_path, manifest in export(args.out, args.wheel):
+        print(f"wrote {pt_path} ({os.path.getsize(pt_path)} bytes, sha256 {manifest['sha256']})")
+    print(f"in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 """Checks of the exported musicnn-msd TorchScript model.
 
     python3 model/test_model.py                     # all checks; exits non-zero on failure
-    python3 model/test_model.py --update-reference  # rewrite reference.json from the .pt
+    python3 model/test_model.py --update-reference  # rewrite reference.json and
+                                                    # reference-int8.json from the .pt files
     python3 -m pytest model/test_model.py           # same checks under pytest
 
-(a) the committed musicnn-msd.pt matches its manifest and reproduces reference.json;
+(a) the committed musicnn-msd.pt matches its manifest and reproduces reference.json; the
+    int8 model musicnn-msd-int8.pt reproduces reference-int8.json and stays within cosine
+    0.995 of the fp32 model;
 (b) re-running convert_musicnn.py into a temp dir gives the same outputs (and, with the
     manifest's torch version, the same bytes);
 (c) only when `tensorflow` is importable: the network agrees with musicnn's own TF graph
@@ -33,6 +36,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PT = os.path.join(HERE, "musicnn-msd.pt")
 MANIFEST = os.path.join(HERE, "musicnn-msd.json")
 REFERENCE = os.path.join(HERE, "reference.json")
+INT8_PT = os.path.join(HERE, "musicnn-msd-int8.pt")
+INT8_MANIFEST = os.path.join(HERE, "musicnn-msd-int8.json")
+INT8_REFERENCE = os.path.join(HERE, "reference-int8.json")
+# The int8 model against the fp32 one, per embedding. On real music (60 Debian game-music
+# tracks, 8 windows each, model/README.md) the worst was 0.9992; the pure-tone reference
+# clips are the hardest case seen (0.9972), so 0.995 leaves room without hiding a broken
+# quantization (an unquantized-scale bug or a wrong zero point gives < 0.9).
+INT8_MIN_COSINE = 0.995
 SR = 16000
 WINDOW = 47616
 
@@ -87,9 +98,9 @@ def load_model(path=PT):
     return model
 
 
-def write_reference():
-    model = load_model()
-    with open(MANIFEST) as f:
+def write_reference(pt=PT, manifest_path=MANIFEST, reference=REFERENCE, tolerance=None):
+    model = load_model(pt)
+    with open(manifest_path) as f:
         manifest = json.load(f)
     out = {
         "model": manifest["name"],
@@ -97,7 +108,7 @@ def write_reference():
         "sample_rate": SR,
         "clips": {k: {"formula": v, "n": "0, 1, ..., 95231 (two windows of 47616)",
                       "note": "evaluate in f64, round to f32"} for k, v in CLIPS.items()},
-        "tolerance": {
+        "tolerance": tolerance or {
             "metric": "max over rows of max_i |got_i - ref_i| / ||ref||_2",
             "cpu": 1e-4,
             "gpu": 1e-2,
@@ -115,9 +126,18 @@ def write_reference():
     text = json.dumps(out, indent=1)
     for key, row in rows.items():
         text = text.replace(key, row)
-    with open(REFERENCE, "w") as f:
+    with open(reference, "w") as f:
         f.write(text + "\n")
-    print(f"wrote {REFERENCE}")
+    print(f"wrote {reference}")
+
+
+INT8_TOLERANCE = {
+    "metric": "max over rows of max_i |got_i - ref_i| / ||ref||_2",
+    "cpu": 1e-3,
+    "note": "CPU only (quantized kernels: fbgemm on x86). Looser than fp32's 1e-4: int8 steps are "
+            "coarse, and a value on the edge of one may round the other way with another "
+            "kernel (AVX2 against AVX-512 VNNI)",
+}
 
 
 # ---------------------------------------------------------------- (a)
@@ -162,6 +182,39 @@ def test_manifest_and_reference():
         raise AssertionError("input shorter than one window was accepted")
 
 
+def test_int8_model():
+    with open(INT8_MANIFEST) as f:
+        manifest = json.load(f)
+    with open(INT8_PT, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert digest == manifest["sha256"], f"{INT8_PT}: sha256 {digest} != manifest {manifest['sha256']}"
+    with open(MANIFEST) as f:
+        fp32_manifest = json.load(f)
+    for key in ("sample_rate", "window_samples", "embedding_dim"):
+        assert manifest[key] == fp32_manifest[key], (key, manifest[key], fp32_manifest[key])
+    assert manifest["name"] != fp32_manifest["name"], "int8 vectors must not share the fp32 model's identity"
+    with open(INT8_REFERENCE) as f:
+        ref = json.load(f)
+    tol = ref["tolerance"]["cpu"]
+    int8, fp32 = load_model(INT8_PT), load_model(PT)
+    results = {}
+    for name, (_, x) in cases().items():
+        y = run_model(int8, x)
+        want = np.array(ref["cases"][name]["embeddings"], dtype=np.float32)
+        assert y.shape == want.shape and np.all(np.isfinite(y)), name
+        err = rel_err(y, want)
+        assert err <= tol, f"case {name}: relative error {err:.3g} > {tol}"
+        z = run_model(fp32, x)
+        cos = np.sum(y * z, axis=1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(z, axis=1))
+        assert np.all(cos >= INT8_MIN_COSINE), f"case {name}: cosine to fp32 {cos.min():.5f} < {INT8_MIN_COSINE}"
+        print(f"  {name}: cosine to fp32 >= {cos.min():.5f}")
+        results[name] = y
+    # rows stay independent of their batch (static quantization: fixed scales)
+    assert rel_err(results["batch"][:1], results["single"]) <= 1e-5
+    w = results["windows"]
+    assert rel_err(w[0:2].mean(axis=0, keepdims=True), results["single"]) <= 1e-5
+
+
 # ---------------------------------------------------------------- (b)
 
 def test_reconvert_matches():
@@ -179,7 +232,13 @@ def test_reconvert_matches():
             a, b = run_model(fresh, x), run_model(committed, x)
             err = rel_err(a, b)
             assert err <= 1e-6, f"case {name}: fresh export differs from committed ({err:.3g})"
-        same_bytes = fresh_manifest["sha256"] == manifest["sha256"]
+        fresh_int8 = load_model(os.path.join(tmp, "musicnn-msd-int8.pt"))
+        for name, (_, x) in cases().items():
+            err = rel_err(run_model(fresh_int8, x), run_model(load_model(INT8_PT), x))
+            assert err <= 1e-6, f"case {name}: fresh int8 export differs from committed ({err:.3g})"
+        with open(os.path.join(tmp, "musicnn-msd-int8.json")) as f, open(INT8_MANIFEST) as g:
+            fresh_int8_sha, int8_sha = json.load(f)["sha256"], json.load(g)["sha256"]
+        same_bytes = fresh_manifest["sha256"] == manifest["sha256"] and fresh_int8_sha == int8_sha
         print(f"  fresh export bytes {'identical to' if same_bytes else 'differ from'} the committed file")
         if torch.__version__.split("+")[0] == manifest["torch"]:
             assert same_bytes, "same torch version but the export is not byte-identical"
@@ -266,9 +325,11 @@ def test_tensorflow_crosscheck():
 def main(argv):
     if "--update-reference" in argv:
         write_reference()
+        write_reference(INT8_PT, INT8_MANIFEST, INT8_REFERENCE, INT8_TOLERANCE)
         return 0
     passed = failed = skipped = 0
-    for test in (test_manifest_and_reference, test_reconvert_matches, test_tensorflow_crosscheck):
+    for test in (test_manifest_and_reference, test_int8_model, test_reconvert_matches,
+                 test_tensorflow_crosscheck):
         print(f"{test.__name__} ...")
         try:
             test()

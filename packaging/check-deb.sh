@@ -63,6 +63,8 @@ expected=(
     /etc/coral/corald.toml
     /usr/share/coral/models/musicnn-msd.pt
     /usr/share/coral/models/musicnn-msd.json
+    /usr/share/coral/models/musicnn-msd-int8.pt
+    /usr/share/coral/models/musicnn-msd-int8.json
     /usr/share/coral/models/LICENSE-musicnn
     /usr/share/bash-completion/completions/coralctl
     /usr/share/zsh/vendor-completions/_coralctl
@@ -187,7 +189,8 @@ t "/var/lib/coral belongs to coral" sh -c '[ "$(stat -c %U:%G /var/lib/coral)" =
 t "/run/coral belongs to coral" sh -c '[ "$(stat -c %U:%G /run/coral)" = coral:coral ]'
 t "corald is installed" test -x /usr/bin/corald
 t "coralctl is installed" test -x /usr/bin/coralctl
-t "the model is installed" test -s /usr/share/coral/models/musicnn-msd.pt
+t "the fp32 model is installed" test -s /usr/share/coral/models/musicnn-msd.pt
+t "the int8 model (the CPU default) is installed" test -s /usr/share/coral/models/musicnn-msd-int8.pt
 t "corald loads libtorch from /usr/lib/coral" sh -c 'ldd /usr/bin/corald | grep -q "libtorch_cpu.so => /usr/lib/coral/torch/lib/libtorch_cpu.so" && ! ldd /usr/bin/corald | grep -q "not found"'
 t "corald reads the shipped configuration" /usr/bin/corald --check-config --config /etc/coral/corald.toml
 t "coralctl --help runs" /usr/bin/coralctl --help

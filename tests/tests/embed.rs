@@ -104,13 +104,27 @@ fn reference_error(got: &[f32], reference: &[Vec<f64>]) -> f64 {
 
 #[test]
 fn the_rust_side_reproduces_the_reference_embeddings() -> Result<()> {
+    reproduces_reference(&repo_model(), "reference.json")
+}
+
+/// The default CPU model: int8 kernels through the same libtorch, against the numbers
+/// PyTorch gave (model/reference-int8.json, with its looser tolerance).
+#[test]
+fn the_rust_side_reproduces_the_int8_reference_embeddings() -> Result<()> {
+    reproduces_reference(
+        &repo_model().with_file_name("musicnn-msd-int8.pt"),
+        "reference-int8.json",
+    )
+}
+
+fn reproduces_reference(pt: &Path, reference_file: &str) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     if !rt.block_on(embed_available())? {
         return Ok(());
     }
-    let files = model::load(&repo_model())?;
+    let files = model::load(pt)?;
     let window = files.manifest.window_samples;
-    let text = std::fs::read_to_string(repo_model().with_file_name("reference.json"))?;
+    let text = std::fs::read_to_string(pt.with_file_name(reference_file))?;
     let reference: serde_json::Value = serde_json::from_str(&text)?;
     ensure!(reference["model_sha256"] == files.manifest.sha256.as_str());
     let tolerance = reference["tolerance"]["cpu"]

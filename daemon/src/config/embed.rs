@@ -34,9 +34,11 @@ impl DeviceChoice {
 pub struct EmbedConfig {
     /// Compute embeddings for new and changed tracks.
     pub enabled: bool,
-    /// The TorchScript model (`.pt`; its manifest is the same name with `.json`). Default: the
-    /// bundled musicnn model, searched next to the binary, in /usr/share/coral/models and in
-    /// `${XDG_DATA_HOME:-~/.local/share}/coral/models`.
+    /// The TorchScript model: a `.pt` file (its manifest is the same name with `.json`), or a
+    /// model name (no `/`, no `.pt`) looked up as `<name>.pt` next to the binary, in
+    /// /usr/share/coral/models and in `${XDG_DATA_HOME:-~/.local/share}/coral/models`.
+    /// Default: `musicnn-msd-int8` on a CPU, `musicnn-msd` on CUDA; a `corald worker` uses the
+    /// model its server registered last.
     pub model: Option<PathBuf>,
     /// `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,

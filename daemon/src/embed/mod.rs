@@ -335,7 +335,8 @@ impl Embedder {
         }
         let choice = DeviceChoice::parse(&cfg.device)
             .ok_or_else(|| EmbedError::Config(format!("bad device {:?}", cfg.device)))?;
-        let path = model::locate(cfg.model.as_deref())?;
+        let default_name = default_model_name(cfg, choice, &pool, &db, &stop, &role).await?;
+        let path = model::locate(cfg.model.as_deref(), &default_name)?;
         let files = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || model::load(&path))
@@ -641,6 +642,38 @@ pub fn host_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The model to load when `embed.model` is not set. corald: the int8 model on a CPU, the fp32
+/// one on CUDA. `corald worker`: the model the server last registered (`models.last_used_at`),
+/// so that workers embed for the server's queue whatever their device (a CPU-only model on a
+/// CUDA worker then runs on its CPU, with a warning); a device default before any.
+async fn default_model_name(
+    cfg: &EmbedConfig,
+    choice: DeviceChoice,
+    pool: &PgPool,
+    db: &Arc<DbHealth>,
+    stop: &CancellationToken,
+    role: &Role,
+) -> Result<String, EmbedError> {
+    if cfg.model.is_some() {
+        return Ok(String::new());
+    }
+    if matches!(role, Role::Worker { .. }) {
+        let latest = retry(db, "read the server's model", stop, None, || {
+            phase_5_store::latest_model_name(pool)
+        })
+        .await?;
+        if let Some(name) = latest {
+            tracing::info!(model = %name, "embed.model not set: using the server's model");
+            return Ok(name);
+        }
+    }
+    let accelerator =
+        tokio::task::spawn_blocking(move || phase_4_infer::resolves_to_accelerator(choice))
+            .await
+            .map_err(|e| EmbedError::Internal(format!("device probe task: {e}")))??;
+    Ok(model::default_model_name(accelerator).to_owned())
 }
 
 async fn flush_issues(inner: &Inner, request_id: Uuid, issues: &mut Vec<NewIssue>) {

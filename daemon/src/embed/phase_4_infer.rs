@@ -230,6 +230,20 @@ pub fn load_model(
     Err(InferError::FeatureDisabled)
 }
 
+/// Whether `choice` resolves to an accelerator on this machine (`auto` with a usable CUDA
+/// device, or an explicit `cuda[:N]` that works). Chooses the default model; loads the CUDA
+/// backend when it is asked for, as the model's own load would.
+#[cfg(feature = "embed")]
+pub fn resolves_to_accelerator(choice: DeviceChoice) -> Result<bool, InferError> {
+    Ok(torch::resolve(choice)? != tch::Device::Cpu)
+}
+
+/// Without the `embed` feature nothing runs anywhere; the caller fails on `available()`.
+#[cfg(not(feature = "embed"))]
+pub fn resolves_to_accelerator(_choice: DeviceChoice) -> Result<bool, InferError> {
+    Ok(false)
+}
+
 /// Whether this build can run models at all.
 pub const fn available() -> bool {
     cfg!(feature = "embed")
@@ -314,7 +328,7 @@ mod torch {
             .clone()
     }
 
-    fn resolve(choice: DeviceChoice) -> Result<Device, InferError> {
+    pub(super) fn resolve(choice: DeviceChoice) -> Result<Device, InferError> {
         match choice {
             DeviceChoice::Cpu => Ok(Device::Cpu),
             DeviceChoice::Auto => {
@@ -383,7 +397,30 @@ mod torch {
             threads: usize,
             row_len: usize,
         ) -> Result<TorchModel, InferError> {
-            let device = resolve(choice)?;
+            let mut device = resolve(choice)?;
+            if files.manifest.cpu_only && device != Device::Cpu {
+                if choice != DeviceChoice::Auto {
+                    return Err(InferError::Device {
+                        device: match device {
+                            Device::Cuda(n) => format!("cuda:{n}"),
+                            _ => "cpu".to_owned(),
+                        },
+                        message: format!(
+                            "model {} runs on a CPU only (int8 kernels); set `embed.model = \"{}\"` \
+                             for CUDA, or `embed.device = \"cpu\"`",
+                            files.manifest.name,
+                            crate::embed::model::DEFAULT_ACCELERATOR_MODEL
+                        ),
+                    });
+                }
+                tracing::warn!(
+                    model = %files.manifest.name,
+                    "this model runs on a CPU only (int8 kernels): not using CUDA; set \
+                     `embed.model = \"{}\"` to embed on the GPU",
+                    crate::embed::model::DEFAULT_ACCELERATOR_MODEL
+                );
+                device = Device::Cpu;
+            }
             if device == Device::Cpu {
                 tch::set_num_threads(i32::try_from(threads.max(1)).unwrap_or(1));
             }

@@ -73,6 +73,13 @@ pub async fn register_model(
     })
 }
 
+/// The name of the model registered (or re-registered) last: the one the server embeds with.
+pub async fn latest_model_name(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT name FROM models ORDER BY last_used_at DESC, id DESC LIMIT 1")
+        .fetch_optional(pool)
+        .await
+}
+
 /// Embeddings stored for a model.
 pub async fn count_embedded(pool: &PgPool, model_id: i64) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM track_embeddings WHERE model_id = $1")
