@@ -142,12 +142,18 @@ INT8_TOLERANCE = {
 
 # ---------------------------------------------------------------- (a)
 
-def test_manifest_and_reference():
-    with open(MANIFEST) as f:
+def checked_manifest(pt, manifest_path):
+    """The manifest, after checking that it names the .pt file's sha256."""
+    with open(manifest_path) as f:
         manifest = json.load(f)
-    with open(PT, "rb") as f:
+    with open(pt, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    assert digest == manifest["sha256"], f"{PT}: sha256 {digest} != manifest {manifest['sha256']}"
+    assert digest == manifest["sha256"], f"{pt}: sha256 {digest} != manifest {manifest['sha256']}"
+    return manifest
+
+
+def test_manifest_and_reference():
+    manifest = checked_manifest(PT, MANIFEST)
     for key, value in [("sample_rate", 16000), ("window_samples", WINDOW), ("embedding_dim", 200)]:
         assert manifest[key] == value, (key, manifest[key])
     with open(REFERENCE) as f:
@@ -183,13 +189,8 @@ def test_manifest_and_reference():
 
 
 def test_int8_model():
-    with open(INT8_MANIFEST) as f:
-        manifest = json.load(f)
-    with open(INT8_PT, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    assert digest == manifest["sha256"], f"{INT8_PT}: sha256 {digest} != manifest {manifest['sha256']}"
-    with open(MANIFEST) as f:
-        fp32_manifest = json.load(f)
+    manifest = checked_manifest(INT8_PT, INT8_MANIFEST)
+    fp32_manifest = checked_manifest(PT, MANIFEST)
     for key in ("sample_rate", "window_samples", "embedding_dim"):
         assert manifest[key] == fp32_manifest[key], (key, manifest[key], fp32_manifest[key])
     assert manifest["name"] != fp32_manifest["name"], "int8 vectors must not share the fp32 model's identity"

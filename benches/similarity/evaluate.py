@@ -2,10 +2,12 @@
 """How good are Coral's neighbours? A labelled set of game soundtracks from Debian's packages,
 indexed and embedded by a real corald, scored through `track.similar` (via `coralctl`).
 
-    benches/similarity/evaluate.py [--variant NAME:WINDOWSxPATCHES ...] [--large]
+    benches/similarity/evaluate.py [--variant NAME:WINDOWSxPATCHES[:MODEL] ...] [--large]
 
-For each variant (default: the shipped 8x1, i.e. 8 windows of one ~3 s patch) it starts a fresh
-corald (own state directory, socket and managed PostgreSQL) with that `[embed]` setting, adds
+For each variant (default: the shipped 8x1, i.e. 8 windows of one ~3 s patch, with corald's
+default model for the machine; MODEL sets `embed.model`, e.g. `musicnn-msd` for the fp32 model
+on a CPU) it starts a fresh corald (own state directory, socket and managed PostgreSQL) with
+that `[embed]` setting, adds
 the set as one library, waits for every embedding, then asks each embedded track for its 5
 nearest neighbours. Label = the package (the game); the query itself never counts
 (leave-one-out: `track.similar` never returns the query). It reports P@1 and P@5 per label,
@@ -113,12 +115,13 @@ def ctl(coralctl, sock, *args):
     return json.loads(out.stdout) if out.stdout.strip() else None
 
 
-def run_variant(name, windows, patches, library, corald, coralctl):
+def run_variant(name, windows, patches, model, library, corald, coralctl):
     work = Path(tempfile.mkdtemp(prefix=f"coral-eval-{name}-"))
     os.chmod(work, 0o755)
     sock = work / "run" / "corald.sock"
     config = work / "corald.toml"
-    config.write_text(f"[embed]\nwindows = {windows}\nwindow_patches = {patches}\n")
+    config.write_text(f"[embed]\nwindows = {windows}\nwindow_patches = {patches}\n"
+                      + (f"model = {json.dumps(model)}\n" if model else ""))
     env = dict(os.environ, STATE_DIRECTORY=str(work / "state"), RUNTIME_DIRECTORY=str(work / "run"))
     env.pop("NOTIFY_SOCKET", None)
     daemon_log = open(work / "corald.log", "w")
@@ -177,6 +180,7 @@ def run_variant(name, windows, patches, library, corald, coralctl):
         "variant": name,
         "windows": windows,
         "window_patches": patches,
+        "model": model or "default",
         "tracks_indexed": st["tracks"],
         "tracks_embedded": len(embedded),
         "tracks_queried": sum(len(v) for v in p5.values()),
@@ -196,27 +200,30 @@ def main():
     parser.add_argument(
         "--variant",
         action="append",
-        help="NAME:WINDOWSxPATCHES, e.g. w3x10:3x10 (default: shipped:8x1); repeatable",
+        help="NAME:WINDOWSxPATCHES[:MODEL], e.g. w3x10:3x10 or fp32:8x1:musicnn-msd "
+        "(default: shipped:8x1); repeatable",
     )
     parser.add_argument("--large", action="store_true", help="add supertuxkart-data and 0ad-data")
     args = parser.parse_args()
     variants = []
     for v in args.variant or ["shipped:8x1"]:
         try:
-            name, shape = v.split(":")
+            name, shape, *model = v.split(":")
             w, p = (int(x) for x in shape.split("x"))
+            if len(model) > 1:
+                raise ValueError
         except ValueError:
-            parser.error(f"--variant takes NAME:WINDOWSxPATCHES, not {v!r}")
-        variants.append((name, w, p))
+            parser.error(f"--variant takes NAME:WINDOWSxPATCHES[:MODEL], not {v!r}")
+        variants.append((name, w, p, model[0] if model else None))
     corald, coralctl = binaries()
     library = prepare_set(PACKAGES + (LARGE_PACKAGES if args.large else []))
     out_dir = ROOT / "target" / "similarity"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, w, p in variants:
-        log(f"variant {name}: {w} windows x {p} patches, corald {corald}")
-        r = run_variant(name, w, p, library, corald, coralctl)
+    for name, w, p, model in variants:
+        log(f"variant {name}: {w} windows x {p} patches, model {model or 'default'}, corald {corald}")
+        r = run_variant(name, w, p, model, library, corald, coralctl)
         (out_dir / f"{name}.json").write_text(json.dumps(r, indent=2) + "\n")
-        print(f"\n{name} ({w}x{p}): {r['tracks_embedded']} of {r['tracks_indexed']} tracks embedded, "
+        print(f"\n{name} ({w}x{p}, model {r['model']}): {r['tracks_embedded']} of {r['tracks_indexed']} tracks embedded, "
               f"{r['tracks_queried']} queried, {r['index_and_embed_seconds']} s to index and embed")
         print(f"  {'label':<24} {'tracks':>6} {'P@1':>6} {'P@5':>6}")
         for label, v in r["labels"].items():
