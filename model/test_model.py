@@ -7,8 +7,9 @@
     python3 -m pytest model/test_model.py           # same checks under pytest
 
 (a) the committed musicnn-msd.pt matches its manifest and reproduces reference.json; the
-    int8 model musicnn-msd-int8.pt reproduces reference-int8.json and stays within cosine
-    0.995 of the fp32 model;
+    other models (musicnn-msd-int8, musicnn-msd-mtt, musicnn-msd-mtt-int8) reproduce their
+    reference-*.json, the int8 ones stay within cosine 0.995 of their fp32 twins, and the
+    fused model's MSD half is musicnn-msd's output;
 (b) re-running convert_musicnn.py into a temp dir gives the same outputs (and, with the
     manifest's torch version, the same bytes);
 (c) only when `tensorflow` is importable: the network agrees with musicnn's own TF graph
@@ -39,6 +40,23 @@ REFERENCE = os.path.join(HERE, "reference.json")
 INT8_PT = os.path.join(HERE, "musicnn-msd-int8.pt")
 INT8_MANIFEST = os.path.join(HERE, "musicnn-msd-int8.json")
 INT8_REFERENCE = os.path.join(HERE, "reference-int8.json")
+FUSED_PT = os.path.join(HERE, "musicnn-msd-mtt.pt")
+FUSED_INT8_PT = os.path.join(HERE, "musicnn-msd-mtt-int8.pt")
+
+
+def manifest_of(pt):
+    return pt[:-3] + ".json"
+
+
+def reference_of(pt):
+    """reference.json for musicnn-msd, reference-<rest of the name>.json for the others."""
+    stem = os.path.basename(pt)[:-3]
+    return os.path.join(HERE, "reference.json" if stem == "musicnn-msd" else
+                        "reference-" + stem[len("musicnn-msd-"):] + ".json")
+
+
+# The models besides musicnn-msd: (file, its fp32 twin or None, embedding_dim, cpu_only).
+VARIANTS = [(INT8_PT, PT, 200, True), (FUSED_PT, None, 400, False), (FUSED_INT8_PT, FUSED_PT, 400, True)]
 # The int8 model against the fp32 one, per embedding. On real music (60 Debian game-music
 # tracks, 8 windows each, model/README.md) the worst was 0.9992; the pure-tone reference
 # clips are the hardest case seen (0.9972), so 0.995 leaves room without hiding a broken
@@ -188,59 +206,64 @@ def test_manifest_and_reference():
         raise AssertionError("input shorter than one window was accepted")
 
 
-def test_int8_model():
-    manifest = checked_manifest(INT8_PT, INT8_MANIFEST)
-    fp32_manifest = checked_manifest(PT, MANIFEST)
-    for key in ("sample_rate", "window_samples", "embedding_dim"):
-        assert manifest[key] == fp32_manifest[key], (key, manifest[key], fp32_manifest[key])
-    assert manifest["name"] != fp32_manifest["name"], "int8 vectors must not share the fp32 model's identity"
-    with open(INT8_REFERENCE) as f:
-        ref = json.load(f)
-    tol = ref["tolerance"]["cpu"]
-    int8, fp32 = load_model(INT8_PT), load_model(PT)
-    results = {}
-    for name, (_, x) in cases().items():
-        y = run_model(int8, x)
-        want = np.array(ref["cases"][name]["embeddings"], dtype=np.float32)
-        assert y.shape == want.shape and np.all(np.isfinite(y)), name
-        err = rel_err(y, want)
-        assert err <= tol, f"case {name}: relative error {err:.3g} > {tol}"
-        z = run_model(fp32, x)
-        cos = np.sum(y * z, axis=1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(z, axis=1))
-        assert np.all(cos >= INT8_MIN_COSINE), f"case {name}: cosine to fp32 {cos.min():.5f} < {INT8_MIN_COSINE}"
-        print(f"  {name}: cosine to fp32 >= {cos.min():.5f}")
-        results[name] = y
-    # rows stay independent of their batch (static quantization: fixed scales)
-    assert rel_err(results["batch"][:1], results["single"]) <= 1e-5
-    w = results["windows"]
-    assert rel_err(w[0:2].mean(axis=0, keepdims=True), results["single"]) <= 1e-5
+def test_variant_models():
+    """musicnn-msd-int8, musicnn-msd-mtt and musicnn-msd-mtt-int8: manifests, their references,
+    int8 within cosine INT8_MIN_COSINE of its fp32 twin, rows independent of their batch, and
+    the fused model exactly the scaled MSD and MTT embeddings side by side."""
+    base = checked_manifest(PT, MANIFEST)
+    for pt, twin, dim, cpu_only in VARIANTS:
+        manifest = checked_manifest(pt, manifest_of(pt))
+        assert manifest["embedding_dim"] == dim, (pt, manifest["embedding_dim"])
+        assert manifest.get("cpu_only", False) == cpu_only, pt
+        for key in ("sample_rate", "window_samples"):
+            assert manifest[key] == base[key], (pt, key)
+        assert manifest["name"] == os.path.basename(pt)[:-3], "each model has an identity of its own"
+        with open(reference_of(pt)) as f:
+            ref = json.load(f)
+        tol = ref["tolerance"]["cpu"]
+        model = load_model(pt)
+        results = {}
+        for name, (_, x) in cases().items():
+            y = run_model(model, x)
+            want = np.array(ref["cases"][name]["embeddings"], dtype=np.float32)
+            assert y.shape == want.shape and np.all(np.isfinite(y)), (pt, name)
+            err = rel_err(y, want)
+            assert err <= tol, f"{pt} case {name}: relative error {err:.3g} > {tol}"
+            if twin is not None:
+                z = run_model(load_model(twin), x)
+                cos = np.sum(y * z, axis=1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(z, axis=1))
+                assert np.all(cos >= INT8_MIN_COSINE), f"{pt} case {name}: cosine to fp32 {cos.min():.5f}"
+                print(f"  {os.path.basename(pt)} {name}: cosine to {os.path.basename(twin)} >= {cos.min():.5f}")
+            results[name] = y
+        assert rel_err(results["batch"][:1], results["single"]) <= 1e-5, pt
+        w = results["windows"]
+        assert rel_err(w[0:2].mean(axis=0, keepdims=True), results["single"]) <= 1e-5, pt
+    # the fused model: [MSD · s0, MTT · s1] with the MSD half exactly musicnn-msd's
+    fused = load_model(FUSED_PT)
+    x = cases()["batch"][1]
+    y, msd = run_model(fused, x), run_model(load_model(PT), x)
+    s0 = float(fused.scale[0])
+    assert rel_err(y[:, :200] / s0, msd) <= 1e-6, "the fused model's MSD half is not musicnn-msd"
 
 
 # ---------------------------------------------------------------- (b)
 
 def test_reconvert_matches():
-    with open(MANIFEST) as f:
-        manifest = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, os.path.join(HERE, "convert_musicnn.py"), "--out", tmp], check=True)
         print(f"  conversion took {time.perf_counter() - t0:.1f} s")
-        fresh_pt = os.path.join(tmp, "musicnn-msd.pt")
-        with open(os.path.join(tmp, "musicnn-msd.json")) as f:
-            fresh_manifest = json.load(f)
-        fresh, committed = load_model(fresh_pt), load_model()
-        for name, (_, x) in cases().items():
-            a, b = run_model(fresh, x), run_model(committed, x)
-            err = rel_err(a, b)
-            assert err <= 1e-6, f"case {name}: fresh export differs from committed ({err:.3g})"
-        fresh_int8 = load_model(os.path.join(tmp, "musicnn-msd-int8.pt"))
-        for name, (_, x) in cases().items():
-            err = rel_err(run_model(fresh_int8, x), run_model(load_model(INT8_PT), x))
-            assert err <= 1e-6, f"case {name}: fresh int8 export differs from committed ({err:.3g})"
-        with open(os.path.join(tmp, "musicnn-msd-int8.json")) as f, open(INT8_MANIFEST) as g:
-            fresh_int8_sha, int8_sha = json.load(f)["sha256"], json.load(g)["sha256"]
-        same_bytes = fresh_manifest["sha256"] == manifest["sha256"] and fresh_int8_sha == int8_sha
-        print(f"  fresh export bytes {'identical to' if same_bytes else 'differ from'} the committed file")
+        same_bytes = True
+        for pt in [PT] + [v[0] for v in VARIANTS]:
+            fresh_pt = os.path.join(tmp, os.path.basename(pt))
+            fresh, committed = load_model(fresh_pt), load_model(pt)
+            for name, (_, x) in cases().items():
+                err = rel_err(run_model(fresh, x), run_model(committed, x))
+                assert err <= 1e-6, f"{pt} case {name}: fresh export differs from committed ({err:.3g})"
+            with open(manifest_of(fresh_pt)) as f, open(manifest_of(pt)) as g:
+                fresh_manifest, manifest = json.load(f), json.load(g)
+            same_bytes &= fresh_manifest["sha256"] == manifest["sha256"]
+        print(f"  fresh export bytes {'identical to' if same_bytes else 'differ from'} the committed files")
         if torch.__version__.split("+")[0] == manifest["torch"]:
             assert same_bytes, "same torch version but the export is not byte-identical"
         with open(os.path.join(tmp, "LICENSE-musicnn"), "rb") as f, \
@@ -326,10 +349,12 @@ def test_tensorflow_crosscheck():
 def main(argv):
     if "--update-reference" in argv:
         write_reference()
-        write_reference(INT8_PT, INT8_MANIFEST, INT8_REFERENCE, INT8_TOLERANCE)
+        write_reference(FUSED_PT, manifest_of(FUSED_PT), reference_of(FUSED_PT))
+        for pt in (INT8_PT, FUSED_INT8_PT):
+            write_reference(pt, manifest_of(pt), reference_of(pt), INT8_TOLERANCE)
         return 0
     passed = failed = skipped = 0
-    for test in (test_manifest_and_reference, test_int8_model, test_reconvert_matches,
+    for test in (test_manifest_and_reference, test_variant_models, test_reconvert_matches,
                  test_tensorflow_crosscheck):
         print(f"{test.__name__} ...")
         try:

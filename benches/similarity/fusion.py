@@ -115,7 +115,9 @@ def main():
     parts = []
     for name in ("MSD", "MTT"):
         e = np.array(emb[name], np.float64)
-        parts.append(e / np.linalg.norm(e - e.mean(axis=0), axis=1).mean())
+        norm = np.linalg.norm(e - e.mean(axis=0), axis=1).mean()
+        print(f"{name}: mean centred norm {norm:.4f}, mean norm {np.linalg.norm(e, axis=1).mean():.4f}")
+        parts.append(e / norm)
     joint = np.concatenate(parts, axis=1)
     variants.append(("MSD + MTT, 1 vector", joint - joint.mean(axis=0)))
     print(f"{'variant':<20} {'macro P@1':>9} {'macro P@5':>9} {'micro P@1':>9} {'micro P@5':>9}  per game P@5")
