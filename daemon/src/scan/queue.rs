@@ -118,10 +118,13 @@ impl ScanQueue {
             let mut pending = self.pending();
             let key = (req.library_id, req.subdir.clone());
             let whole = (req.library_id, None);
+            // A re-embed job neither absorbs scans nor is absorbed by one: a scan reads the
+            // disk, a re-embed job does not; it is kept out of the merge table.
+            let mergeable = req.trigger != ScanTrigger::ModelChange;
             let existing = pending
                 .get(&key)
                 .or_else(|| pending.get(&whole))
-                .filter(|h| !resumed && !h.phase().is_terminal())
+                .filter(|h| mergeable && !resumed && !h.phase().is_terminal())
                 .cloned();
             if let Some(h) = existing {
                 h.upgrade_mode(req.mode);
@@ -160,7 +163,9 @@ impl ScanQueue {
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(QueueError::Closed),
             }
-            pending.insert(key, Arc::clone(&job_handle));
+            if mergeable {
+                pending.insert(key, Arc::clone(&job_handle));
+            }
             job_handle
         };
         crate::progress::persist::save_once(&self.pool, &handle, "queued").await;

@@ -136,7 +136,12 @@ impl ScanWorker {
                 }
             };
             let result = match embedded {
-                Ok(()) => Ok(outcome),
+                Ok(()) => {
+                    // Complete under the active model now? Then it serves this library, and
+                    // the library's vectors of earlier models go (before the job ends).
+                    embedder.library_embedded(handle.info().library_id).await;
+                    Ok(outcome)
+                }
                 Err(crate::embed::EmbedError::Cancelled) => Err(ScanFailure::Cancelled),
                 Err(crate::embed::EmbedError::Stopped) if stop.is_cancelled() => {
                     worker.persist(&handle, &stop).await;

@@ -8,7 +8,8 @@
 //! spread over [-1, 1]. Candidates come from [`vectors::candidates`] (an exact scan while the
 //! model has at most [`EXACT_SCAN_MAX`] vectors, the HNSW index with over-fetch beyond), then
 //! [`rank::thin`] drops other files of the same recording and caps artists. `path.rs` and
-//! `mix.rs` build sonic paths and mixes from the same candidates.
+//! `mix.rs` build sonic paths and mixes from the same candidates. Across a model change a
+//! query reads the model that serves its library ([`Similarity::serving`]).
 
 mod mix;
 mod path;
@@ -22,6 +23,7 @@ use sqlx::PgPool;
 
 use crate::db::tracks::{self, TrackRecord};
 use crate::embed::phase_5_store::{self, RegisteredModel};
+use crate::embed::serving;
 
 /// Up to this many vectors of a model, candidates are found by an exact scan.
 pub const EXACT_SCAN_MAX: i64 = 5_000;
@@ -84,8 +86,26 @@ impl SimilarFilter {
 }
 
 impl Similarity {
+    /// Similarity over `model`'s vectors (the active model: see [`Similarity::serving`]).
     pub fn new(pool: PgPool, model: RegisteredModel) -> Similarity {
         Similarity { pool, model }
+    }
+
+    /// Similarity over the model that serves `library_id` (`crate::embed::serving`): its
+    /// previous model while a model change re-embeds it, else this one's. A query reads the
+    /// serving model of its first track's library; candidates are the tracks with a vector of
+    /// that model.
+    pub async fn serving(&self, library_id: i64) -> Result<Similarity, SimilarityError> {
+        let complete = serving::completions(&self.pool, library_id).await?;
+        Ok(Similarity {
+            pool: self.pool.clone(),
+            model: serving::serving(self.model, &complete),
+        })
+    }
+
+    /// The model whose vectors this similarity reads.
+    pub fn model(&self) -> RegisteredModel {
+        self.model
     }
 
     /// The stored vector of `track`.

@@ -1,0 +1,230 @@
+//! A model change without a gap in service: after a restart with another window choice (a new
+//! model row), each library is re-embedded by a background job that progress shows with its
+//! own counts, `track.similar` keeps answering from the previous model's vectors until the
+//! library is complete under the new one, and then the old vectors and the old model go.
+//! A restart in the middle resumes the job.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use coral_proto::{CoralApiClient, ScanPhase, ScanProgress, ScanTrigger, SimilarTrack, TrackRef};
+use coral_tests::daemon::{Daemon, eventually, traversable_tempdir, wait_scan};
+use coral_tests::music::MusicKind;
+use coral_tests::similarity::{Spec, daemon, embeddings_on, make, scan_all, spec, track_ids};
+
+/// The first model: corald's default window choice.
+const CONFIG_A: &str = "[embed]\nmin_duration_s = 10\n";
+/// The second: four windows instead of eight, so a new `models` row.
+const CONFIG_B: &str = "[embed]\nmin_duration_s = 10\nwindows = 4\n";
+/// The consumer's pause before each claim while the re-embed job is to be watched.
+const SLOW: (&str, &str) = ("CORALD_TEST_EMBED_PAUSE_MS", "1500");
+
+fn library() -> Vec<Spec> {
+    use MusicKind::*;
+    vec![
+        spec("d0.flac", Drums, 0, 21.0, "A", "d0"),
+        spec("d1.flac", Drums, 1, 22.0, "B", "d1"),
+        spec("c0.flac", Chords, 0, 23.0, "C", "c0"),
+        spec("c1.flac", Chords, 1, 24.0, "D", "c1"),
+        spec("s0.flac", DistortedSaw, 0, 25.0, "E", "s0"),
+    ]
+}
+
+/// The neighbours of `id` as (path, score), every one kept.
+async fn similar(d: &Daemon, id: i64) -> Result<Vec<(String, f64)>> {
+    let near: Vec<SimilarTrack> = d
+        .client()
+        .await?
+        .track_similar(TrackRef::Id(id), Some(10), None)
+        .await?;
+    Ok(near
+        .into_iter()
+        .map(|s| (s.track.relative_path, s.score))
+        .collect())
+}
+
+fn same_answer(a: &[(String, f64)], b: &[(String, f64)]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.0 == y.0 && (x.1 - y.1).abs() < 1e-6)
+}
+
+/// The only model row (the first one's id).
+async fn only_model(d: &Daemon) -> Result<i64> {
+    let mut db = d.db().await?;
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM models ORDER BY id")
+        .fetch_all(&mut db)
+        .await?;
+    ensure!(ids.len() == 1, "one model: {ids:?}");
+    Ok(ids[0])
+}
+
+/// Restart `d` with `config` written to its configuration file and `env` as its hooks.
+async fn restart(
+    d: &mut Daemon,
+    dir: &tempfile::TempDir,
+    config: &str,
+    env: &[(&str, &str)],
+) -> Result<()> {
+    d.terminate()?;
+    std::fs::write(dir.path().join("corald.toml"), config)?;
+    d.set_env(env);
+    d.spawn().await
+}
+
+/// The library's re-embed job once it is embedding and has stored `at_least` vectors but not
+/// all of them.
+async fn reembedding(d: &Daemon, library_id: i64, at_least: u64) -> Result<ScanProgress> {
+    let c = &d.client().await?;
+    eventually(
+        Duration::from_secs(120),
+        "the re-embed job to be under way",
+        || async move {
+            c.scan_active().await.ok()?.into_iter().find(|p| {
+                p.library_id == library_id
+                    && p.trigger == ScanTrigger::ModelChange
+                    && p.phase == ScanPhase::Embedding
+                    && p.embeddings_done >= at_least
+                    && p.embeddings_expected.is_some_and(|n| p.embeddings_done < n)
+            })
+        },
+    )
+    .await
+}
+
+/// After the switch: one model, the new one; no vector, HNSW index or serving row of the old.
+async fn old_model_gone(d: &Daemon, old: i64, library_id: i64, tracks: i64) -> Result<()> {
+    let mut db = d.db().await?;
+    let models: Vec<i64> = sqlx::query_scalar("SELECT id FROM models ORDER BY id")
+        .fetch_all(&mut db)
+        .await?;
+    ensure!(models.len() == 1 && models[0] != old, "models: {models:?}");
+    let new = models[0];
+    let old_vectors: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM track_embeddings WHERE model_id <> $1")
+            .bind(new)
+            .fetch_one(&mut db)
+            .await?;
+    ensure!(old_vectors == 0, "{old_vectors} vectors of other models");
+    let new_vectors: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM track_embeddings WHERE model_id = $1")
+            .bind(new)
+            .fetch_one(&mut db)
+            .await?;
+    ensure!(
+        new_vectors == tracks,
+        "{new_vectors} vectors of the new model"
+    );
+    let index: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_indexes WHERE indexname = $1")
+        .bind(format!("track_embeddings_hnsw_{old}"))
+        .fetch_one(&mut db)
+        .await?;
+    ensure!(index == 0, "the old model's HNSW index was dropped");
+    let serving: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT library_id, model_id FROM library_models")
+            .fetch_all(&mut db)
+            .await?;
+    ensure!(
+        serving == vec![(library_id, new)],
+        "serving rows: {serving:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedded() -> Result<()> {
+    let lib = traversable_tempdir()?;
+    let specs = library();
+    make(lib.path(), &specs)?;
+    let (mut d, dir) = daemon(&[]).await?;
+    if !embeddings_on(&d).await? {
+        return Ok(());
+    }
+    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
+    let ids = track_ids(&d).await?;
+    let query = *ids.get("d0.flac").context("d0.flac indexed")?;
+    let before = similar(&d, query).await?;
+    ensure!(before.len() == specs.len() - 1, "{before:?}");
+    let old = only_model(&d).await?;
+
+    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
+    // Progress shows the re-embed job with its own counts: every track is to be embedded
+    // again, and nothing is indexed.
+    let job = reembedding(&d, library_id, 1).await?;
+    ensure!(
+        job.embeddings_expected == Some(specs.len() as u64),
+        "{job:?}"
+    );
+    ensure!(
+        job.tracks_indexed == 0 && job.tracks_expected.is_none(),
+        "{job:?}"
+    );
+    // Some vectors of the new model exist, yet the answer is the previous model's, unchanged.
+    let during = similar(&d, query).await?;
+    ensure!(
+        same_answer(&during, &before),
+        "during the re-embed: {during:?}, before: {before:?}"
+    );
+    let track = d.client().await?.track_get(query).await?;
+    ensure!(track.has_embedding, "the track still has a serving vector");
+    let still = d.client().await?.scan_get(job.request_id).await?;
+    ensure!(
+        !still.phase.is_terminal(),
+        "the job was still running while similar answered: {still:?}"
+    );
+
+    let done = wait_scan(&d.client().await?, job.request_id).await?;
+    ensure!(
+        done.phase == ScanPhase::Completed && done.embeddings_done == specs.len() as u64,
+        "{done:?}"
+    );
+    old_model_gone(&d, old, library_id, specs.len() as i64).await?;
+    // Now the new model answers: the same tracks, other scores.
+    let after = similar(&d, query).await?;
+    ensure!(after.len() == before.len(), "{after:?}");
+    ensure!(
+        !same_answer(&after, &before),
+        "the new model's scores: {after:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_embed_job_interrupted_by_a_restart_resumes_and_completes() -> Result<()> {
+    let lib = traversable_tempdir()?;
+    let specs = library();
+    make(lib.path(), &specs)?;
+    let (mut d, dir) = daemon(&[]).await?;
+    if !embeddings_on(&d).await? {
+        return Ok(());
+    }
+    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
+    let old = only_model(&d).await?;
+    ensure!(std::fs::read_to_string(dir.path().join("corald.toml"))? == CONFIG_A);
+
+    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
+    let job = reembedding(&d, library_id, 1).await?;
+    // Stopped in the middle, started again at full speed: the same job resumes.
+    restart(&mut d, &dir, CONFIG_B, &[]).await?;
+    let done = wait_scan(&d.client().await?, job.request_id).await?;
+    ensure!(done.resumed, "{done:?}");
+    ensure!(
+        done.phase == ScanPhase::Completed
+            && done.trigger == ScanTrigger::ModelChange
+            && done.embeddings_done == specs.len() as u64
+            && done.embeddings_expected == Some(specs.len() as u64),
+        "{done:?}"
+    );
+    let jobs = d.client().await?.scan_list(Some(50)).await?;
+    let reembeds = jobs
+        .iter()
+        .filter(|p| p.trigger == ScanTrigger::ModelChange)
+        .count();
+    ensure!(
+        reembeds == 1,
+        "one re-embed job, resumed, not a second: {jobs:?}"
+    );
+    old_model_gone(&d, old, library_id, specs.len() as i64).await?;
+    Ok(())
+}
