@@ -8,16 +8,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use coral_proto::{CoralApiClient, ScanPhase, ScanProgress, ScanTrigger, SimilarTrack, TrackRef};
-use coral_tests::daemon::{Daemon, eventually, traversable_tempdir, wait_scan};
+use coral_tests::daemon::{Daemon, eventually, scan, traversable_tempdir, wait_scan};
 use coral_tests::music::MusicKind;
 use coral_tests::similarity::{Spec, daemon, embeddings_on, make, scan_all, spec, track_ids};
 
 /// The first model: corald's default window choice.
 const CONFIG_A: &str = "[embed]\nmin_duration_s = 10\n";
-/// The second: four windows instead of eight, so a new `models` row.
-const CONFIG_B: &str = "[embed]\nmin_duration_s = 10\nwindows = 4\n";
+/// The second: four windows instead of eight, so a new `models` row (and no watcher: the
+/// test scans the file it adds itself).
+const CONFIG_B: &str = "[embed]\nmin_duration_s = 10\nwindows = 4\n[watch]\nenabled = false\n";
 /// The consumer's pause before each claim while the re-embed job is to be watched.
-const SLOW: (&str, &str) = ("CORALD_TEST_EMBED_PAUSE_MS", "1500");
+const SLOW: (&str, &str) = ("CORALD_TEST_EMBED_PAUSE_MS", "3000");
 
 fn library() -> Vec<Spec> {
     use MusicKind::*;
@@ -174,18 +175,50 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
         "the job was still running while similar answered: {still:?}"
     );
 
+    // A file added meanwhile: its scan's tracks pass the re-embed job in the queue, it is
+    // embedded under the new model only, and similar answers for it from the new model.
+    make(
+        lib.path(),
+        &[spec("n0.flac", MusicKind::Drums, 2, 21.0, "F", "n0")],
+    )?;
+    let c = d.client().await?;
+    let added = scan(&c, library_id, None, false).await?;
+    ensure!(
+        added.phase == ScanPhase::Completed && added.embeddings_done == 1,
+        "{added:?}"
+    );
+    let running = c.scan_get(job.request_id).await?;
+    ensure!(
+        !running.phase.is_terminal(),
+        "the new file went before the re-embed job's tracks: {running:?}"
+    );
+    let new_track = *track_ids(&d).await?.get("n0.flac").context("n0.flac")?;
+    let models: Vec<i64> = sqlx::query_scalar(
+        "SELECT model_id FROM track_embeddings WHERE track_id = $1 ORDER BY model_id",
+    )
+    .bind(new_track)
+    .fetch_all(&mut d.db().await?)
+    .await?;
+    ensure!(
+        models.len() == 1 && models[0] != old,
+        "the new model only: {models:?}"
+    );
+    let near_new = similar(&d, new_track).await?;
+    ensure!(!near_new.is_empty(), "answered from the new model");
+
     let done = wait_scan(&d.client().await?, job.request_id).await?;
     ensure!(
         done.phase == ScanPhase::Completed && done.embeddings_done == specs.len() as u64,
         "{done:?}"
     );
-    old_model_gone(&d, old, library_id, specs.len() as i64).await?;
-    // Now the new model answers: the same tracks, other scores.
+    old_model_gone(&d, old, library_id, specs.len() as i64 + 1).await?;
+    // Now the new model answers: the same tracks and the new one, other scores.
     let after = similar(&d, query).await?;
-    ensure!(after.len() == before.len(), "{after:?}");
+    ensure!(after.len() == before.len() + 1, "{after:?}");
+    let earlier: Vec<(String, f64)> = after.into_iter().filter(|t| t.0 != "n0.flac").collect();
     ensure!(
-        !same_answer(&after, &before),
-        "the new model's scores: {after:?}"
+        !same_answer(&earlier, &before),
+        "the new model's scores: {earlier:?}"
     );
     Ok(())
 }
@@ -224,6 +257,57 @@ async fn a_re_embed_job_interrupted_by_a_restart_resumes_and_completes() -> Resu
     ensure!(
         reembeds == 1,
         "one re-embed job, resumed, not a second: {jobs:?}"
+    );
+    old_model_gone(&d, old, library_id, specs.len() as i64).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_re_embed_job_keeps_the_previous_model_serving_until_the_next_start()
+-> Result<()> {
+    let lib = traversable_tempdir()?;
+    let specs = library();
+    make(lib.path(), &specs)?;
+    let (mut d, dir) = daemon(&[]).await?;
+    if !embeddings_on(&d).await? {
+        return Ok(());
+    }
+    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
+    let query = *track_ids(&d).await?.get("c0.flac").context("c0.flac")?;
+    let before = similar(&d, query).await?;
+    let old = only_model(&d).await?;
+
+    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
+    let job = reembedding(&d, library_id, 1).await?;
+    let c = d.client().await?;
+    c.scan_cancel(job.request_id).await?;
+    let ended = wait_scan(&c, job.request_id).await?;
+    ensure!(ended.phase == ScanPhase::Cancelled, "{ended:?}");
+    let during = similar(&d, query).await?;
+    ensure!(same_answer(&during, &before), "{during:?} vs {before:?}");
+    let serving: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT library_id, model_id FROM library_models")
+            .fetch_all(&mut d.db().await?)
+            .await?;
+    ensure!(serving == vec![(library_id, old)], "{serving:?}");
+
+    // The next start queues a new job, which completes the change.
+    restart(&mut d, &dir, CONFIG_B, &[]).await?;
+    let c = d.client().await?;
+    let next =
+        eventually(Duration::from_secs(60), "a new re-embed job", || {
+            let c = &c;
+            async move {
+                c.scan_list(Some(50)).await.ok()?.into_iter().find(|p| {
+                    p.trigger == ScanTrigger::ModelChange && p.request_id != job.request_id
+                })
+            }
+        })
+        .await?;
+    let done = wait_scan(&c, next.request_id).await?;
+    ensure!(
+        done.phase == ScanPhase::Completed && !done.resumed,
+        "{done:?}"
     );
     old_model_gone(&d, old, library_id, specs.len() as i64).await?;
     Ok(())

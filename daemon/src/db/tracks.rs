@@ -378,7 +378,7 @@ pub async fn by_rel_path(
 }
 
 /// Tracks tagged with this MusicBrainz recording id (any case): those with a vector of the
-/// active model first, then by id.
+/// model serving their library first, then by id.
 pub async fn by_recording_mbid(
     pool: &PgPool,
     mbid: &str,

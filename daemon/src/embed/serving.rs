@@ -16,9 +16,11 @@
 //! are not active, hold no vector and serve no library are deleted with their HNSW indexes.
 //!
 //! A query reads one model: the serving model of the query track's library (for a path, the
-//! first track's; for a mix, the first seed's). Candidates are the tracks that have a vector
-//! of that model, in any library asked for; a library already switched to another model has
-//! none of them left, so it drops out of such a query until the query's library switches too.
+//! first track's; for a mix, the first seed's), or the active model when the query track has
+//! no vector of the serving one (a file added or changed during the change is embedded under
+//! the new model only). Candidates are the tracks that have a vector of that model, in any
+//! library asked for; a library already switched to another model has none of them left, so
+//! it drops out of such a query until the query's library switches too.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;

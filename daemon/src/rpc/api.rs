@@ -141,13 +141,10 @@ fn similar_tracks(scored: Vec<(TrackRecord, f64)>) -> Vec<SimilarTrack> {
         .collect()
 }
 
-/// The similarity of the model serving `library_id` (its previous model during a model
-/// change).
-async fn serving(similarity: &Similarity, library_id: i64) -> RpcResult<Similarity> {
-    similarity
-        .serving(library_id)
-        .await
-        .map_err(similarity_error)
+/// The similarity of the model serving a query on `track` (its library's previous model
+/// during a model change).
+async fn serving(similarity: &Similarity, track: &TrackRecord) -> RpcResult<Similarity> {
+    similarity.serving(track).await.map_err(similarity_error)
 }
 
 fn similarity_error(e: SimilarityError) -> ErrorObjectOwned {
@@ -568,7 +565,7 @@ impl CoralApiServer for CoralRpc {
         let limit = params::similar_limit(limit);
         let similarity = self.similarity()?;
         let record = self.resolve(&wanted).await?;
-        let similarity = serving(&similarity, record.library_id).await?;
+        let similarity = serving(&similarity, &record).await?;
         let near = similarity
             .similar(&record, &filter, limit)
             .await
@@ -588,7 +585,7 @@ impl CoralApiServer for CoralRpc {
         let count = params::path_count(count);
         let similarity = self.similarity()?;
         let (a, b) = (self.resolve(&from).await?, self.resolve(&to).await?);
-        let similarity = serving(&similarity, a.library_id).await?;
+        let similarity = serving(&similarity, &a).await?;
         let path = similarity
             .path(&a, &b, count, &filter)
             .await
@@ -629,7 +626,7 @@ impl CoralApiServer for CoralRpc {
         }
         records.truncate(crate::similarity::MAX_SEEDS);
         let similarity = match records.first() {
-            Some(first) => serving(&similarity, first.library_id).await?,
+            Some(first) => serving(&similarity, first).await?,
             None => similarity,
         };
         let mix = similarity

@@ -91,15 +91,24 @@ impl Similarity {
         Similarity { pool, model }
     }
 
-    /// Similarity over the model that serves `library_id` (`crate::embed::serving`): its
-    /// previous model while a model change re-embeds it, else this one's. A query reads the
-    /// serving model of its first track's library; candidates are the tracks with a vector of
-    /// that model.
-    pub async fn serving(&self, library_id: i64) -> Result<Similarity, SimilarityError> {
-        let complete = serving::completions(&self.pool, library_id).await?;
+    /// Similarity for a query on `track` (its first track): over the model that serves the
+    /// track's library (`crate::embed::serving`: its previous model while a model change
+    /// re-embeds it), unless the track has no vector of that model (a file added or changed
+    /// during the change, embedded under the new model only): then over this one's, the
+    /// active model. Candidates are the tracks with a vector of the model chosen.
+    pub async fn serving(&self, track: &TrackRecord) -> Result<Similarity, SimilarityError> {
+        let complete = serving::completions(&self.pool, track.library_id).await?;
+        let mut model = serving::serving(self.model, &complete);
+        if model != self.model
+            && phase_5_store::embedding_of(&self.pool, model.id, track.id)
+                .await?
+                .is_none()
+        {
+            model = self.model;
+        }
         Ok(Similarity {
             pool: self.pool.clone(),
-            model: serving::serving(self.model, &complete),
+            model,
         })
     }
 
