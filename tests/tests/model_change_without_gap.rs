@@ -312,3 +312,45 @@ async fn a_cancelled_re_embed_job_keeps_the_previous_model_serving_until_the_nex
     old_model_gone(&d, old, library_id, specs.len() as i64).await?;
     Ok(())
 }
+
+/// An upgrade from a release without `library_models`, together with a model change:
+/// migration 0006 records each library as served by the model of its newest vectors, so the
+/// library is re-embedded by a background job while similarity answers from those vectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_during_a_model_change_keeps_similarity_on_the_previous_vectors() -> Result<()> {
+    let lib = traversable_tempdir()?;
+    let specs = library();
+    make(lib.path(), &specs)?;
+    let (mut d, dir) = daemon(&[]).await?;
+    if !embeddings_on(&d).await? {
+        return Ok(());
+    }
+    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
+    let query = *track_ids(&d).await?.get("s0.flac").context("s0.flac")?;
+    let before = similar(&d, query).await?;
+    let old = only_model(&d).await?;
+    // Back to the schema of migration 0005, the vectors kept: what an older release left.
+    {
+        let mut db = d.db().await?;
+        for statement in [
+            "DROP TABLE library_models",
+            "DELETE FROM _sqlx_migrations WHERE version = 6",
+        ] {
+            sqlx::query(statement).execute(&mut db).await?;
+        }
+    }
+    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
+    let serving: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT library_id, model_id FROM library_models")
+            .fetch_all(&mut d.db().await?)
+            .await?;
+    ensure!(serving == vec![(library_id, old)], "{serving:?}");
+    let job = reembedding(&d, library_id, 1).await?;
+    ensure!(
+        job.embeddings_expected == Some(specs.len() as u64),
+        "{job:?}"
+    );
+    let during = similar(&d, query).await?;
+    ensure!(same_answer(&during, &before), "{during:?} vs {before:?}");
+    Ok(())
+}
