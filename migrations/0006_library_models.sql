@@ -1,6 +1,7 @@
 -- Which model answers similarity for each library across a model change. A row says the
 -- library was complete under the model at `complete_at`: every track within the duration
--- limits had a vector or a recorded issue of it. `track.similar`, `track.path`, `track.mix`
+-- limits had a vector or a recorded issue of it, or a request that covered every track lacking
+-- a vector of it (its re-embed job, its first scan, the start-up sweep) had completed. `track.similar`, `track.path`, `track.mix`
 -- and `track.lookup`'s `has_embedding` use the library's newest complete model (the active
 -- model when the library has no row yet), so a new model's partial vectors never answer while
 -- the library's previous ones still can. When the library becomes complete under the active

@@ -354,3 +354,43 @@ async fn upgrading_during_a_model_change_keeps_similarity_on_the_previous_vector
     ensure!(same_answer(&during, &before), "{during:?} vs {before:?}");
     Ok(())
 }
+
+/// A file gone from the disk during the re-embed (not rescanned) cannot be embedded again: the
+/// job counts it as failed, and the library still switches to the new model when the job ends
+/// (an unreadable file is not recorded as an issue, so "every track has a vector or an issue"
+/// alone would hold the library on the old model for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_gone_during_the_re_embed_does_not_hold_the_library_on_its_previous_model()
+-> Result<()> {
+    let lib = traversable_tempdir()?;
+    let specs = library();
+    make(lib.path(), &specs)?;
+    let (mut d, dir) = daemon(&[]).await?;
+    if !embeddings_on(&d).await? {
+        return Ok(());
+    }
+    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
+    let old = only_model(&d).await?;
+
+    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
+    let job = reembedding(&d, library_id, 1).await?;
+    // A track still waiting in the queue (not leased by the consumer): its file goes.
+    let waiting: String = sqlx::query_scalar(
+        "SELECT t.rel_path_text FROM embed_queue q JOIN tracks t ON t.id = q.track_id
+         WHERE q.request_id = $1 AND q.state = 'queued' AND q.leased_by IS NULL
+         ORDER BY q.track_id DESC LIMIT 1",
+    )
+    .bind(job.request_id)
+    .fetch_one(&mut d.db().await?)
+    .await?;
+    std::fs::remove_file(lib.path().join(&waiting))?;
+    let done = wait_scan(&d.client().await?, job.request_id).await?;
+    ensure!(
+        done.phase == ScanPhase::Completed
+            && done.embeddings_failed == 1
+            && done.embeddings_done == specs.len() as u64 - 1,
+        "{waiting} failed, the others embedded: {done:?}"
+    );
+    old_model_gone(&d, old, library_id, specs.len() as i64 - 1).await?;
+    Ok(())
+}

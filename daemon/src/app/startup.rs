@@ -215,8 +215,9 @@ pub(super) async fn start_embedder(
 
 /// At start-up, embed every track that lacks an embedding of its current file for the active
 /// model (embeddings were off, a scan was interrupted, the model changed).
-/// Libraries with a re-embed job are left to it. Once the sweep is done, each swept library
-/// that is complete under the active model is switched to it (`embed::serving`).
+/// Libraries with a re-embed job are left to it. Once the sweep is done (it covered every
+/// track of the swept libraries lacking a vector), each swept library is complete under the
+/// active model and switched to it when it was not yet (`embed::serving`).
 pub(super) async fn sweep_missing_embeddings(
     embedder: crate::embed::Embedder,
     plan: StartupEmbedding,
@@ -254,6 +255,6 @@ pub(super) async fn sweep_missing_embeddings(
         if stop.is_cancelled() {
             return;
         }
-        embedder.library_embedded(library_id).await;
+        embedder.library_embedded(library_id, true).await;
     }
 }

@@ -587,11 +587,12 @@ impl Embedder {
         .collect())
     }
 
-    /// An embedding request of `library_id` ended: when the library is now complete under the
-    /// active model, that model serves it from now on and its vectors of earlier models are
-    /// dropped (see [`serving`]). Failures are logged; the next request checks again.
-    pub async fn library_embedded(&self, library_id: i64) {
-        if let Err(e) = serving::after_embedding(&self.inner, library_id).await {
+    /// An embedding request of `library_id` completed (`covered_all`: it covered every track of
+    /// the library lacking a vector of the active model): when the library is now complete
+    /// under the active model, that model serves it from now on and its vectors of earlier
+    /// models are dropped (see [`serving`]). Failures are logged; the next request checks again.
+    pub async fn library_embedded(&self, library_id: i64, covered_all: bool) {
+        if let Err(e) = serving::after_embedding(&self.inner, library_id, covered_all).await {
             tracing::warn!(library_id, error = %e, "cannot check whether the library switches models");
         }
     }

@@ -2,16 +2,20 @@
 //! and the switch from a library's previous model to the active one.
 //!
 //! A library is *complete* under a model when every track of it within the duration limits
-//! has a vector or a recorded issue of that model. `library_models` (migration 0006) remembers
-//! when a library became complete under a model; the model that *serves* a library
+//! has a vector or a recorded issue of that model, or when a request that covered all of the
+//! library's tracks lacking a vector of it has ended ([`covers_library`]: its re-embed job,
+//! its first scan, the start-up sweep): a track such a request could not read (a file gone or
+//! unreadable, which is not recorded as an issue) does not hold the library on an older model
+//! for ever. `library_models` (migration 0006) remembers when a library became complete under
+//! a model; the model that *serves* a library
 //! ([`serving`]) is the one it became complete under last, or the active model while it has
 //! none. So after a model change a library keeps answering from its previous model's vectors
 //! while its re-embed job (a scan with trigger `model_change`, started at start-up: see
 //! `app/startup.rs`) embeds it under the new one, at the queue's background priority.
 //!
 //! After every embedding request of a library (a scan's embedding phase, a re-embed job, the
-//! start-up sweep), [`after_embedding`] checks whether the library is complete under the active
-//! model. The first time it is, one transaction records it and deletes the library's vectors
+//! start-up sweep) that completed, [`after_embedding`] checks whether the library is complete
+//! under the active model. The first time it is, one transaction records it and deletes the library's vectors
 //! and issues of every other model (and its other `library_models` rows); then models that
 //! are not active, hold no vector and serve no library are deleted with their HNSW indexes.
 //!
@@ -43,6 +47,17 @@ pub fn serving(active: RegisteredModel, complete: &[Completion]) -> RegisteredMo
         .iter()
         .max_by_key(|c| (c.complete_at, c.model.id))
         .map_or(active, |c| c.model)
+}
+
+/// Whether a completed scan with this trigger covered every track of its library that lacked a
+/// vector of the active model: a re-embed job (all such tracks) and a library's first scan
+/// (all its tracks). Other scans cover the files they wrote.
+pub fn covers_library(trigger: coral_proto::ScanTrigger) -> bool {
+    use coral_proto::ScanTrigger::*;
+    match trigger {
+        ModelChange | LibraryAdded => true,
+        Manual | FileSystemEvent | Startup => false,
+    }
 }
 
 /// Whether a library needs a re-embed job: it is served by a model other than the active one.
@@ -173,9 +188,14 @@ async fn switch(pool: &PgPool, library_id: i64, model: i64) -> sqlx::Result<Opti
     Ok((added + others + dropped > 0).then_some(dropped))
 }
 
-/// After an embedding request of `library_id` ended: when the library is complete under the
-/// active model, make that model serve it and retire the others (see the module docs).
-pub(super) async fn after_embedding(inner: &Inner, library_id: i64) -> Result<(), EmbedError> {
+/// After an embedding request of `library_id` completed (`covered_all`: one that covered every
+/// track of the library lacking a vector of the active model): when the library is complete
+/// under the active model, make that model serve it and retire the others (module docs).
+pub(super) async fn after_embedding(
+    inner: &Inner,
+    library_id: i64,
+    covered_all: bool,
+) -> Result<(), EmbedError> {
     let (pool, db, stop) = (&inner.pool, &inner.db, &inner.stop);
     let active = inner.model.id;
     // The usual case, after a scan with no model change pending: nothing to switch or retire,
@@ -187,10 +207,11 @@ pub(super) async fn after_embedding(inner: &Inner, library_id: i64) -> Result<()
     if settled {
         return Ok(());
     }
-    let complete = retry(db, "check a library's embeddings", stop, None, || {
-        is_complete(pool, library_id, active, inner.min_ms, inner.max_ms)
-    })
-    .await?;
+    let complete = covered_all
+        || retry(db, "check a library's embeddings", stop, None, || {
+            is_complete(pool, library_id, active, inner.min_ms, inner.max_ms)
+        })
+        .await?;
     if !complete {
         return Ok(());
     }
@@ -252,6 +273,16 @@ mod tests {
         let both = [done(3, 0), done(7, 60)];
         assert_eq!(serving(model(7), &both), model(7));
         assert!(!needs_reembed(model(7), &both));
+    }
+
+    #[test]
+    fn re_embed_jobs_and_first_scans_cover_their_whole_library() {
+        use coral_proto::ScanTrigger::*;
+        assert!(covers_library(ModelChange));
+        assert!(covers_library(LibraryAdded));
+        for t in [Manual, FileSystemEvent, Startup] {
+            assert!(!covers_library(t), "{t:?} covers only what it wrote");
+        }
     }
 
     #[test]

@@ -139,7 +139,9 @@ impl ScanWorker {
                 Ok(()) => {
                     // Complete under the active model now? Then it serves this library, and
                     // the library's vectors of earlier models go (before the job ends).
-                    embedder.library_embedded(handle.info().library_id).await;
+                    let info = handle.info();
+                    let covered = crate::embed::serving::covers_library(info.trigger);
+                    embedder.library_embedded(info.library_id, covered).await;
                     Ok(outcome)
                 }
                 Err(crate::embed::EmbedError::Cancelled) => Err(ScanFailure::Cancelled),
