@@ -214,8 +214,8 @@ pub(super) async fn start_embedder(
 }
 
 /// At start-up, embed every track that lacks an embedding of its current file for the active
-/// model (embeddings were off, a scan was interrupted, the model changed).
-/// Libraries with a re-embed job are left to it. Once the sweep is done (it covered every
+/// model (embeddings were off, a scan was interrupted, a library complete under no model when
+/// the model changed). Libraries with a re-embed job are left to it. Once the sweep is done (it covered every
 /// track of the swept libraries lacking a vector), each swept library is complete under the
 /// active model and switched to it when it was not yet (`embed::serving`).
 pub(super) async fn sweep_missing_embeddings(

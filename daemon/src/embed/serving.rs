@@ -7,17 +7,18 @@
 //! its first scan, the start-up sweep): a track such a request could not read (a file gone or
 //! unreadable, which is not recorded as an issue) does not hold the library on an older model
 //! for ever. `library_models` (migration 0006) remembers when a library became complete under
-//! a model; the model that *serves* a library
-//! ([`serving`]) is the one it became complete under last, or the active model while it has
-//! none. So after a model change a library keeps answering from its previous model's vectors
-//! while its re-embed job (a scan with trigger `model_change`, started at start-up: see
-//! `app/startup.rs`) embeds it under the new one, at the queue's background priority.
+//! a model; the model that *serves* a library ([`serving`]) is the one it became complete under
+//! last, or the active model while it has none. So after a model change a library keeps
+//! answering from its previous model's vectors while its re-embed job (a scan with trigger
+//! `model_change`, started at start-up: see `app/startup.rs`) embeds it under the new one, at
+//! the queue's background priority.
 //!
 //! After every embedding request of a library (a scan's embedding phase, a re-embed job, the
 //! start-up sweep) that completed, [`after_embedding`] checks whether the library is complete
-//! under the active model. The first time it is, one transaction records it and deletes the library's vectors
-//! and issues of every other model (and its other `library_models` rows); then models that
-//! are not active, hold no vector and serve no library are deleted with their HNSW indexes.
+//! under the active model. The first time it is, one transaction records it and deletes the
+//! library's vectors and issues of every other model (and its other `library_models` rows);
+//! then models that are not active, hold no vector and serve no library are deleted with their
+//! HNSW indexes.
 //!
 //! A query reads one model: the serving model of the query track's library (for a path, the
 //! first track's; for a mix, the first seed's), or the active model when the query track has
