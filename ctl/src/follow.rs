@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use coral_proto::client::connect;
-use coral_proto::{CoralApiClient, ScanFilter, ScanPhase, ScanProgress};
+use coral_proto::{CoralApiClient, ScanFilter, ScanPhase, ScanProgress, ScanTrigger};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use uuid::Uuid;
 
@@ -87,19 +87,28 @@ impl Bars {
             }
             m
         };
-        if let Some(total) = p.tracks_expected {
-            let b = self.bar(p.request_id, "indexing", label("indexing"));
-            // The same bar showed "discovering" until the total was known.
-            b.set_prefix(format!("{:<24}", label("indexing")));
-            b.set_length(total);
-            b.set_position(p.tracks_indexed + p.tracks_unchanged + p.tracks_failed);
-            b.set_message(rate_eta(p.tracks_per_second, "files", p.tracks_failed));
-        } else {
-            let b = self.bar(p.request_id, "indexing", label("discovering"));
-            b.set_message(format!("{} files found", p.files_discovered));
+        // A re-embed job after a model change has nothing to discover or index.
+        match (p.trigger, p.tracks_expected) {
+            (ScanTrigger::ModelChange, _) => {}
+            (_, Some(total)) => {
+                let b = self.bar(p.request_id, "indexing", label("indexing"));
+                // The same bar showed "discovering" until the total was known.
+                b.set_prefix(format!("{:<24}", label("indexing")));
+                b.set_length(total);
+                b.set_position(p.tracks_indexed + p.tracks_unchanged + p.tracks_failed);
+                b.set_message(rate_eta(p.tracks_per_second, "files", p.tracks_failed));
+            }
+            (_, None) => {
+                let b = self.bar(p.request_id, "indexing", label("discovering"));
+                b.set_message(format!("{} files found", p.files_discovered));
+            }
         }
         if let Some(total) = p.embeddings_expected {
-            let b = self.bar(p.request_id, "embedding", label("embedding"));
+            let phase = match p.trigger {
+                ScanTrigger::ModelChange => "re-embedding",
+                _ => "embedding",
+            };
+            let b = self.bar(p.request_id, "embedding", label(phase));
             b.set_length(total);
             b.set_position(p.embeddings_done + p.embeddings_skipped + p.embeddings_failed);
             b.set_message(rate_eta(

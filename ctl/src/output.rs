@@ -245,6 +245,11 @@ pub fn libraries(libs: &[Library]) {
     table(&["ID", "TRACKS", "FAILED", "LAST SCAN", "PATH"], &rows);
 }
 
+/// A phase's percentage, or `-` while unknown (a re-embed job has no indexing phase).
+fn percent(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}%"))
+}
+
 pub fn scans(list: &[ScanProgress]) {
     if list.is_empty() {
         println!("no scans yet");
@@ -257,10 +262,10 @@ pub fn scans(list: &[ScanProgress]) {
                 short_id(&p.request_id),
                 p.phase.as_str().to_owned(),
                 p.trigger.as_str().to_owned(),
-                p.indexing_percent
-                    .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}%")),
+                percent(p.indexing_percent),
                 format!("{}", p.tracks_indexed),
                 format!("{}", p.tracks_failed),
+                percent(p.embedding_percent),
                 p.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 match &p.path {
                     Some(sub) => format!("{}/{}", p.library_path, sub),
@@ -277,6 +282,7 @@ pub fn scans(list: &[ScanProgress]) {
             "INDEXED%",
             "NEW",
             "FAILED",
+            "EMBEDDED%",
             "STARTED",
             "PATH",
         ],

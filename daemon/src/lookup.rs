@@ -61,8 +61,8 @@ pub struct LookupQuery {
     pub album: Option<String>,
 }
 
-/// The track `wanted` names. By recording id: the lowest id with a vector of the active model,
-/// else the lowest id.
+/// The track `wanted` names. By recording id: the lowest id with a vector of the model serving
+/// its library (`embed::serving`), else the lowest id.
 pub async fn resolve(pool: &PgPool, wanted: &TrackWanted) -> sqlx::Result<Option<TrackRecord>> {
     match wanted {
         TrackWanted::Id(id) => tracks::get(pool, *id).await,

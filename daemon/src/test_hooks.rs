@@ -52,3 +52,26 @@ pub fn similar_exact_scan_max(default: i64) -> i64 {
 pub fn similar_exact_scan_max(default: i64) -> i64 {
     default
 }
+
+/// `CORALD_TEST_EMBED_PAUSE_MS=N` makes the embedding consumer wait N ms before each claim and
+/// claim one track at a time, so tests can act while tracks are being embedded (a re-embed job
+/// after a model change). Returns how many rows to claim.
+#[cfg(all(feature = "test-hooks", debug_assertions))]
+pub async fn embed_claim_pace(room: usize) -> usize {
+    let ms = std::env::var("CORALD_TEST_EMBED_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    match ms {
+        Some(ms) => {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            room.min(1)
+        }
+        None => room,
+    }
+}
+
+/// Without the hooks: as many as there is room for.
+#[cfg(not(all(feature = "test-hooks", debug_assertions)))]
+pub async fn embed_claim_pace(room: usize) -> usize {
+    room
+}

@@ -308,6 +308,10 @@ pub enum ScanTrigger {
     FileSystemEvent,
     LibraryAdded,
     Startup,
+    /// The active model changed: the library's tracks are embedded again in the background
+    /// (no discovery or indexing; the job starts in its embedding phase). Similarity keeps
+    /// answering from the library's previous model until the job has made it complete.
+    ModelChange,
 }
 
 /// Full re-reads every file; incremental skips files whose size and mtime are unchanged.
@@ -372,6 +376,7 @@ impl ScanTrigger {
             ScanTrigger::FileSystemEvent => "file_system_event",
             ScanTrigger::LibraryAdded => "library_added",
             ScanTrigger::Startup => "startup",
+            ScanTrigger::ModelChange => "model_change",
         }
     }
 
@@ -381,6 +386,7 @@ impl ScanTrigger {
             "file_system_event" => ScanTrigger::FileSystemEvent,
             "library_added" => ScanTrigger::LibraryAdded,
             "startup" => ScanTrigger::Startup,
+            "model_change" => ScanTrigger::ModelChange,
             _ => return None,
         })
     }
@@ -699,5 +705,23 @@ mod tests {
             serde_json::to_string(&TrackRef::Id(3)).ok().as_deref(),
             Some("3")
         );
+    }
+
+    #[test]
+    fn a_model_change_job_keeps_its_trigger_through_the_wire_and_the_scans_table() {
+        let t = ScanTrigger::ModelChange;
+        assert_eq!(
+            serde_json::to_string(&t).ok().as_deref(),
+            Some("\"model_change\"")
+        );
+        assert_eq!(ScanTrigger::parse(t.as_str()), Some(t));
+        for t in [
+            ScanTrigger::Manual,
+            ScanTrigger::FileSystemEvent,
+            ScanTrigger::LibraryAdded,
+            ScanTrigger::Startup,
+        ] {
+            assert_eq!(ScanTrigger::parse(t.as_str()), Some(t));
+        }
     }
 }

@@ -172,6 +172,14 @@ impl Daemon {
         })
     }
 
+    /// Replace the extra environment (test hooks) of the next [`Daemon::spawn`].
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.extra_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
     /// Replace the configuration file (corald rereads it on SIGHUP).
     pub fn write_config(&self, text: &str) -> Result<()> {
         std::fs::write(&self.config, text)?;

@@ -817,7 +817,9 @@ async fn track_similar_through_the_api_returns_the_same_kind() -> Result<()> {
         assert!(c.track_get(*id).await?.has_embedding, "{rel}");
     }
 
-    // `has_embedding` speaks of the active model: the one registered last.
+    // `has_embedding` speaks of the model serving the track's library: the one the library
+    // was last complete under, which a newer model does not displace before the library is
+    // complete under it too…
     let first = ids[0].0;
     sqlx::query(
         "INSERT INTO models (name, version, params, dim, sample_rate, window_samples, sha256,
@@ -826,6 +828,14 @@ async fn track_similar_through_the_api_returns_the_same_kind() -> Result<()> {
     )
     .execute(&mut db)
     .await?;
+    assert!(
+        c.track_get(first).await?.has_embedding,
+        "still served by the model its library is complete under"
+    );
+    // …and, in a library complete under no model, the active model: the one registered last.
+    sqlx::query("DELETE FROM library_models")
+        .execute(&mut db)
+        .await?;
     assert!(
         !c.track_get(first).await?.has_embedding,
         "no vector of the newer model yet"

@@ -313,7 +313,7 @@ impl Core {
             db: Arc::clone(db_health),
         };
 
-        startup::resume_interrupted(pool, &self.queue).await;
+        let reembedding = startup::resume_interrupted(pool, &self.queue).await;
 
         tasks.spawn(Arc::clone(&self.reporter).run_ticker(
             Duration::from_millis(config.progress.notify_interval_ms),
@@ -328,7 +328,8 @@ impl Core {
         ));
         tasks.spawn(worker.run(jobs, stop.clone()));
         if let Some(e) = embedder.clone() {
-            tasks.spawn(startup::sweep_missing_embeddings(e, stop.clone()));
+            let plan = startup::start_reembed_jobs(pool, &self.queue, &e, reembedding).await;
+            tasks.spawn(startup::sweep_missing_embeddings(e, plan, stop.clone()));
         }
         tasks.spawn(watch_task.run(stop.clone()));
         tasks.spawn(database.monitor(stop.clone()));

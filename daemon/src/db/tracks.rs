@@ -309,8 +309,9 @@ impl From<TrackRecord> for Track {
 }
 
 /// Columns of `TrackRecord`. `has_embedding`: the track has a vector of its current file (same
-/// size and mtime) for the active model, the one corald registered last (`models.last_used_at`
-/// is bumped at every start with embeddings on).
+/// size and mtime) for the model serving its library (`embed::serving`: the model the library
+/// became complete under last, else the active model, the one corald registered last —
+/// `models.last_used_at` is bumped at every start with embeddings on).
 macro_rules! record_columns {
     () => {
         "t.id, t.library_id, l.path AS library_path, t.rel_path_text,
@@ -321,8 +322,12 @@ macro_rules! record_columns {
     t.musicbrainz_artist_ids, t.isrc,
             EXISTS (SELECT 1 FROM track_embeddings e
                     WHERE e.track_id = t.id AND e.file_size = t.size AND e.file_mtime_ns = t.mtime_ns
-                      AND e.model_id = (SELECT m.id FROM models m
-                                        ORDER BY m.last_used_at DESC, m.id DESC LIMIT 1))
+                      AND e.model_id = COALESCE(
+                          (SELECT lm.model_id FROM library_models lm
+                           WHERE lm.library_id = t.library_id
+                           ORDER BY lm.complete_at DESC, lm.model_id DESC LIMIT 1),
+                          (SELECT m.id FROM models m
+                           ORDER BY m.last_used_at DESC, m.id DESC LIMIT 1)))
                 AS has_embedding,
             t.indexed_at"
     };
@@ -373,7 +378,7 @@ pub async fn by_rel_path(
 }
 
 /// Tracks tagged with this MusicBrainz recording id (any case): those with a vector of the
-/// active model first, then by id.
+/// model serving their library first, then by id.
 pub async fn by_recording_mbid(
     pool: &PgPool,
     mbid: &str,

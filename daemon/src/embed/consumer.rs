@@ -106,19 +106,16 @@ fn row(track_id: i64, state: QueueState, file_size: i64, file_mtime_ns: i64) -> 
     }
 }
 
-/// Queue `rows` for `request_id` (priority: how many it queues, so small requests go first),
-/// then follow them to the end: see [`follow`].
+/// Queue `rows` for `request_id` at `priority` (see [`queue::priority`]), then follow them to
+/// the end: see [`follow`].
 pub(super) async fn enqueue_and_follow(
     inner: &Inner,
     request_id: Uuid,
     rows: Vec<QueueRow>,
+    priority: i64,
     cancel: &CancellationToken,
     counters: Option<&ScanCounters>,
 ) -> Result<Tally, EmbedError> {
-    let priority = rows
-        .iter()
-        .filter(|r| r.state == QueueState::Queued)
-        .count() as i64;
     // Registered before the rows exist, so this process's consumer cancels their work with
     // the request.
     let _registered = Registration::new(inner, request_id, cancel);
@@ -129,11 +126,7 @@ pub(super) async fn enqueue_and_follow(
         .await?;
     }
     inner.wake.notify_one();
-    tracing::debug!(
-        queued = priority,
-        rows = rows.len(),
-        "tracks queued for embedding"
-    );
+    tracing::debug!(priority, rows = rows.len(), "tracks queued for embedding");
     follow(inner, request_id, cancel, counters).await
 }
 
@@ -279,6 +272,7 @@ pub(super) async fn consume(inner: Weak<Inner>, stop: CancellationToken) {
         if room == 0 {
             continue;
         }
+        let room = crate::test_hooks::embed_claim_pace(room).await;
         let claimed = retry(&i.db, "claim tracks to embed", &stop, None, || {
             queue::claim(
                 &i.pool,

@@ -14,7 +14,8 @@
 //! file (size and mtime) counts as done without work; a track whose file changed is embedded
 //! again and its vector replaced. Damaged files and files without a decoder are recorded, so
 //! they are not decoded again until they change. `config` is the `[embed]` section, `queue` the
-//! queue's SQL, `pipeline` the stages' loops, `phase_*` the stages' work.
+//! queue's SQL, `pipeline` the stages' loops, `phase_*` the stages' work, `serving` which model
+//! answers for a library across a model change.
 //!
 //! Without the `embed` cargo feature there is no libtorch: [`Embedder::start`] says so and the
 //! daemon runs without embeddings.
@@ -29,6 +30,7 @@ pub mod phase_4_infer;
 pub mod phase_5_store;
 mod pipeline;
 pub mod queue;
+pub mod serving;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -528,11 +530,14 @@ impl Embedder {
     ) -> Result<(), EmbedError> {
         let span = tracing::info_span!("embed", request_id = %handle.request_id());
         let cancel = handle.cancel_token().clone();
+        // A re-embed job after a model change waits behind every other request.
+        let background = handle.info().trigger == coral_proto::ScanTrigger::ModelChange;
         self.run(
             handle.request_id(),
             cancel,
             targets,
             Some(handle.counters()),
+            background,
         )
         .instrument(span)
         .await
@@ -548,7 +553,7 @@ impl Embedder {
         cancel: CancellationToken,
     ) -> Result<EmbedSummary, EmbedError> {
         let span = tracing::info_span!("embed", request_id = %request_id);
-        self.run(request_id, cancel, targets, None)
+        self.run(request_id, cancel, targets, None, false)
             .instrument(span)
             .await
     }
@@ -556,13 +561,22 @@ impl Embedder {
     /// Tracks lacking an embedding of their current file for the active model, within the
     /// duration limits, and without a recorded failure for that file.
     pub async fn missing_targets(&self) -> Result<Vec<EmbedTarget>, EmbedError> {
+        self.missing_targets_in(&phase_5_store::LibraryScope::default())
+            .await
+    }
+
+    /// Like [`missing_targets`](Self::missing_targets), in the libraries of `scope` only.
+    pub async fn missing_targets_in(
+        &self,
+        scope: &phase_5_store::LibraryScope,
+    ) -> Result<Vec<EmbedTarget>, EmbedError> {
         let i = &self.inner;
         Ok(retry(
             &i.db,
             "list tracks lacking embeddings",
             &i.stop,
             None,
-            || phase_5_store::missing(&i.pool, i.model.id, i.min_ms, i.max_ms),
+            || phase_5_store::missing(&i.pool, i.model.id, i.min_ms, i.max_ms, scope),
         )
         .await?
         .into_iter()
@@ -574,12 +588,23 @@ impl Embedder {
         .collect())
     }
 
+    /// An embedding request of `library_id` completed (`covered_all`: it covered every track of
+    /// the library lacking a vector of the active model): when the library is now complete
+    /// under the active model, that model serves it from now on and its vectors of earlier
+    /// models are dropped (see [`serving`]). Failures are logged; the next request checks again.
+    pub async fn library_embedded(&self, library_id: i64, covered_all: bool) {
+        if let Err(e) = serving::after_embedding(&self.inner, library_id, covered_all).await {
+            tracing::warn!(library_id, error = %e, "cannot check whether the library switches models");
+        }
+    }
+
     async fn run(
         &self,
         request_id: Uuid,
         cancel: CancellationToken,
         targets: Vec<EmbedTarget>,
         counters: Option<&ScanCounters>,
+        background: bool,
     ) -> Result<EmbedSummary, EmbedError> {
         let inner = &self.inner;
         let started = Instant::now();
@@ -590,7 +615,10 @@ impl Embedder {
         if rows.is_empty() {
             return Ok(EmbedSummary::default());
         }
-        let result = consumer::enqueue_and_follow(inner, request_id, rows, &cancel, counters).await;
+        let priority = queue::priority(&rows, background);
+        let result =
+            consumer::enqueue_and_follow(inner, request_id, rows, priority, &cancel, counters)
+                .await;
         let elapsed = started.elapsed().as_secs_f64();
         let summary = result.as_ref().ok().map(|t| EmbedSummary {
             embedded: t.done,

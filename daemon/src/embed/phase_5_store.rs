@@ -2,8 +2,9 @@
 //! batch; the `models` registry with one HNSW cosine index per model (partial on its id, on
 //! `embedding::vector(dim)` — pgvector's way to index vectors of several sizes in one column);
 //! the issues table that stops damaged or undecodable files from being retried while unchanged;
-//! and the queries behind "what is missing" and a track's vector (similarity itself is
-//! `crate::similarity`).
+//! the queries behind "what is missing" and a track's vector (similarity itself is
+//! `crate::similarity`); and, after a model change, the deletes of a library's vectors of
+//! other models and of models nobody uses (`super::serving` decides when).
 //!
 //! SQL that names a model id or a dimension is built with `format!` from our own integers (an
 //! index predicate must be a constant for the planner to use a partial index).
@@ -282,18 +283,30 @@ pub struct MissingTrack {
     pub duration_ms: i64,
 }
 
+/// Which libraries a search for missing vectors covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LibraryScope {
+    /// Only this library (`None`: every library).
+    pub only: Option<i64>,
+    /// Never these libraries (those a re-embed job covers).
+    pub except: Vec<i64>,
+}
+
 /// Tracks within the duration limits without a vector of their current file for the model,
-/// and without a recorded issue for it, in path order.
+/// and without a recorded issue for it, in path order, in the libraries of `scope`.
 pub async fn missing(
     pool: &PgPool,
     model_id: i64,
     min_ms: i64,
     max_ms: i64,
+    scope: &LibraryScope,
 ) -> Result<Vec<MissingTrack>, sqlx::Error> {
     let rows: Vec<MissingRow> = sqlx::query_as(
         "SELECT t.id, l.path AS library_path, t.rel_path, t.duration_ms
          FROM tracks t JOIN libraries l ON l.id = t.library_id
          WHERE t.duration_ms BETWEEN $2 AND $3
+           AND ($4::bigint IS NULL OR t.library_id = $4)
+           AND t.library_id <> ALL($5)
            AND NOT EXISTS (SELECT 1 FROM track_embeddings e
                            WHERE e.track_id = t.id AND e.model_id = $1
                              AND e.file_size = t.size AND e.file_mtime_ns = t.mtime_ns)
@@ -305,6 +318,8 @@ pub async fn missing(
     .bind(model_id)
     .bind(min_ms)
     .bind(max_ms)
+    .bind(scope.only)
+    .bind(&scope.except)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -315,6 +330,70 @@ pub async fn missing(
             duration_ms: r.duration_ms,
         })
         .collect())
+}
+
+/// Delete the vectors and issues of every model but `keep` of a library's tracks (the library
+/// became complete under `keep`), inside the caller's transaction. Returns the vectors deleted.
+pub async fn drop_other_models(
+    tx: &mut sqlx::PgConnection,
+    library_id: i64,
+    keep: i64,
+) -> Result<u64, sqlx::Error> {
+    let vectors = sqlx::query(
+        "DELETE FROM track_embeddings e USING tracks t
+         WHERE t.id = e.track_id AND t.library_id = $1 AND e.model_id <> $2",
+    )
+    .bind(library_id)
+    .bind(keep)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "DELETE FROM track_embedding_issues i USING tracks t
+         WHERE t.id = i.track_id AND t.library_id = $1 AND i.model_id <> $2",
+    )
+    .bind(library_id)
+    .bind(keep)
+    .execute(&mut *tx)
+    .await?;
+    Ok(vectors)
+}
+
+/// Delete the models other than `active` that hold no vector and serve no library, with their
+/// HNSW indexes (one transaction per model; the cascade takes their issues, centroids, queue
+/// and worker rows). Returns the ids deleted.
+pub async fn delete_unused_models(pool: &PgPool, active: i64) -> Result<Vec<i64>, sqlx::Error> {
+    let candidates: Vec<i64> = sqlx::query_scalar(
+        "SELECT m.id FROM models m
+         WHERE m.id <> $1
+           AND NOT EXISTS (SELECT 1 FROM track_embeddings e WHERE e.model_id = m.id)
+           AND NOT EXISTS (SELECT 1 FROM library_models lm WHERE lm.model_id = m.id)
+         ORDER BY m.id",
+    )
+    .bind(active)
+    .fetch_all(pool)
+    .await?;
+    let mut deleted = Vec::new();
+    for id in candidates {
+        let mut tx = pool.begin().await?;
+        // Checked again under the delete: a vector written meanwhile keeps the model.
+        let gone: Option<i64> = sqlx::query_scalar(
+            "DELETE FROM models m WHERE m.id = $1
+               AND NOT EXISTS (SELECT 1 FROM track_embeddings e WHERE e.model_id = m.id)
+               AND NOT EXISTS (SELECT 1 FROM library_models lm WHERE lm.model_id = m.id)
+             RETURNING m.id",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if gone.is_some() {
+            let sql = format!("DROP INDEX IF EXISTS {}", index_name(id));
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+            deleted.push(id);
+        }
+        tx.commit().await?;
+    }
+    Ok(deleted)
 }
 
 /// The stored vector of a track for a model.

@@ -38,6 +38,28 @@ pub struct QueueRow {
     pub file_mtime_ns: i64,
 }
 
+/// Priorities from here on are background work: a re-embed job after a model change. Larger
+/// than any request's track count, so every scan's tracks are claimed first.
+pub const BACKGROUND_PRIORITY: i64 = 1 << 40;
+
+/// The priority of a request's rows (lower is claimed first): how many tracks it queues, so a
+/// watcher scan's few tracks pass a big backlog; a background request (`background`) after
+/// every other, and the smaller of two background requests first.
+pub fn priority(rows: &[QueueRow], background: bool) -> i64 {
+    let queued = rows
+        .iter()
+        .filter(|r| r.state == QueueState::Queued)
+        .count();
+    let queued = i64::try_from(queued)
+        .unwrap_or(i64::MAX)
+        .min(BACKGROUND_PRIORITY - 1);
+    if background {
+        BACKGROUND_PRIORITY + queued
+    } else {
+        queued
+    }
+}
+
 /// Queue `rows` for `request_id`. Rows the request queued before (a resumed scan) keep the state
 /// they reached. Returns the rows added.
 pub async fn enqueue(
@@ -324,4 +346,33 @@ pub async fn forget_orphans(pool: &PgPool) -> Result<u64, sqlx::Error> {
     .execute(pool)
     .await?
     .rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(queued: usize, settled: usize) -> Vec<QueueRow> {
+        let row = |state| QueueRow {
+            track_id: 1,
+            state,
+            file_size: 0,
+            file_mtime_ns: 0,
+        };
+        let mut v: Vec<QueueRow> = (0..queued).map(|_| row(QueueState::Queued)).collect();
+        v.extend((0..settled).map(|_| row(QueueState::Unchanged)));
+        v
+    }
+
+    #[test]
+    fn small_requests_go_first_and_re_embedding_after_every_scan() {
+        // Counted by the rows still to embed, not the rows already settled.
+        assert_eq!(priority(&rows(3, 100), false), 3);
+        assert!(priority(&rows(3, 0), false) < priority(&rows(40, 0), false));
+        // A background request of one track still waits behind a scan of a million.
+        let huge_scan = priority(&rows(1_000_000, 0), false);
+        let small_reembed = priority(&rows(1, 0), true);
+        assert!(huge_scan < small_reembed, "{huge_scan} vs {small_reembed}");
+        assert!(priority(&rows(1, 0), true) < priority(&rows(50, 0), true));
+    }
 }

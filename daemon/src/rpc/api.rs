@@ -141,6 +141,12 @@ fn similar_tracks(scored: Vec<(TrackRecord, f64)>) -> Vec<SimilarTrack> {
         .collect()
 }
 
+/// The similarity of the model serving a query on `track` (its library's previous model
+/// during a model change).
+async fn serving(similarity: &Similarity, track: &TrackRecord) -> RpcResult<Similarity> {
+    similarity.serving(track).await.map_err(similarity_error)
+}
+
 fn similarity_error(e: SimilarityError) -> ErrorObjectOwned {
     match e {
         SimilarityError::NoEmbedding(_) => error(codes::EMBEDDING_UNAVAILABLE, e.to_string()),
@@ -559,6 +565,7 @@ impl CoralApiServer for CoralRpc {
         let limit = params::similar_limit(limit);
         let similarity = self.similarity()?;
         let record = self.resolve(&wanted).await?;
+        let similarity = serving(&similarity, &record).await?;
         let near = similarity
             .similar(&record, &filter, limit)
             .await
@@ -578,6 +585,7 @@ impl CoralApiServer for CoralRpc {
         let count = params::path_count(count);
         let similarity = self.similarity()?;
         let (a, b) = (self.resolve(&from).await?, self.resolve(&to).await?);
+        let similarity = serving(&similarity, &a).await?;
         let path = similarity
             .path(&a, &b, count, &filter)
             .await
@@ -617,6 +625,10 @@ impl CoralApiServer for CoralRpc {
             records.extend(group);
         }
         records.truncate(crate::similarity::MAX_SEEDS);
+        let similarity = match records.first() {
+            Some(first) => serving(&similarity, first).await?,
+            None => similarity,
+        };
         let mix = similarity
             .mix(&records, count, &filter)
             .await

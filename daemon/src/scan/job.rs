@@ -2,15 +2,16 @@
 //! walk, and their comparison: see [`super::discover`]), index (probe new and changed files on
 //! the rayon pool batch by batch while the previous batch is stored), remove the rows of
 //! vanished files, and hand the tracks the scan wrote over to the embedding phase, which the
-//! worker runs as a task of its own. Every phase reports to the ScanReporter; every database
-//! call is retried while the database is down.
+//! worker runs as a task of its own. A re-embed job (trigger `model_change`) has only the last
+//! step: its library's tracks lacking a vector of the active model. Every phase reports to the
+//! ScanReporter; every database call is retried while the database is down.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use coral_proto::{ScanMode, ScanPhase};
+use coral_proto::{ScanMode, ScanPhase, ScanTrigger};
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -24,7 +25,8 @@ use super::worker::ScanWorker;
 use crate::db::health::{self, RetryError};
 use crate::db::scan_errors::{self, ErrorRow, ExistingError};
 use crate::db::tracks::{self, ExistingTrack, TrackRow};
-use crate::embed::EmbedTarget;
+use crate::embed::phase_5_store::LibraryScope;
+use crate::embed::{EmbedError, EmbedTarget};
 use crate::liveness::Heartbeat;
 use crate::progress::{ScanCounters, ScanHandle};
 
@@ -106,6 +108,9 @@ impl<'a> ScanRun<'a> {
     /// Run the phases in order: discover → index (probe + store) → remove vanished files →
     /// list the tracks to embed.
     pub(super) async fn run(self) -> Result<ScanOutcome, ScanFailure> {
+        if self.job.trigger == ScanTrigger::ModelChange {
+            return self.reembed().await;
+        }
         let mut outcome = ScanOutcome::default();
         // Counters are recounted from the disk and the database (a resumed scan too), except
         // removals, which are done once and persisted with the delete.
@@ -359,6 +364,38 @@ impl<'a> ScanRun<'a> {
             .set_embeddings_expected(targets.len() as u64);
         self.set_phase(ScanPhase::Embedding).await;
         Ok(targets)
+    }
+
+    /// A re-embed job after a model change (`crate::embed::serving`): nothing is walked or
+    /// read; the library's tracks lacking a vector of the active model go straight to the
+    /// embedding phase (a resumed job lists only those still lacking one).
+    async fn reembed(&self) -> Result<ScanOutcome, ScanFailure> {
+        let Some(embedder) = &self.worker.embedder else {
+            return Ok(ScanOutcome {
+                warnings: vec!["embeddings are unavailable: nothing was embedded".into()],
+                embed: None,
+            });
+        };
+        let scope = LibraryScope {
+            only: Some(self.job.library_id),
+            except: Vec::new(),
+        };
+        let targets = embedder
+            .missing_targets_in(&scope)
+            .await
+            .map_err(|e| match e {
+                EmbedError::Cancelled => ScanFailure::Cancelled,
+                e => ScanFailure::Embedding(e.to_string()),
+            })?;
+        self.check_cancel()?;
+        self.handle()
+            .counters()
+            .set_embeddings_expected(targets.len() as u64);
+        self.set_phase(ScanPhase::Embedding).await;
+        Ok(ScanOutcome {
+            warnings: Vec::new(),
+            embed: Some(targets),
+        })
     }
 
     /// Run a database operation of the scan, retried while the database is unavailable.

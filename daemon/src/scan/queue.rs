@@ -118,10 +118,13 @@ impl ScanQueue {
             let mut pending = self.pending();
             let key = (req.library_id, req.subdir.clone());
             let whole = (req.library_id, None);
+            // A re-embed job neither absorbs scans nor is absorbed by one: a scan reads the
+            // disk, a re-embed job does not; it is kept out of the merge table.
+            let mergeable = req.trigger != ScanTrigger::ModelChange;
             let existing = pending
                 .get(&key)
                 .or_else(|| pending.get(&whole))
-                .filter(|h| !resumed && !h.phase().is_terminal())
+                .filter(|h| mergeable && !resumed && !h.phase().is_terminal())
                 .cloned();
             if let Some(h) = existing {
                 h.upgrade_mode(req.mode);
@@ -160,7 +163,9 @@ impl ScanQueue {
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(QueueError::Closed),
             }
-            pending.insert(key, Arc::clone(&job_handle));
+            if mergeable {
+                pending.insert(key, Arc::clone(&job_handle));
+            }
             job_handle
         };
         crate::progress::persist::save_once(&self.pool, &handle, "queued").await;
@@ -182,5 +187,68 @@ impl ScanQueue {
     /// Drop a waiting job from the merge table (it was cancelled).
     pub fn forget(&self, request_id: Uuid) {
         self.pending().retain(|_, h| h.request_id() != request_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(trigger: ScanTrigger) -> ScanRequest {
+        ScanRequest {
+            library_id: 1,
+            library_root: PathBuf::from("/music"),
+            subdir: None,
+            mode: ScanMode::Incremental,
+            trigger,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_re_embed_job_and_a_scan_of_the_same_library_stay_two_jobs() {
+        // Nothing listens there: the queued states are not persisted, which the queue shrugs off.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(std::time::Duration::from_millis(200))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let (queue, mut rx) = ScanQueue::new(8, ScanReporter::new(), pool);
+        let (reembed, merged) = queue
+            .submit(request(ScanTrigger::ModelChange))
+            .await
+            .expect("queued");
+        assert!(!merged);
+        // A scan asked while the re-embed job waits is a job of its own (it reads the disk)…
+        let (scan, merged) = queue
+            .submit(request(ScanTrigger::Manual))
+            .await
+            .expect("queued");
+        assert!(!merged);
+        assert_ne!(scan.request_id(), reembed.request_id());
+        // …and later scans merge into that scan, never into the re-embed job.
+        let (again, merged) = queue
+            .submit(request(ScanTrigger::FileSystemEvent))
+            .await
+            .expect("queued");
+        assert!(merged);
+        assert_eq!(again.request_id(), scan.request_id());
+        // A second re-embed job is not absorbed by the waiting scan either.
+        let (second, merged) = queue
+            .submit(request(ScanTrigger::ModelChange))
+            .await
+            .expect("queued");
+        assert!(!merged);
+        assert_ne!(second.request_id(), scan.request_id());
+        let mut triggers = Vec::new();
+        while let Ok(job) = rx.try_recv() {
+            triggers.push(job.trigger);
+        }
+        assert_eq!(
+            triggers,
+            [
+                ScanTrigger::ModelChange,
+                ScanTrigger::Manual,
+                ScanTrigger::ModelChange
+            ]
+        );
     }
 }

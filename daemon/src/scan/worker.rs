@@ -136,7 +136,14 @@ impl ScanWorker {
                 }
             };
             let result = match embedded {
-                Ok(()) => Ok(outcome),
+                Ok(()) => {
+                    // Complete under the active model now? Then it serves this library, and
+                    // the library's vectors of earlier models go (before the job ends).
+                    let info = handle.info();
+                    let covered = crate::embed::serving::covers_library(info.trigger);
+                    embedder.library_embedded(info.library_id, covered).await;
+                    Ok(outcome)
+                }
                 Err(crate::embed::EmbedError::Cancelled) => Err(ScanFailure::Cancelled),
                 Err(crate::embed::EmbedError::Stopped) if stop.is_cancelled() => {
                     worker.persist(&handle, &stop).await;

@@ -8,7 +8,8 @@
 //! spread over [-1, 1]. Candidates come from [`vectors::candidates`] (an exact scan while the
 //! model has at most [`EXACT_SCAN_MAX`] vectors, the HNSW index with over-fetch beyond), then
 //! [`rank::thin`] drops other files of the same recording and caps artists. `path.rs` and
-//! `mix.rs` build sonic paths and mixes from the same candidates.
+//! `mix.rs` build sonic paths and mixes from the same candidates. Across a model change a
+//! query reads the model that serves its library ([`Similarity::serving`]).
 
 mod mix;
 mod path;
@@ -22,6 +23,7 @@ use sqlx::PgPool;
 
 use crate::db::tracks::{self, TrackRecord};
 use crate::embed::phase_5_store::{self, RegisteredModel};
+use crate::embed::serving;
 
 /// Up to this many vectors of a model, candidates are found by an exact scan.
 pub const EXACT_SCAN_MAX: i64 = 5_000;
@@ -84,8 +86,35 @@ impl SimilarFilter {
 }
 
 impl Similarity {
+    /// Similarity over `model`'s vectors (the active model: see [`Similarity::serving`]).
     pub fn new(pool: PgPool, model: RegisteredModel) -> Similarity {
         Similarity { pool, model }
+    }
+
+    /// Similarity for a query on `track` (its first track): over the model that serves the
+    /// track's library (`crate::embed::serving`: its previous model while a model change
+    /// re-embeds it), unless the track has no vector of that model (a file added or changed
+    /// during the change, embedded under the new model only): then over this one's, the
+    /// active model. Candidates are the tracks with a vector of the model chosen.
+    pub async fn serving(&self, track: &TrackRecord) -> Result<Similarity, SimilarityError> {
+        let complete = serving::completions(&self.pool, track.library_id).await?;
+        let mut model = serving::serving(self.model, &complete);
+        if model != self.model
+            && phase_5_store::embedding_of(&self.pool, model.id, track.id)
+                .await?
+                .is_none()
+        {
+            model = self.model;
+        }
+        Ok(Similarity {
+            pool: self.pool.clone(),
+            model,
+        })
+    }
+
+    /// The model whose vectors this similarity reads.
+    pub fn model(&self) -> RegisteredModel {
+        self.model
     }
 
     /// The stored vector of `track`.

@@ -418,6 +418,7 @@
     const list = $('active');
     const id = cardId(p.request_id);
     const authorized = !!(state.info && state.info.authorized);
+    const reembed = p.trigger === 'model_change';
     const meta = [humanTrigger(p.trigger), p.mode, p.path ? `only ${p.path}` : null, p.resumed ? 'resumed' : null]
       .filter(Boolean).join(' · ');
     const head = h('div', { class: 'scan-head' },
@@ -436,8 +437,9 @@
       'aria-label': `Scan of ${p.library_path}`,
     },
     head,
-    phaseRow('indexing', 'Indexing', p),
-    phaseRow('embedding', 'Embedding', p),
+    // A re-embed job after a model change has no indexing, only its embedding counts.
+    reembed ? null : phaseRow('indexing', 'Indexing', p),
+    phaseRow('embedding', reembed ? 'Re-embedding' : 'Embedding', p),
     p.error ? h('p', { class: 'error' }, p.error) : null,
     );
     const old = document.getElementById(id);
