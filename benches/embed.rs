@@ -224,7 +224,11 @@ fn main() -> Result<()> {
         // model, for the ratio the int8 convolutions buy).
         let mut names = vec![default_model()];
         if !device.starts_with("cuda") {
-            names.push(model::DEFAULT_ACCELERATOR_MODEL);
+            names.extend([
+                "musicnn-msd-int8",
+                model::DEFAULT_ACCELERATOR_MODEL,
+                "musicnn-msd",
+            ]);
         }
         let mut g = c.benchmark_group("embed/inference");
         g.throughput(Throughput::Elements(INFER_WINDOWS as u64));
@@ -346,7 +350,7 @@ fn decode_formats(c: &mut Criterion, plan: &WindowPlan, seconds: usize) -> Resul
     g.throughput(Throughput::Elements(1));
     for (id, path, _) in &tracks {
         g.bench_with_input(
-            BenchmarkId::new("8 windows, 1 thread", id),
+            BenchmarkId::new(format!("{} windows, 1 thread", plan.count), id),
             path,
             |b, path| {
                 b.iter(|| {
@@ -362,7 +366,10 @@ fn decode_formats(c: &mut Criterion, plan: &WindowPlan, seconds: usize) -> Resul
 
 fn format_summary(figures: &FormatFigures) {
     let medians = medians("embed/decode_formats");
-    println!("\nper-format decode (criterion medians; one track, its 8 windows, 1 thread):");
+    println!(
+        "\nper-format decode (criterion medians; one track, its {} windows, 1 thread):",
+        EmbedConfig::default().windows
+    );
     for (id, decoded_s) in figures {
         let leaf = |k: &String| k.rsplit('/').next() == Some(id.as_str());
         let Some((_, s)) = medians.iter().find(|(k, _)| leaf(k)) else {

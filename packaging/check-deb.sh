@@ -65,6 +65,10 @@ expected=(
     /usr/share/coral/models/musicnn-msd.json
     /usr/share/coral/models/musicnn-msd-int8.pt
     /usr/share/coral/models/musicnn-msd-int8.json
+    /usr/share/coral/models/musicnn-msd-mtt.pt
+    /usr/share/coral/models/musicnn-msd-mtt.json
+    /usr/share/coral/models/musicnn-msd-mtt-int8.pt
+    /usr/share/coral/models/musicnn-msd-mtt-int8.json
     /usr/share/coral/models/LICENSE-musicnn
     /usr/share/bash-completion/completions/coralctl
     /usr/share/zsh/vendor-completions/_coralctl
@@ -190,7 +194,9 @@ t "/run/coral belongs to coral" sh -c '[ "$(stat -c %U:%G /run/coral)" = coral:c
 t "corald is installed" test -x /usr/bin/corald
 t "coralctl is installed" test -x /usr/bin/coralctl
 t "the fp32 model is installed" test -s /usr/share/coral/models/musicnn-msd.pt
-t "the int8 model (the CPU default) is installed" test -s /usr/share/coral/models/musicnn-msd-int8.pt
+t "the int8 model is installed" test -s /usr/share/coral/models/musicnn-msd-int8.pt
+t "the fused model (the CUDA default) is installed" test -s /usr/share/coral/models/musicnn-msd-mtt.pt
+t "the fused int8 model (the CPU default) is installed" test -s /usr/share/coral/models/musicnn-msd-mtt-int8.pt
 t "corald loads libtorch from /usr/lib/coral" sh -c 'ldd /usr/bin/corald | grep -q "libtorch_cpu.so => /usr/lib/coral/torch/lib/libtorch_cpu.so" && ! ldd /usr/bin/corald | grep -q "not found"'
 t "corald reads the shipped configuration" /usr/bin/corald --check-config --config /etc/coral/corald.toml
 t "coralctl --help runs" /usr/bin/coralctl --help

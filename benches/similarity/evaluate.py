@@ -201,12 +201,12 @@ def main():
         "--variant",
         action="append",
         help="NAME:WINDOWSxPATCHES[:MODEL], e.g. w3x10:3x10 or fp32:8x1:musicnn-msd "
-        "(default: shipped:8x1); repeatable",
+        "(default: shipped:4x1); repeatable",
     )
     parser.add_argument("--large", action="store_true", help="add supertuxkart-data and 0ad-data")
     args = parser.parse_args()
     variants = []
-    for v in args.variant or ["shipped:8x1"]:
+    for v in args.variant or ["shipped:4x1"]:
         try:
             name, shape, *model = v.split(":")
             w, p = (int(x) for x in shape.split("x"))

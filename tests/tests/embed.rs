@@ -117,6 +117,15 @@ fn the_rust_side_reproduces_the_int8_reference_embeddings() -> Result<()> {
     )
 }
 
+/// The default model on a CPU: both networks, int8 kernels, 400 dimensions.
+#[test]
+fn the_rust_side_reproduces_the_fused_int8_reference_embeddings() -> Result<()> {
+    reproduces_reference(
+        &repo_model().with_file_name("musicnn-msd-mtt-int8.pt"),
+        "reference-mtt-int8.json",
+    )
+}
+
 fn reproduces_reference(pt: &Path, reference_file: &str) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     if !rt.block_on(embed_available())? {

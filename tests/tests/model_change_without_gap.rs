@@ -16,7 +16,7 @@ use coral_tests::similarity::{Spec, daemon, embeddings_on, make, scan_all, spec,
 const CONFIG_A: &str = "[embed]\nmin_duration_s = 10\n";
 /// The second: four windows instead of eight, so a new `models` row (and no watcher: the
 /// test scans the file it adds itself).
-const CONFIG_B: &str = "[embed]\nmin_duration_s = 10\nwindows = 4\n[watch]\nenabled = false\n";
+const CONFIG_B: &str = "[embed]\nmin_duration_s = 10\nwindows = 6\n[watch]\nenabled = false\n";
 /// The consumer's pause before each claim while the re-embed job is to be watched.
 const SLOW: (&str, &str) = ("CORALD_TEST_EMBED_PAUSE_MS", "3000");
 

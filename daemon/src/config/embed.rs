@@ -37,8 +37,8 @@ pub struct EmbedConfig {
     /// The TorchScript model: a `.pt` file (its manifest is the same name with `.json`), or a
     /// model name (no `/`, no `.pt`) looked up as `<name>.pt` next to the binary, in
     /// /usr/share/coral/models and in `${XDG_DATA_HOME:-~/.local/share}/coral/models`.
-    /// Default: `musicnn-msd-int8` on a CPU, `musicnn-msd` on CUDA; a `corald worker` uses the
-    /// model its server registered last.
+    /// Default: `musicnn-msd-mtt-int8` on a CPU, `musicnn-msd-mtt` on CUDA; a `corald worker`
+    /// uses the model its server registered last.
     pub model: Option<PathBuf>,
     /// `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
@@ -80,7 +80,7 @@ impl Default for EmbedConfig {
             decode_threads: 0,
             batch_size: 0,
             batch_timeout_ms: 50,
-            windows: 8,
+            windows: 4,
             window_patches: 1,
             min_duration_s: 60.0,
             max_duration_s: 900.0,
@@ -204,10 +204,10 @@ mod tests {
     fn defaults_are_valid_and_documented_values() {
         let c = EmbedConfig::default();
         c.validate().expect("defaults are valid");
-        assert_eq!(c.windows, 8);
+        assert_eq!(c.windows, 4);
         assert_eq!(c.min_duration_s, 60.0);
         assert_eq!(c.max_duration_s, 900.0);
-        assert_eq!(c.window_params(), "windows=8,patches=1");
+        assert_eq!(c.window_params(), "windows=4,patches=1");
     }
 
     #[test]
@@ -241,11 +241,11 @@ mod tests {
     #[test]
     fn parses_from_toml_and_rejects_unknown_keys() {
         let c: EmbedConfig = toml::from_str(
-            "device = \"cuda:1\"\nwindows = 4\nmin_duration_s = 30\nmodel = \"/m/x.pt\"",
+            "device = \"cuda:1\"\nwindows = 6\nmin_duration_s = 30\nmodel = \"/m/x.pt\"",
         )
         .expect("parses");
         assert_eq!(c.device, "cuda:1");
-        assert_eq!(c.windows, 4);
+        assert_eq!(c.windows, 6);
         assert_eq!(c.min_duration_s, 30.0);
         assert!(c.enabled);
         assert!(toml::from_str::<EmbedConfig>("window = 4").is_err());

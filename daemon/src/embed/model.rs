@@ -6,20 +6,21 @@
 //! `<name>.pt` in the model folders: `<exe dir>/../../model/` (a development checkout:
 //! `target/release/corald` → `model/`), `/usr/share/coral/models/` (the package),
 //! `${XDG_DATA_HOME:-~/.local/share}/coral/models/`. Unset, the name is chosen by device
-//! (`default_model_name`): the int8 model on a CPU, the fp32 one on CUDA.
+//! (`default_model_name`): the int8 fused model on a CPU, its fp32 twin on CUDA.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-/// The default model on a CPU: musicnn with its two big convolutions in int8 (2.5× faster
-/// than the original fp32 network per window, cosine ≥ 0.999 to the fp32 model's vectors on
-/// real music; model/README.md).
-pub const DEFAULT_CPU_MODEL: &str = "musicnn-msd-int8";
+/// The default model on a CPU: musicnn's MSD and MTT networks side by side (400-d), their big
+/// convolutions in int8 (model/README.md). Two networks per window at 2.5× the speed of the
+/// original fp32 one: 4 windows per track (the default) cost what 8 windows of that network
+/// did, and rank neighbours clearly better (BENCHMARKS.md).
+pub const DEFAULT_CPU_MODEL: &str = "musicnn-msd-mtt-int8";
 /// The default model on CUDA (int8 convolutions exist only for CPUs), and the fp32 choice
 /// on a CPU.
-pub const DEFAULT_ACCELERATOR_MODEL: &str = "musicnn-msd";
+pub const DEFAULT_ACCELERATOR_MODEL: &str = "musicnn-msd-mtt";
 
 /// The default model's name for a device.
 pub fn default_model_name(accelerator: bool) -> &'static str {
@@ -333,8 +334,8 @@ mod tests {
 
     #[test]
     fn the_default_is_int8_on_a_cpu_and_fp32_on_cuda() {
-        assert_eq!(default_model_name(false), "musicnn-msd-int8");
-        assert_eq!(default_model_name(true), "musicnn-msd");
+        assert_eq!(default_model_name(false), "musicnn-msd-mtt-int8");
+        assert_eq!(default_model_name(true), "musicnn-msd-mtt");
     }
 
     /// Both shipped models are found by name from this checkout (`model/`), and their
@@ -345,6 +346,8 @@ mod tests {
         for (name, cpu_only) in [
             (DEFAULT_CPU_MODEL, true),
             (DEFAULT_ACCELERATOR_MODEL, false),
+            ("musicnn-msd", false),
+            ("musicnn-msd-int8", true),
         ] {
             let pt = repo_model.join(format!("{name}.pt"));
             let files = load(&pt).expect("the shipped model loads");
