@@ -14,7 +14,7 @@ use coral_tests::similarity::{Spec, daemon, embeddings_on, make, scan_all, spec,
 
 /// The first model: corald's default window choice.
 const CONFIG_A: &str = "[embed]\nmin_duration_s = 10\n";
-/// The second: four windows instead of eight, so a new `models` row (and no watcher: the
+/// The second: six windows instead of the default four, so a new `models` row (and no watcher: the
 /// test scans the file it adds itself).
 const CONFIG_B: &str = "[embed]\nmin_duration_s = 10\nwindows = 6\n[watch]\nenabled = false\n";
 /// The consumer's pause before each claim while the re-embed job is to be watched.
@@ -29,6 +29,34 @@ fn library() -> Vec<Spec> {
         spec("c1.flac", Chords, 1, 24.0, "D", "c1"),
         spec("s0.flac", DistortedSaw, 0, 25.0, "E", "s0"),
     ]
+}
+
+/// A daemon with `library()` scanned and embedded under the first model (`CONFIG_A`).
+struct Embedded {
+    lib: tempfile::TempDir,
+    specs: Vec<Spec>,
+    d: Daemon,
+    dir: tempfile::TempDir,
+    library_id: i64,
+}
+
+/// `None` where this build cannot embed (the test then has nothing to check).
+async fn embedded_library() -> Result<Option<Embedded>> {
+    let lib = traversable_tempdir()?;
+    let specs = library();
+    make(lib.path(), &specs)?;
+    let (d, dir) = daemon(&[]).await?;
+    if !embeddings_on(&d).await? {
+        return Ok(None);
+    }
+    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
+    Ok(Some(Embedded {
+        lib,
+        specs,
+        d,
+        dir,
+        library_id,
+    }))
 }
 
 /// The neighbours of `id` as (path, score), every one kept.
@@ -135,26 +163,21 @@ async fn old_model_gone(d: &Daemon, old: i64, library_id: i64, tracks: i64) -> R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedded() -> Result<()> {
-    let lib = traversable_tempdir()?;
-    let specs = library();
-    make(lib.path(), &specs)?;
-    let (mut d, dir) = daemon(&[]).await?;
-    if !embeddings_on(&d).await? {
+    let Some(mut e) = embedded_library().await? else {
         return Ok(());
-    }
-    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
-    let ids = track_ids(&d).await?;
+    };
+    let ids = track_ids(&e.d).await?;
     let query = *ids.get("d0.flac").context("d0.flac indexed")?;
-    let before = similar(&d, query).await?;
-    ensure!(before.len() == specs.len() - 1, "{before:?}");
-    let old = only_model(&d).await?;
+    let before = similar(&e.d, query).await?;
+    ensure!(before.len() == e.specs.len() - 1, "{before:?}");
+    let old = only_model(&e.d).await?;
 
-    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
+    restart(&mut e.d, &e.dir, CONFIG_B, &[SLOW]).await?;
     // Progress shows the re-embed job with its own counts: every track is to be embedded
     // again, and nothing is indexed.
-    let job = reembedding(&d, library_id, 1).await?;
+    let job = reembedding(&e.d, e.library_id, 1).await?;
     ensure!(
-        job.embeddings_expected == Some(specs.len() as u64),
+        job.embeddings_expected == Some(e.specs.len() as u64),
         "{job:?}"
     );
     ensure!(
@@ -162,14 +185,14 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
         "{job:?}"
     );
     // Some vectors of the new model exist, yet the answer is the previous model's, unchanged.
-    let during = similar(&d, query).await?;
+    let during = similar(&e.d, query).await?;
     ensure!(
         same_answer(&during, &before),
         "during the re-embed: {during:?}, before: {before:?}"
     );
-    let track = d.client().await?.track_get(query).await?;
+    let track = e.d.client().await?.track_get(query).await?;
     ensure!(track.has_embedding, "the track still has a serving vector");
-    let still = d.client().await?.scan_get(job.request_id).await?;
+    let still = e.d.client().await?.scan_get(job.request_id).await?;
     ensure!(
         !still.phase.is_terminal(),
         "the job was still running while similar answered: {still:?}"
@@ -178,11 +201,11 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
     // A file added meanwhile: its scan's tracks pass the re-embed job in the queue, it is
     // embedded under the new model only, and similar answers for it from the new model.
     make(
-        lib.path(),
+        e.lib.path(),
         &[spec("n0.flac", MusicKind::Drums, 2, 21.0, "F", "n0")],
     )?;
-    let c = d.client().await?;
-    let added = scan(&c, library_id, None, false).await?;
+    let c = e.d.client().await?;
+    let added = scan(&c, e.library_id, None, false).await?;
     ensure!(
         added.phase == ScanPhase::Completed && added.embeddings_done == 1,
         "{added:?}"
@@ -192,28 +215,28 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
         !running.phase.is_terminal(),
         "the new file went before the re-embed job's tracks: {running:?}"
     );
-    let new_track = *track_ids(&d).await?.get("n0.flac").context("n0.flac")?;
+    let new_track = *track_ids(&e.d).await?.get("n0.flac").context("n0.flac")?;
     let models: Vec<i64> = sqlx::query_scalar(
         "SELECT model_id FROM track_embeddings WHERE track_id = $1 ORDER BY model_id",
     )
     .bind(new_track)
-    .fetch_all(&mut d.db().await?)
+    .fetch_all(&mut e.d.db().await?)
     .await?;
     ensure!(
         models.len() == 1 && models[0] != old,
         "the new model only: {models:?}"
     );
-    let near_new = similar(&d, new_track).await?;
+    let near_new = similar(&e.d, new_track).await?;
     ensure!(!near_new.is_empty(), "answered from the new model");
 
-    let done = wait_scan(&d.client().await?, job.request_id).await?;
+    let done = wait_scan(&e.d.client().await?, job.request_id).await?;
     ensure!(
-        done.phase == ScanPhase::Completed && done.embeddings_done == specs.len() as u64,
+        done.phase == ScanPhase::Completed && done.embeddings_done == e.specs.len() as u64,
         "{done:?}"
     );
-    old_model_gone(&d, old, library_id, specs.len() as i64 + 1).await?;
+    old_model_gone(&e.d, old, e.library_id, e.specs.len() as i64 + 1).await?;
     // Now the new model answers: the same tracks and the new one, other scores.
-    let after = similar(&d, query).await?;
+    let after = similar(&e.d, query).await?;
     ensure!(after.len() == before.len() + 1, "{after:?}");
     let earlier: Vec<(String, f64)> = after.into_iter().filter(|t| t.0 != "n0.flac").collect();
     ensure!(
@@ -225,31 +248,26 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_embed_job_interrupted_by_a_restart_resumes_and_completes() -> Result<()> {
-    let lib = traversable_tempdir()?;
-    let specs = library();
-    make(lib.path(), &specs)?;
-    let (mut d, dir) = daemon(&[]).await?;
-    if !embeddings_on(&d).await? {
+    let Some(mut e) = embedded_library().await? else {
         return Ok(());
-    }
-    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
-    let old = only_model(&d).await?;
-    ensure!(std::fs::read_to_string(dir.path().join("corald.toml"))? == CONFIG_A);
+    };
+    let old = only_model(&e.d).await?;
+    ensure!(std::fs::read_to_string(e.dir.path().join("corald.toml"))? == CONFIG_A);
 
-    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
-    let job = reembedding(&d, library_id, 1).await?;
+    restart(&mut e.d, &e.dir, CONFIG_B, &[SLOW]).await?;
+    let job = reembedding(&e.d, e.library_id, 1).await?;
     // Stopped in the middle, started again at full speed: the same job resumes.
-    restart(&mut d, &dir, CONFIG_B, &[]).await?;
-    let done = wait_scan(&d.client().await?, job.request_id).await?;
+    restart(&mut e.d, &e.dir, CONFIG_B, &[]).await?;
+    let done = wait_scan(&e.d.client().await?, job.request_id).await?;
     ensure!(done.resumed, "{done:?}");
     ensure!(
         done.phase == ScanPhase::Completed
             && done.trigger == ScanTrigger::ModelChange
-            && done.embeddings_done == specs.len() as u64
-            && done.embeddings_expected == Some(specs.len() as u64),
+            && done.embeddings_done == e.specs.len() as u64
+            && done.embeddings_expected == Some(e.specs.len() as u64),
         "{done:?}"
     );
-    let jobs = d.client().await?.scan_list(Some(50)).await?;
+    let jobs = e.d.client().await?.scan_list(Some(50)).await?;
     let reembeds = jobs
         .iter()
         .filter(|p| p.trigger == ScanTrigger::ModelChange)
@@ -258,42 +276,37 @@ async fn a_re_embed_job_interrupted_by_a_restart_resumes_and_completes() -> Resu
         reembeds == 1,
         "one re-embed job, resumed, not a second: {jobs:?}"
     );
-    old_model_gone(&d, old, library_id, specs.len() as i64).await?;
+    old_model_gone(&e.d, old, e.library_id, e.specs.len() as i64).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_re_embed_job_keeps_the_previous_model_serving_until_the_next_start()
 -> Result<()> {
-    let lib = traversable_tempdir()?;
-    let specs = library();
-    make(lib.path(), &specs)?;
-    let (mut d, dir) = daemon(&[]).await?;
-    if !embeddings_on(&d).await? {
+    let Some(mut e) = embedded_library().await? else {
         return Ok(());
-    }
-    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
-    let query = *track_ids(&d).await?.get("c0.flac").context("c0.flac")?;
-    let before = similar(&d, query).await?;
-    let old = only_model(&d).await?;
+    };
+    let query = *track_ids(&e.d).await?.get("c0.flac").context("c0.flac")?;
+    let before = similar(&e.d, query).await?;
+    let old = only_model(&e.d).await?;
 
-    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
-    let job = reembedding(&d, library_id, 1).await?;
-    let c = d.client().await?;
+    restart(&mut e.d, &e.dir, CONFIG_B, &[SLOW]).await?;
+    let job = reembedding(&e.d, e.library_id, 1).await?;
+    let c = e.d.client().await?;
     c.scan_cancel(job.request_id).await?;
     let ended = wait_scan(&c, job.request_id).await?;
     ensure!(ended.phase == ScanPhase::Cancelled, "{ended:?}");
-    let during = similar(&d, query).await?;
+    let during = similar(&e.d, query).await?;
     ensure!(same_answer(&during, &before), "{during:?} vs {before:?}");
     let serving: Vec<(i64, i64)> =
         sqlx::query_as("SELECT library_id, model_id FROM library_models")
-            .fetch_all(&mut d.db().await?)
+            .fetch_all(&mut e.d.db().await?)
             .await?;
-    ensure!(serving == vec![(library_id, old)], "{serving:?}");
+    ensure!(serving == vec![(e.library_id, old)], "{serving:?}");
 
     // The next start queues a new job, which completes the change.
-    restart(&mut d, &dir, CONFIG_B, &[]).await?;
-    let c = d.client().await?;
+    restart(&mut e.d, &e.dir, CONFIG_B, &[]).await?;
+    let c = e.d.client().await?;
     let next =
         eventually(Duration::from_secs(60), "a new re-embed job", || {
             let c = &c;
@@ -309,7 +322,7 @@ async fn a_cancelled_re_embed_job_keeps_the_previous_model_serving_until_the_nex
         done.phase == ScanPhase::Completed && !done.resumed,
         "{done:?}"
     );
-    old_model_gone(&d, old, library_id, specs.len() as i64).await?;
+    old_model_gone(&e.d, old, e.library_id, e.specs.len() as i64).await?;
     Ok(())
 }
 
@@ -318,20 +331,15 @@ async fn a_cancelled_re_embed_job_keeps_the_previous_model_serving_until_the_nex
 /// library is re-embedded by a background job while similarity answers from those vectors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_during_a_model_change_keeps_similarity_on_the_previous_vectors() -> Result<()> {
-    let lib = traversable_tempdir()?;
-    let specs = library();
-    make(lib.path(), &specs)?;
-    let (mut d, dir) = daemon(&[]).await?;
-    if !embeddings_on(&d).await? {
+    let Some(mut e) = embedded_library().await? else {
         return Ok(());
-    }
-    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
-    let query = *track_ids(&d).await?.get("s0.flac").context("s0.flac")?;
-    let before = similar(&d, query).await?;
-    let old = only_model(&d).await?;
+    };
+    let query = *track_ids(&e.d).await?.get("s0.flac").context("s0.flac")?;
+    let before = similar(&e.d, query).await?;
+    let old = only_model(&e.d).await?;
     // Back to the schema of migration 0005, the vectors kept: what an older release left.
     {
-        let mut db = d.db().await?;
+        let mut db = e.d.db().await?;
         for statement in [
             "DROP TABLE library_models",
             "DELETE FROM _sqlx_migrations WHERE version = 6",
@@ -339,18 +347,18 @@ async fn upgrading_during_a_model_change_keeps_similarity_on_the_previous_vector
             sqlx::query(statement).execute(&mut db).await?;
         }
     }
-    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
+    restart(&mut e.d, &e.dir, CONFIG_B, &[SLOW]).await?;
     let serving: Vec<(i64, i64)> =
         sqlx::query_as("SELECT library_id, model_id FROM library_models")
-            .fetch_all(&mut d.db().await?)
+            .fetch_all(&mut e.d.db().await?)
             .await?;
-    ensure!(serving == vec![(library_id, old)], "{serving:?}");
-    let job = reembedding(&d, library_id, 1).await?;
+    ensure!(serving == vec![(e.library_id, old)], "{serving:?}");
+    let job = reembedding(&e.d, e.library_id, 1).await?;
     ensure!(
-        job.embeddings_expected == Some(specs.len() as u64),
+        job.embeddings_expected == Some(e.specs.len() as u64),
         "{job:?}"
     );
-    let during = similar(&d, query).await?;
+    let during = similar(&e.d, query).await?;
     ensure!(same_answer(&during, &before), "{during:?} vs {before:?}");
     Ok(())
 }
@@ -362,18 +370,13 @@ async fn upgrading_during_a_model_change_keeps_similarity_on_the_previous_vector
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_gone_during_the_re_embed_does_not_hold_the_library_on_its_previous_model()
 -> Result<()> {
-    let lib = traversable_tempdir()?;
-    let specs = library();
-    make(lib.path(), &specs)?;
-    let (mut d, dir) = daemon(&[]).await?;
-    if !embeddings_on(&d).await? {
+    let Some(mut e) = embedded_library().await? else {
         return Ok(());
-    }
-    let library_id = scan_all(&d, lib.path(), specs.len() as u64).await?;
-    let old = only_model(&d).await?;
+    };
+    let old = only_model(&e.d).await?;
 
-    restart(&mut d, &dir, CONFIG_B, &[SLOW]).await?;
-    let job = reembedding(&d, library_id, 1).await?;
+    restart(&mut e.d, &e.dir, CONFIG_B, &[SLOW]).await?;
+    let job = reembedding(&e.d, e.library_id, 1).await?;
     // A track still waiting in the queue (not leased by the consumer): its file goes.
     let waiting: String = sqlx::query_scalar(
         "SELECT t.rel_path_text FROM embed_queue q JOIN tracks t ON t.id = q.track_id
@@ -381,16 +384,16 @@ async fn a_file_gone_during_the_re_embed_does_not_hold_the_library_on_its_previo
          ORDER BY q.track_id DESC LIMIT 1",
     )
     .bind(job.request_id)
-    .fetch_one(&mut d.db().await?)
+    .fetch_one(&mut e.d.db().await?)
     .await?;
-    std::fs::remove_file(lib.path().join(&waiting))?;
-    let done = wait_scan(&d.client().await?, job.request_id).await?;
+    std::fs::remove_file(e.lib.path().join(&waiting))?;
+    let done = wait_scan(&e.d.client().await?, job.request_id).await?;
     ensure!(
         done.phase == ScanPhase::Completed
             && done.embeddings_failed == 1
-            && done.embeddings_done == specs.len() as u64 - 1,
+            && done.embeddings_done == e.specs.len() as u64 - 1,
         "{waiting} failed, the others embedded: {done:?}"
     );
-    old_model_gone(&d, old, library_id, specs.len() as i64 - 1).await?;
+    old_model_gone(&e.d, old, e.library_id, e.specs.len() as i64 - 1).await?;
     Ok(())
 }
