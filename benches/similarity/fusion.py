@@ -21,7 +21,6 @@ that convert_musicnn.py does not build; they are not part of this study.
 import os
 import subprocess
 import sys
-import zipfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,16 +34,6 @@ import convert_musicnn as cm  # noqa: E402
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coral" / "similarity"
 WINDOWS = int(os.environ.get("FUSION_WINDOWS", "8"))
 K, MIN_TRACKS = 5, 6
-
-
-def network(wheel, ckpt_dir):
-    with zipfile.ZipFile(wheel) as z:
-        index = z.read(f"musicnn/{ckpt_dir}/.index")
-        data = z.read(f"musicnn/{ckpt_dir}/.data-00000-of-00001")
-    model = cm.MusicnnMSD()
-    cm.load_weights(model, cm.Checkpoint(index, [data]))
-    model.fold_signs()
-    return model.eval()
 
 
 def windows_of(path):
@@ -88,7 +77,7 @@ def main():
         raise SystemExit(f"{library} is missing: run benches/similarity/evaluate.py once first")
     torch.set_num_threads(os.cpu_count() or 1)
     wheel = cm.find_wheel()
-    models = {name: network(wheel, ckpt) for name, ckpt in [("MSD", "MSD_musicnn"), ("MTT", "MTT_musicnn")]}
+    models = {name: cm.build_model(wheel, ckpt)[0] for name, ckpt in [("MSD", cm.CKPT_DIR), ("MTT", cm.MTT_CKPT_DIR)]}
     emb = {name: [] for name in models}
     labels = []
     files = sorted(p for p in library.rglob("*") if p.suffix.lower() in {".ogg", ".mp3"})

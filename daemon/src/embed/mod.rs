@@ -337,8 +337,11 @@ impl Embedder {
         }
         let choice = DeviceChoice::parse(&cfg.device)
             .ok_or_else(|| EmbedError::Config(format!("bad device {:?}", cfg.device)))?;
-        let default_name = default_model_name(cfg, choice, &pool, &db, &stop, &role).await?;
-        let path = model::locate(cfg.model.as_deref(), &default_name)?;
+        let model = match &cfg.model {
+            Some(configured) => configured.clone(),
+            None => PathBuf::from(default_model_name(choice, &pool, &db, &stop, &role).await?),
+        };
+        let path = model::locate(&model)?;
         let files = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || model::load(&path))
@@ -677,16 +680,12 @@ pub fn host_name() -> String {
 /// so that workers embed for the server's queue whatever their device (a CPU-only model on a
 /// CUDA worker then runs on its CPU, with a warning); a device default before any.
 async fn default_model_name(
-    cfg: &EmbedConfig,
     choice: DeviceChoice,
     pool: &PgPool,
     db: &Arc<DbHealth>,
     stop: &CancellationToken,
     role: &Role,
 ) -> Result<String, EmbedError> {
-    if cfg.model.is_some() {
-        return Ok(String::new());
-    }
     if matches!(role, Role::Worker { .. }) {
         let latest = retry(db, "read the server's model", stop, None, || {
             phase_5_store::latest_model_name(pool)

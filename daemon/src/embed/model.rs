@@ -199,22 +199,18 @@ pub fn is_model_name(value: &Path) -> bool {
     !text.contains('/') && !text.ends_with(".pt")
 }
 
-/// The model file: `configured` (a path, or a name looked up in the model folders), else the
-/// model named `default_name`.
-pub fn locate(configured: Option<&Path>, default_name: &str) -> Result<PathBuf, ModelError> {
-    let name = match configured {
-        Some(p) if !is_model_name(p) => {
-            if p.is_file() {
-                return Ok(p.to_owned());
-            }
-            return Err(ModelError::NotFound {
-                searched: format!("{} (from `embed.model`)", p.display()),
-            });
+/// The model file of `model`: a path to a `.pt` file, or a model name looked up in the model
+/// folders (`embed.model`, or the default's name).
+pub fn locate(model: &Path) -> Result<PathBuf, ModelError> {
+    if !is_model_name(model) {
+        if model.is_file() {
+            return Ok(model.to_owned());
         }
-        Some(p) => p.to_string_lossy().into_owned(),
-        None => default_name.to_owned(),
-    };
-    let candidates = search_paths(&name);
+        return Err(ModelError::NotFound {
+            searched: format!("{} (from `embed.model`)", model.display()),
+        });
+    }
+    let candidates = search_paths(&model.to_string_lossy());
     for c in &candidates {
         if c.is_file() {
             // Tidy `bin/../../model` for logs and status.
@@ -315,9 +311,9 @@ mod tests {
 
     #[test]
     fn missing_configured_model_is_named() {
-        let e = locate(Some(Path::new("/nonexistent/x.pt")), DEFAULT_CPU_MODEL).unwrap_err();
+        let e = locate(Path::new("/nonexistent/x.pt")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.pt"), "{e}");
-        let e = locate(Some(Path::new("no-such-model")), DEFAULT_CPU_MODEL).unwrap_err();
+        let e = locate(Path::new("no-such-model")).unwrap_err();
         assert!(e.to_string().contains("no-such-model.pt"), "{e}");
     }
 

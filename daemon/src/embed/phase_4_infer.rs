@@ -328,6 +328,14 @@ mod torch {
             .clone()
     }
 
+    /// A device as `embed.device` names it.
+    fn label(device: Device) -> String {
+        match device {
+            Device::Cuda(n) => format!("cuda:{n}"),
+            _ => "cpu".to_owned(),
+        }
+    }
+
     pub(super) fn resolve(choice: DeviceChoice) -> Result<Device, InferError> {
         match choice {
             DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -401,10 +409,7 @@ mod torch {
             if files.manifest.cpu_only && device != Device::Cpu {
                 if choice != DeviceChoice::Auto {
                     return Err(InferError::Device {
-                        device: match device {
-                            Device::Cuda(n) => format!("cuda:{n}"),
-                            _ => "cpu".to_owned(),
-                        },
+                        device: label(device),
                         message: format!(
                             "model {} runs on a CPU only (int8 kernels); set `embed.model = \"{}\"` \
                              for CUDA, or `embed.device = \"cpu\"`",
@@ -494,10 +499,7 @@ mod torch {
         }
 
         fn device_label(&self) -> String {
-            match self.device {
-                Device::Cuda(n) => format!("cuda:{n}"),
-                _ => "cpu".to_owned(),
-            }
+            label(self.device)
         }
 
         fn is_accelerator(&self) -> bool {
