@@ -103,8 +103,8 @@ fn describe(kind: &str, i: usize, t: &Timed) {
         phase(ScanPhase::Indexing),
         t.cpu.corald.as_secs_f64(),
         t.cpu.postgres.as_secs_f64(),
-        t.run.last.tracks_indexed,
-        t.run.last.tracks_unchanged,
+        t.run.last.counts.tracks_indexed,
+        t.run.last.counts.tracks_unchanged,
     );
 }
 
@@ -124,9 +124,9 @@ async fn run(root: &Path, files: usize, full_samples: usize, noop_samples: usize
         let (lib, run) = add_library(&client, root).await?;
         let cpu = CpuSample::read(&d)?.since(&before);
         ensure!(
-            run.last.tracks_indexed == n,
+            run.last.counts.tracks_indexed == n,
             "first scan indexed {}",
-            run.last.tracks_indexed
+            run.last.counts.tracks_indexed
         );
         (lib, Timed { run, cpu })
     };
@@ -137,7 +137,7 @@ async fn run(root: &Path, files: usize, full_samples: usize, noop_samples: usize
     for i in 0..noop_samples {
         let t = timed(&d, || rescan(&client, lib, false)).await?;
         ensure!(
-            t.run.last.tracks_unchanged == n && t.run.last.tracks_indexed == 0,
+            t.run.last.counts.tracks_unchanged == n && t.run.last.counts.tracks_indexed == 0,
             "no-op rescan was not a no-op: {:?}",
             t.run.last
         );
@@ -149,9 +149,9 @@ async fn run(root: &Path, files: usize, full_samples: usize, noop_samples: usize
     for i in 0..full_samples {
         let t = timed(&d, || rescan(&client, lib, true)).await?;
         ensure!(
-            t.run.last.tracks_indexed == n,
+            t.run.last.counts.tracks_indexed == n,
             "full scan indexed {}",
-            t.run.last.tracks_indexed
+            t.run.last.counts.tracks_indexed
         );
         describe("full re-index", i + 1, &t);
         full.push(t);
@@ -168,9 +168,9 @@ async fn run(root: &Path, files: usize, full_samples: usize, noop_samples: usize
         let cpu = CpuSample::read(&d)?.since(&before);
         lib = id;
         ensure!(
-            run.last.tracks_indexed == n,
+            run.last.counts.tracks_indexed == n,
             "first scan indexed {}",
-            run.last.tracks_indexed
+            run.last.counts.tracks_indexed
         );
         let t = Timed { run, cpu };
         describe("first index", i + 1, &t);

@@ -292,7 +292,7 @@ async fn reporting_costs(d: &Daemon, sample: &ScanProgress) -> Result<(f64, f64,
     row.request_id = Uuid::new_v4();
     let mut upserts = Vec::new();
     for i in 0..200u64 {
-        row.tracks_indexed = i;
+        row.counts.tracks_indexed = i;
         row.updated_at = Utc::now();
         let t = Instant::now();
         corald::db::scans::upsert(&mut db, &row)
@@ -347,9 +347,9 @@ async fn reporting_share(root: &Path, files: usize) -> Result<()> {
         let run = rescan(client, lib, true).await?;
         let used = CpuSample::read(d)?.since(&before);
         ensure!(
-            run.last.tracks_indexed == files as u64,
+            run.last.counts.tracks_indexed == files as u64,
             "scan indexed {}",
-            run.last.tracks_indexed
+            run.last.counts.tracks_indexed
         );
         println!(
             "  {} #{}: wall {:.3} s, corald CPU {:.2} s, postgres CPU {:.2} s, {} notifications",
@@ -496,9 +496,9 @@ async fn fanout_run(
     tasks.abort_all();
     let cpu = CpuSample::read(d)?.since(&before);
     ensure!(
-        run.last.tracks_indexed == files as u64,
+        run.last.counts.tracks_indexed == files as u64,
         "scan indexed {}",
-        run.last.tracks_indexed
+        run.last.counts.tracks_indexed
     );
     Ok(FanoutRun {
         label,

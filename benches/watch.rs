@@ -177,9 +177,9 @@ async fn latency(
     std::fs::copy(&seed, lib.join("seed").with_extension(ext(&seed)))?;
     let (lib_id, first) = add_library(client, lib).await?;
     ensure!(
-        first.last.tracks_indexed == 1,
+        first.last.counts.tracks_indexed == 1,
         "first scan indexed {}",
-        first.last.tracks_indexed
+        first.last.counts.tracks_indexed
     );
     wait_watched(client, lib_id, 1).await?;
     println!("latency, debounce_ms = {debounce_ms}:");
@@ -300,7 +300,7 @@ async fn idle(
          request ({} tracks); daemon.status: {watches} watches; kernel (fdinfo): {}",
         arm.as_secs_f64(),
         run.wall.as_secs_f64(),
-        run.last.tracks_indexed,
+        run.last.counts.tracks_indexed,
         kernel.map_or("unreadable".to_owned(), |k| k.to_string())
     );
     // Let the scan's aftermath (persisted progress, checkpoints) pass before measuring.

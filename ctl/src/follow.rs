@@ -88,33 +88,41 @@ impl Bars {
             m
         };
         // A re-embed job after a model change has nothing to discover or index.
-        match (p.trigger, p.tracks_expected) {
+        match (p.trigger, p.counts.tracks_expected) {
             (ScanTrigger::ModelChange, _) => {}
             (_, Some(total)) => {
                 let b = self.bar(p.request_id, "indexing", label("indexing"));
                 // The same bar showed "discovering" until the total was known.
                 b.set_prefix(format!("{:<24}", label("indexing")));
                 b.set_length(total);
-                b.set_position(p.tracks_indexed + p.tracks_unchanged + p.tracks_failed);
-                b.set_message(rate_eta(p.tracks_per_second, "files", p.tracks_failed));
+                b.set_position(
+                    p.counts.tracks_indexed + p.counts.tracks_unchanged + p.counts.tracks_failed,
+                );
+                b.set_message(rate_eta(
+                    p.tracks_per_second,
+                    "files",
+                    p.counts.tracks_failed,
+                ));
             }
             (_, None) => {
                 let b = self.bar(p.request_id, "indexing", label("discovering"));
-                b.set_message(format!("{} files found", p.files_discovered));
+                b.set_message(format!("{} files found", p.counts.files_discovered));
             }
         }
-        if let Some(total) = p.embeddings_expected {
+        if let Some(total) = p.counts.embeddings_expected {
             let phase = match p.trigger {
                 ScanTrigger::ModelChange => "re-embedding",
                 _ => "embedding",
             };
             let b = self.bar(p.request_id, "embedding", label(phase));
             b.set_length(total);
-            b.set_position(p.embeddings_done + p.embeddings_skipped + p.embeddings_failed);
+            b.set_position(
+                p.counts.embeddings_done + p.counts.embeddings_skipped + p.counts.embeddings_failed,
+            );
             b.set_message(rate_eta(
                 p.embeddings_per_second,
                 "tracks",
-                p.embeddings_failed,
+                p.counts.embeddings_failed,
             ));
         }
         if p.phase.is_terminal() {

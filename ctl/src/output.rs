@@ -46,15 +46,15 @@ pub fn scan_summary(p: &ScanProgress) -> String {
         p.phase.as_str(),
         p.mode.as_str(),
         p.library_path,
-        p.tracks_indexed,
-        p.tracks_unchanged,
-        p.tracks_removed,
-        p.tracks_failed
+        p.counts.tracks_indexed,
+        p.counts.tracks_unchanged,
+        p.counts.tracks_removed,
+        p.counts.tracks_failed
     );
-    if let Some(e) = p.embeddings_expected {
+    if let Some(e) = p.counts.embeddings_expected {
         s.push_str(&format!(
             "; embeddings {} done, {} skipped, {} failed of {e}",
-            p.embeddings_done, p.embeddings_skipped, p.embeddings_failed
+            p.counts.embeddings_done, p.counts.embeddings_skipped, p.counts.embeddings_failed
         ));
     }
     if let Some(err) = &p.error {
@@ -71,16 +71,16 @@ pub fn progress_line(p: &ScanProgress) -> String {
         p.request_id,
         p.phase.as_str(),
         pct(p.indexing_percent),
-        p.tracks_indexed + p.tracks_unchanged + p.tracks_failed,
-        opt(&p.tracks_expected),
-        p.tracks_failed,
+        p.counts.tracks_indexed + p.counts.tracks_unchanged + p.counts.tracks_failed,
+        opt(&p.counts.tracks_expected),
+        p.counts.tracks_failed,
     );
-    if p.embeddings_expected.is_some() {
+    if p.counts.embeddings_expected.is_some() {
         s.push_str(&format!(
             " embedding {} ({}/{})",
             pct(p.embedding_percent),
-            p.embeddings_done + p.embeddings_skipped + p.embeddings_failed,
-            opt(&p.embeddings_expected)
+            p.counts.embeddings_done + p.counts.embeddings_skipped + p.counts.embeddings_failed,
+            opt(&p.counts.embeddings_expected)
         ));
     }
     if let Some(eta) = p.eta_seconds {
@@ -263,8 +263,8 @@ pub fn scans(list: &[ScanProgress]) {
                 p.phase.as_str().to_owned(),
                 p.trigger.as_str().to_owned(),
                 percent(p.indexing_percent),
-                format!("{}", p.tracks_indexed),
-                format!("{}", p.tracks_failed),
+                format!("{}", p.counts.tracks_indexed),
+                format!("{}", p.counts.tracks_failed),
                 percent(p.embedding_percent),
                 p.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 match &p.path {

@@ -301,7 +301,7 @@ pub fn status_line(active: &[Arc<ScanProgress>], tracks: Option<i64>) -> String 
             let mut s = match p.phase {
                 ScanPhase::Discovering => format!(
                     "scanning {target} · discovering ({} files)",
-                    thousands(p.files_discovered)
+                    thousands(p.counts.files_discovered)
                 ),
                 _ => match p.indexing_percent {
                     Some(pct) => format!("scanning {target} {} %", whole_percent(pct)),
@@ -330,8 +330,7 @@ mod tests {
     use coral_proto::{ScanMode, ScanTrigger};
 
     fn progress(phase: ScanPhase, indexing: Option<f64>, embedding: Option<f64>) -> ScanProgress {
-        ScanProgress {
-            files_discovered: 1234,
+        let mut p = ScanProgress {
             indexing_percent: indexing,
             embedding_percent: embedding,
             ..ScanProgress::starting(
@@ -343,7 +342,9 @@ mod tests {
                 phase,
                 Utc::now(),
             )
-        }
+        };
+        p.counts.files_discovered = 1234;
+        p
     }
 
     #[test]

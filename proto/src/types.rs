@@ -409,6 +409,35 @@ impl ScanMode {
     }
 }
 
+/// What a scan counted, phase by phase: the counters the daemon keeps for a running scan, the
+/// columns of its `scans` row and part of every [`ScanProgress`]. A total is `None` until the
+/// phase knows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanCounts {
+    pub files_discovered: u64,
+    pub tracks_expected: Option<u64>,
+    pub tracks_indexed: u64,
+    pub tracks_unchanged: u64,
+    pub tracks_removed: u64,
+    pub tracks_failed: u64,
+    pub embeddings_expected: Option<u64>,
+    pub embeddings_done: u64,
+    pub embeddings_skipped: u64,
+    pub embeddings_failed: u64,
+}
+
+impl ScanCounts {
+    /// Files of the indexing phase that are dealt with (indexed, unchanged or failed).
+    pub fn tracks_settled(&self) -> u64 {
+        self.tracks_indexed + self.tracks_unchanged + self.tracks_failed
+    }
+
+    /// Tracks of the embedding phase that are dealt with.
+    pub fn embeddings_settled(&self) -> u64 {
+        self.embeddings_done + self.embeddings_skipped + self.embeddings_failed
+    }
+}
+
 /// The progress of one scan: the object behind `scan.get`, `scan.active`, `scan.progress`
 /// notifications and `coralctl --json`.
 ///
@@ -428,16 +457,9 @@ pub struct ScanProgress {
     pub started_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub files_discovered: u64,
-    pub tracks_expected: Option<u64>,
-    pub tracks_indexed: u64,
-    pub tracks_unchanged: u64,
-    pub tracks_removed: u64,
-    pub tracks_failed: u64,
-    pub embeddings_expected: Option<u64>,
-    pub embeddings_done: u64,
-    pub embeddings_skipped: u64,
-    pub embeddings_failed: u64,
+    /// What the scan counted; its fields stand at the top level of the JSON object.
+    #[serde(flatten)]
+    pub counts: ScanCounts,
     pub indexing_percent: Option<f64>,
     pub embedding_percent: Option<f64>,
     pub tracks_per_second: Option<f64>,
@@ -472,16 +494,7 @@ impl ScanProgress {
             started_at,
             updated_at: started_at,
             finished_at: None,
-            files_discovered: 0,
-            tracks_expected: None,
-            tracks_indexed: 0,
-            tracks_unchanged: 0,
-            tracks_removed: 0,
-            tracks_failed: 0,
-            embeddings_expected: None,
-            embeddings_done: 0,
-            embeddings_skipped: 0,
-            embeddings_failed: 0,
+            counts: ScanCounts::default(),
             indexing_percent: None,
             embedding_percent: None,
             tracks_per_second: None,

@@ -145,7 +145,10 @@ pub async fn scan_all(d: &Daemon, root: &Path, files: u64) -> Result<i64> {
     let c = d.client().await?;
     let (id, p) = add_and_scan(&c, root).await?;
     ensure!(p.phase == ScanPhase::Completed, "{p:?}");
-    ensure!(p.embeddings_done == files, "every file embedded: {p:?}");
+    ensure!(
+        p.counts.embeddings_done == files,
+        "every file embedded: {p:?}"
+    );
     Ok(id)
 }
 

@@ -375,7 +375,7 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     }
     let last = last.context("no final state")?;
     assert_eq!(last.phase, ScanPhase::Completed, "{last:?}");
-    assert_eq!(last.tracks_indexed, n, "{last:?}");
+    assert_eq!(last.counts.tracks_indexed, n, "{last:?}");
     let started = rw
         .scan_start(LibrarySelector::Id(added.id), None, Some(false))
         .await?;
@@ -393,7 +393,7 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     }
     let fin = seen.last().context("no updates")?;
     assert_eq!(fin.phase, ScanPhase::Completed, "{fin:?}");
-    assert_eq!(fin.tracks_unchanged, n, "{fin:?}");
+    assert_eq!(fin.counts.tracks_unchanged, n, "{fin:?}");
     assert_eq!(rw.scan_get(started.request_id).await?, *fin);
     // Read-only clients see the same notifications.
     let libs = ro.library_list().await?;
@@ -462,7 +462,7 @@ async fn notifications_resume_after_corald_restarts() -> Result<()> {
     // Mid-indexing, as seen through the bridge…
     loop {
         let p = next_progress(&mut sub).await?;
-        if p.request_id == id && p.phase == ScanPhase::Indexing && p.tracks_indexed > 50 {
+        if p.request_id == id && p.phase == ScanPhase::Indexing && p.counts.tracks_indexed > 50 {
             break;
         }
         ensure!(
@@ -493,7 +493,11 @@ async fn notifications_resume_after_corald_restarts() -> Result<()> {
     let p = resumed.context("no final state")?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
     assert!(p.resumed, "{p:?}");
-    assert_eq!(p.tracks_indexed + p.tracks_unchanged, n, "{p:?}");
+    assert_eq!(
+        p.counts.tracks_indexed + p.counts.tracks_unchanged,
+        n,
+        "{p:?}"
+    );
     // Calls work again over the same browser connection.
     let st = c.daemon_status().await?;
     assert_eq!(Some(st.pid), d.pid());

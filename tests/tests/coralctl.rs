@@ -209,7 +209,7 @@ async fn follow_survives_a_daemon_restart() -> Result<()> {
         c.scan_get(scan_id)
             .await
             .ok()
-            .filter(|p| p.tracks_indexed > 50)
+            .filter(|p| p.counts.tracks_indexed > 50)
     })
     .await?;
     drop(c);

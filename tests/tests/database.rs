@@ -108,7 +108,7 @@ async fn assert_nothing_lost(d: &Daemon, library_id: i64, expected: &[String]) -
     assert_eq!(errors, 0, "no file recorded as failed");
     let clean = scan(&c, library_id, None, true).await?;
     assert_eq!(clean.phase, ScanPhase::Completed, "{clean:?}");
-    assert_eq!(clean.tracks_indexed, expected.len() as u64);
+    assert_eq!(clean.counts.tracks_indexed, expected.len() as u64);
     assert_eq!(
         track_rows(d).await?,
         after_fault,
@@ -289,7 +289,7 @@ async fn start_scan_and_wait_for(d: &Daemon, root: &Path, n: u64) -> Result<(i64
                 c.scan_get(id)
                     .await
                     .ok()
-                    .filter(|p| p.phase == ScanPhase::Indexing && p.tracks_indexed >= n)
+                    .filter(|p| p.phase == ScanPhase::Indexing && p.counts.tracks_indexed >= n)
             }
         },
     )
@@ -364,8 +364,8 @@ async fn killed_postmaster_is_restarted_and_the_scan_finishes_with_nothing_lost(
 
     let p = wait_scan(&c, id).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.tracks_indexed, TRACKS as u64, "{p:?}");
-    assert_eq!(p.tracks_failed, 0, "{p:?}");
+    assert_eq!(p.counts.tracks_indexed, TRACKS as u64, "{p:?}");
+    assert_eq!(p.counts.tracks_failed, 0, "{p:?}");
     assert!(!p.resumed, "the scan ran on, it was not restarted: {p:?}");
     assert_eq!(p.error, None);
 
@@ -457,8 +457,8 @@ async fn frozen_cluster_mid_scan_is_reported_and_the_scan_finishes_with_nothing_
     .await?;
     let p = wait_scan(&c, id).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.tracks_indexed, TRACKS as u64, "{p:?}");
-    assert_eq!(p.tracks_failed, 0, "{p:?}");
+    assert_eq!(p.counts.tracks_indexed, TRACKS as u64, "{p:?}");
+    assert_eq!(p.counts.tracks_failed, 0, "{p:?}");
     assert_eq!(p.error, None);
     assert_eq!(
         postmaster_pid(&d)?,
@@ -662,7 +662,7 @@ async fn unreachable_external_database_at_start_is_waited_for_then_used() -> Res
     fixtures::make_track(lib.path(), &FixtureTrack::simple("a.flac", "flac", "Late"))?;
     let (_, p) = coral_tests::daemon::add_and_scan(&c, lib.path()).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.tracks_indexed, 1);
+    assert_eq!(p.counts.tracks_indexed, 1);
     assert_eq!(c.track_search("late".into(), None, None).await?.len(), 1);
     let log = d.log_text();
     print_database_lines(&log);
@@ -706,15 +706,19 @@ async fn killed_postmaster_during_embedding_loses_no_embedding() -> Result<()> {
         c.scan_get(id)
             .await
             .ok()
-            .filter(|p| p.phase == ScanPhase::Embedding && p.embeddings_done >= 2)
+            .filter(|p| p.phase == ScanPhase::Embedding && p.counts.embeddings_done >= 2)
     })
     .await?;
     let before = c.scan_get(id).await?;
     let (restarted, ok) = bring_down(&d, Signal::SIGKILL).await?;
     let p = wait_scan(&c, id).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.embeddings_done, LONG as u64, "{p:?}");
-    assert_eq!((p.embeddings_failed, p.embeddings_skipped), (0, 0), "{p:?}");
+    assert_eq!(p.counts.embeddings_done, LONG as u64, "{p:?}");
+    assert_eq!(
+        (p.counts.embeddings_failed, p.counts.embeddings_skipped),
+        (0, 0),
+        "{p:?}"
+    );
     let mut db = d.db().await?;
     let (rows, tracks): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(DISTINCT track_id) FROM track_embeddings")
@@ -729,7 +733,7 @@ async fn killed_postmaster_during_embedding_loses_no_embedding() -> Result<()> {
     eprintln!(
         "killed at {}/{LONG} embedded; new postmaster after {:.1} s, status ok after {:.1} s; \
          {} outage(s), {} retries",
-        before.embeddings_done,
+        before.counts.embeddings_done,
         restarted.as_secs_f64(),
         ok.as_secs_f64(),
         h.outages,

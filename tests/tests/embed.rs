@@ -676,7 +676,7 @@ async fn cancel_stops_quickly_and_a_rerun_redoes_nothing_stored() -> Result<()> 
     let d = daemon_without_embeddings().await?;
     let c = d.client().await?;
     let (_, p) = add_and_scan(&c, root).await?;
-    assert_eq!(p.tracks_indexed, 24);
+    assert_eq!(p.counts.tracks_indexed, 24);
     let pool = pool_of(&d).await?;
     let targets: Vec<EmbedTarget> = all_targets(&pool, root).await?.into_values().collect();
 
@@ -790,8 +790,8 @@ async fn track_similar_through_the_api_returns_the_same_kind() -> Result<()> {
     let c = d.client().await?;
     let (_, p) = add_and_scan(&c, lib.path()).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.embeddings_expected, Some(9), "{p:?}");
-    assert_eq!(p.embeddings_done, 9, "{p:?}");
+    assert_eq!(p.counts.embeddings_expected, Some(9), "{p:?}");
+    assert_eq!(p.counts.embeddings_done, 9, "{p:?}");
     let status = c.daemon_status().await?;
     let e = &status.embedding;
     assert!(e.enabled, "{e:?}");

@@ -97,12 +97,13 @@ async fn a_file_copied_in_is_searchable_and_embedded_while_another_library_embed
     eprintln!(
         "searchable {:.2} s after the copy (quiet period 0.3 s), with {} of {} backlog tracks embedded",
         searchable_after.as_secs_f64(),
-        backlog_then.embeddings_done,
+        backlog_then.counts.embeddings_done,
         BACKLOG
     );
     ensure!(found.len() == 1, "{found:?}");
     ensure!(
-        backlog_then.phase == ScanPhase::Embedding && backlog_then.embeddings_done < BACKLOG as u64,
+        backlog_then.phase == ScanPhase::Embedding
+            && backlog_then.counts.embeddings_done < BACKLOG as u64,
         "the copy became searchable only after the backlog: {backlog_then:?}"
     );
 
@@ -123,7 +124,10 @@ async fn a_file_copied_in_is_searchable_and_embedded_while_another_library_embed
         "{watcher_scan:?}"
     );
     ensure!(
-        (watcher_scan.tracks_indexed, watcher_scan.embeddings_done) == (1, 1),
+        (
+            watcher_scan.counts.tracks_indexed,
+            watcher_scan.counts.embeddings_done
+        ) == (1, 1),
         "{watcher_scan:?}"
     );
     ensure!(
@@ -141,9 +145,9 @@ async fn a_file_copied_in_is_searchable_and_embedded_while_another_library_embed
     ensure!(done.phase == ScanPhase::Completed, "{done:?}");
     ensure!(
         (
-            done.tracks_indexed,
-            done.embeddings_expected,
-            done.embeddings_done
+            done.counts.tracks_indexed,
+            done.counts.embeddings_expected,
+            done.counts.embeddings_done
         ) == (BACKLOG as u64, Some(BACKLOG as u64), BACKLOG as u64),
         "{done:?}"
     );

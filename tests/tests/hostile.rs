@@ -128,21 +128,22 @@ fn show(p: &[u8]) -> String {
 /// Checks one finished scan's counters: the indexing counts add up to the files seen and the
 /// embedding counts to the tracks it wrote.
 fn counts_add_up(p: &ScanProgress) -> Result<()> {
-    let expected = p.tracks_expected.context("no tracks_expected")?;
+    let expected = p.counts.tracks_expected.context("no tracks_expected")?;
     ensure!(
-        p.tracks_indexed + p.tracks_unchanged + p.tracks_failed == expected,
+        p.counts.tracks_indexed + p.counts.tracks_unchanged + p.counts.tracks_failed == expected,
         "indexed {} + unchanged {} + failed {} != seen {expected}: {p:?}",
-        p.tracks_indexed,
-        p.tracks_unchanged,
-        p.tracks_failed
+        p.counts.tracks_indexed,
+        p.counts.tracks_unchanged,
+        p.counts.tracks_failed
     );
-    if let Some(e) = p.embeddings_expected {
+    if let Some(e) = p.counts.embeddings_expected {
         ensure!(
-            p.embeddings_done + p.embeddings_skipped + p.embeddings_failed == e,
+            p.counts.embeddings_done + p.counts.embeddings_skipped + p.counts.embeddings_failed
+                == e,
             "embeddings done {} + skipped {} + failed {} != eligible {e}: {p:?}",
-            p.embeddings_done,
-            p.embeddings_skipped,
-            p.embeddings_failed
+            p.counts.embeddings_done,
+            p.counts.embeddings_skipped,
+            p.counts.embeddings_failed
         );
     }
     Ok(())
@@ -280,16 +281,17 @@ async fn a_hostile_library_is_scanned_and_embedded_and_every_file_accounted_for(
         .count();
     let failed_files = errors.len() - dir_issues;
     ensure!(
-        p.tracks_indexed == tracks.len() as u64 && p.tracks_failed == failed_files as u64,
+        p.counts.tracks_indexed == tracks.len() as u64
+            && p.counts.tracks_failed == failed_files as u64,
         "indexed {} / {} rows, failed {} / {failed_files} rows: {p:?}",
-        p.tracks_indexed,
+        p.counts.tracks_indexed,
         tracks.len(),
-        p.tracks_failed
+        p.counts.tracks_failed
     );
     ensure!(
-        p.tracks_expected == Some((tracks.len() + failed_files) as u64),
+        p.counts.tracks_expected == Some((tracks.len() + failed_files) as u64),
         "files seen {:?} != {} rows: {p:?}",
-        p.tracks_expected,
+        p.counts.tracks_expected,
         tracks.len() + failed_files
     );
     let libs = c.library_list().await?;
@@ -371,16 +373,16 @@ async fn a_hostile_library_is_scanned_and_embedded_and_every_file_accounted_for(
         let done = emb.values().filter(|v| v.0 == "done").count() as u64;
         let failed = emb.values().filter(|v| v.0 == "failed").count() as u64;
         ensure!(
-            p.embeddings_expected == Some(tracks.len() as u64),
+            p.counts.embeddings_expected == Some(tracks.len() as u64),
             "every written track is an embedding target: {p:?}"
         );
         ensure!(
-            p.embeddings_done == done && p.embeddings_failed == failed,
+            p.counts.embeddings_done == done && p.counts.embeddings_failed == failed,
             "done {done}, failed {failed} in the database: {p:?}"
         );
         eprintln!(
             "embedding: {} done, {} skipped, {} failed",
-            p.embeddings_done, p.embeddings_skipped, p.embeddings_failed
+            p.counts.embeddings_done, p.counts.embeddings_skipped, p.counts.embeddings_failed
         );
     }
 
@@ -389,9 +391,9 @@ async fn a_hostile_library_is_scanned_and_embedded_and_every_file_accounted_for(
     ensure!(p2.phase == ScanPhase::Completed, "{p2:?}");
     counts_add_up(&p2)?;
     ensure!(
-        p2.tracks_failed == failed_files as u64 - changed_to_failed(&corpus, &errors),
+        p2.counts.tracks_failed == failed_files as u64 - changed_to_failed(&corpus, &errors),
         "second scan failed count {} (first {failed_files}): {p2:?}",
-        p2.tracks_failed
+        p2.counts.tracks_failed
     );
     let tracks2 = track_rows(&d).await?;
     let errors2 = error_rows(&d).await?;
@@ -807,9 +809,9 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() -> Result<()> {
         }
         if let Some(n) = expect_removed.get(&p.request_id) {
             ensure!(
-                p.tracks_removed == *n,
+                p.counts.tracks_removed == *n,
                 "removed {} tracks, expected {n} (resumed {}): {p:?}",
-                p.tracks_removed,
+                p.counts.tracks_removed,
                 p.resumed
             );
         }
@@ -910,7 +912,7 @@ async fn a_library_added_just_before_a_kill_is_scanned_after_the_restart() -> Re
     };
     let p = wait_scan(&c, scan_id).await?;
     ensure!(p.phase == ScanPhase::Completed, "{p:?}");
-    ensure!(p.tracks_indexed == 3, "{p:?}");
+    ensure!(p.counts.tracks_indexed == 3, "{p:?}");
     // Once scanned, a restart queues nothing more for it.
     d.kill()?;
     d.spawn().await?;

@@ -35,8 +35,8 @@ async fn every_format_is_indexed_with_exact_tags_and_found_by_search() -> Result
     let c = d.client().await?;
     let (library_id, p) = add_and_scan(&c, lib.path()).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.tracks_indexed, expected.len() as u64);
-    assert_eq!(p.tracks_failed, 0);
+    assert_eq!(p.counts.tracks_indexed, expected.len() as u64);
+    assert_eq!(p.counts.tracks_failed, 0);
     assert_eq!(p.indexing_percent, Some(100.0));
 
     let mut db = d.db().await?;
@@ -168,13 +168,17 @@ async fn incremental_rescan_changes_exactly_the_changed_rows() -> Result<()> {
     let d = Daemon::start().await?;
     let c = d.client().await?;
     let (id, first) = add_and_scan(&c, lib.path()).await?;
-    assert_eq!(first.tracks_indexed, 4);
+    assert_eq!(first.counts.tracks_indexed, 4);
 
     // A rescan of an unchanged library writes nothing.
     let before = rows(&d).await?;
     let p = scan(&c, id, None, false).await?;
     assert_eq!(
-        (p.tracks_indexed, p.tracks_unchanged, p.tracks_removed),
+        (
+            p.counts.tracks_indexed,
+            p.counts.tracks_unchanged,
+            p.counts.tracks_removed
+        ),
         (0, 4, 0),
         "{p:?}"
     );
@@ -192,10 +196,10 @@ async fn incremental_rescan_changes_exactly_the_changed_rows() -> Result<()> {
     assert_eq!(p.phase, ScanPhase::Completed);
     assert_eq!(
         (
-            p.tracks_indexed,
-            p.tracks_unchanged,
-            p.tracks_removed,
-            p.tracks_failed
+            p.counts.tracks_indexed,
+            p.counts.tracks_unchanged,
+            p.counts.tracks_removed,
+            p.counts.tracks_failed
         ),
         (2, 2, 1, 0),
         "{p:?}"
@@ -217,7 +221,11 @@ async fn incremental_rescan_changes_exactly_the_changed_rows() -> Result<()> {
 
     // A full rescan re-reads everything.
     let p = scan(&c, id, None, true).await?;
-    assert_eq!((p.tracks_indexed, p.tracks_unchanged), (4, 0), "{p:?}");
+    assert_eq!(
+        (p.counts.tracks_indexed, p.counts.tracks_unchanged),
+        (4, 0),
+        "{p:?}"
+    );
     Ok(())
 }
 
@@ -246,7 +254,7 @@ async fn a_missing_or_emptied_root_deletes_nothing() -> Result<()> {
     std::fs::create_dir(&root)?;
     let p = scan(&c, id, None, false).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.tracks_removed, 0);
+    assert_eq!(p.counts.tracks_removed, 0);
     assert!(p.error.unwrap_or_default().contains("nothing was deleted"));
     assert_eq!(rows(&d).await?.len(), 2);
 
@@ -254,7 +262,11 @@ async fn a_missing_or_emptied_root_deletes_nothing() -> Result<()> {
     std::fs::remove_dir(&root)?;
     std::fs::rename(base.path().join("elsewhere"), &root)?;
     let p = scan(&c, id, None, false).await?;
-    assert_eq!((p.tracks_unchanged, p.tracks_removed), (2, 0), "{p:?}");
+    assert_eq!(
+        (p.counts.tracks_unchanged, p.counts.tracks_removed),
+        (2, 0),
+        "{p:?}"
+    );
     Ok(())
 }
 
@@ -269,9 +281,9 @@ async fn corrupt_files_are_recorded_counted_and_do_not_stop_the_scan() -> Result
     let c = d.client().await?;
     let (id, p) = add_and_scan(&c, lib.path()).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!(p.tracks_indexed, 2, "{p:?}");
-    assert_eq!(p.tracks_failed, bad.len() as u64, "{p:?}");
-    assert_eq!(p.tracks_expected, Some(2 + bad.len() as u64));
+    assert_eq!(p.counts.tracks_indexed, 2, "{p:?}");
+    assert_eq!(p.counts.tracks_failed, bad.len() as u64, "{p:?}");
+    assert_eq!(p.counts.tracks_expected, Some(2 + bad.len() as u64));
 
     let mut db = d.db().await?;
     let errs: Vec<(String, String)> = sqlx::query_as(
@@ -298,7 +310,7 @@ async fn corrupt_files_are_recorded_counted_and_do_not_stop_the_scan() -> Result
     // Unchanged bad files are not re-read but still counted as failed; fixed ones leave the table.
     std::fs::remove_file(&bad[0])?;
     let p = scan(&c, id, None, false).await?;
-    assert_eq!(p.tracks_failed, bad.len() as u64 - 1, "{p:?}");
+    assert_eq!(p.counts.tracks_failed, bad.len() as u64 - 1, "{p:?}");
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM scan_errors")
         .fetch_one(&mut db)
         .await?;
@@ -322,7 +334,11 @@ async fn a_path_targeted_scan_touches_only_its_subtree() -> Result<()> {
     let p = scan(&c, id, Some("one"), false).await?;
     assert_eq!(p.path.as_deref(), Some("one"));
     assert_eq!(
-        (p.tracks_indexed, p.tracks_unchanged, p.tracks_removed),
+        (
+            p.counts.tracks_indexed,
+            p.counts.tracks_unchanged,
+            p.counts.tracks_removed
+        ),
         (1, 1, 0),
         "{p:?}"
     );
@@ -337,7 +353,7 @@ async fn a_path_targeted_scan_touches_only_its_subtree() -> Result<()> {
     // An absolute path inside the library works too.
     let abs = lib.path().join("two").to_string_lossy().into_owned();
     let p = scan(&c, id, Some(&abs), false).await?;
-    assert_eq!(p.tracks_indexed, 1);
+    assert_eq!(p.counts.tracks_indexed, 1);
     Ok(())
 }
 

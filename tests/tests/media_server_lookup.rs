@@ -118,7 +118,7 @@ async fn a_media_server_finds_tracks_by_each_key() -> Result<()> {
     let c = d.client().await?;
     let (_, p) = add_and_scan(&c, root).await?;
     ensure!(
-        p.phase == ScanPhase::Completed && p.tracks_indexed == 4,
+        p.phase == ScanPhase::Completed && p.counts.tracks_indexed == 4,
         "{p:?}"
     );
     let real = root.canonicalize()?;

@@ -114,8 +114,10 @@ async fn reembedding(d: &Daemon, library_id: i64, at_least: u64) -> Result<ScanP
                 p.library_id == library_id
                     && p.trigger == ScanTrigger::ModelChange
                     && p.phase == ScanPhase::Embedding
-                    && p.embeddings_done >= at_least
-                    && p.embeddings_expected.is_some_and(|n| p.embeddings_done < n)
+                    && p.counts.embeddings_done >= at_least
+                    && p.counts
+                        .embeddings_expected
+                        .is_some_and(|n| p.counts.embeddings_done < n)
             })
         },
     )
@@ -177,11 +179,11 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
     // again, and nothing is indexed.
     let job = reembedding(&e.d, e.library_id, 1).await?;
     ensure!(
-        job.embeddings_expected == Some(e.specs.len() as u64),
+        job.counts.embeddings_expected == Some(e.specs.len() as u64),
         "{job:?}"
     );
     ensure!(
-        job.tracks_indexed == 0 && job.tracks_expected.is_none(),
+        job.counts.tracks_indexed == 0 && job.counts.tracks_expected.is_none(),
         "{job:?}"
     );
     // Some vectors of the new model exist, yet the answer is the previous model's, unchanged.
@@ -207,7 +209,7 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
     let c = e.d.client().await?;
     let added = scan(&c, e.library_id, None, false).await?;
     ensure!(
-        added.phase == ScanPhase::Completed && added.embeddings_done == 1,
+        added.phase == ScanPhase::Completed && added.counts.embeddings_done == 1,
         "{added:?}"
     );
     let running = c.scan_get(job.request_id).await?;
@@ -231,7 +233,7 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
 
     let done = wait_scan(&e.d.client().await?, job.request_id).await?;
     ensure!(
-        done.phase == ScanPhase::Completed && done.embeddings_done == e.specs.len() as u64,
+        done.phase == ScanPhase::Completed && done.counts.embeddings_done == e.specs.len() as u64,
         "{done:?}"
     );
     old_model_gone(&e.d, old, e.library_id, e.specs.len() as i64 + 1).await?;
@@ -263,8 +265,8 @@ async fn a_re_embed_job_interrupted_by_a_restart_resumes_and_completes() -> Resu
     ensure!(
         done.phase == ScanPhase::Completed
             && done.trigger == ScanTrigger::ModelChange
-            && done.embeddings_done == e.specs.len() as u64
-            && done.embeddings_expected == Some(e.specs.len() as u64),
+            && done.counts.embeddings_done == e.specs.len() as u64
+            && done.counts.embeddings_expected == Some(e.specs.len() as u64),
         "{done:?}"
     );
     let jobs = e.d.client().await?.scan_list(Some(50)).await?;
@@ -355,7 +357,7 @@ async fn upgrading_during_a_model_change_keeps_similarity_on_the_previous_vector
     ensure!(serving == vec![(e.library_id, old)], "{serving:?}");
     let job = reembedding(&e.d, e.library_id, 1).await?;
     ensure!(
-        job.embeddings_expected == Some(e.specs.len() as u64),
+        job.counts.embeddings_expected == Some(e.specs.len() as u64),
         "{job:?}"
     );
     let during = similar(&e.d, query).await?;
@@ -390,8 +392,8 @@ async fn a_file_gone_during_the_re_embed_does_not_hold_the_library_on_its_previo
     let done = wait_scan(&e.d.client().await?, job.request_id).await?;
     ensure!(
         done.phase == ScanPhase::Completed
-            && done.embeddings_failed == 1
-            && done.embeddings_done == e.specs.len() as u64 - 1,
+            && done.counts.embeddings_failed == 1
+            && done.counts.embeddings_done == e.specs.len() as u64 - 1,
         "{waiting} failed, the others embedded: {done:?}"
     );
     old_model_gone(&e.d, old, e.library_id, e.specs.len() as i64 - 1).await?;

@@ -38,16 +38,17 @@ fn assert_monotonic(updates: &[ScanProgress]) {
             assert!(y >= x, "indexing_percent went back: {x} -> {y}");
         }
         for p in [a, b] {
-            if let Some(total) = p.tracks_expected {
+            if let Some(total) = p.counts.tracks_expected {
                 assert!(
-                    p.tracks_indexed + p.tracks_unchanged + p.tracks_failed <= total,
+                    p.counts.tracks_indexed + p.counts.tracks_unchanged + p.counts.tracks_failed
+                        <= total,
                     "{p:?}"
                 );
             }
             if let Some(pct) = p.indexing_percent {
                 assert!((0.0..=100.0).contains(&pct));
                 assert!(
-                    p.tracks_expected.is_some(),
+                    p.counts.tracks_expected.is_some(),
                     "no percent before the total: {p:?}"
                 );
             }
@@ -81,7 +82,9 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
         let p = p?;
         assert_eq!(p.request_id, id);
         // Mid-scan, a second client subscribes: its first message is the current snapshot.
-        if resubscribed_snapshot.is_none() && p.phase == ScanPhase::Indexing && p.tracks_indexed > 0
+        if resubscribed_snapshot.is_none()
+            && p.phase == ScanPhase::Indexing
+            && p.counts.tracks_indexed > 0
         {
             let c2 = d.client().await?;
             let mut sub2 = c2
@@ -97,7 +100,7 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
             assert_eq!(first.request_id, id);
             assert!(!first.phase.is_terminal());
             assert!(
-                first.tracks_indexed >= p.tracks_indexed,
+                first.counts.tracks_indexed >= p.counts.tracks_indexed,
                 "{first:?} vs {p:?}"
             );
             resubscribed_snapshot = Some(first);
@@ -116,7 +119,7 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
     // A subscriber gets the latest state when it looks: the queued state may already have
     // given way to discovery, but the scan is seen long before it ends.
     assert!(
-        updates[0].phase <= ScanPhase::Indexing && updates[0].tracks_indexed < n,
+        updates[0].phase <= ScanPhase::Indexing && updates[0].counts.tracks_indexed < n,
         "first update came too late: {:?}",
         updates[0]
     );
@@ -129,8 +132,11 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
     let last = updates.last().context("no updates")?;
     assert_eq!(last.phase, ScanPhase::Completed);
     assert_eq!(last.indexing_percent, Some(100.0));
-    assert_eq!((last.tracks_indexed, last.tracks_failed), (n, 0));
-    assert_eq!(last.tracks_expected, Some(n));
+    assert_eq!(
+        (last.counts.tracks_indexed, last.counts.tracks_failed),
+        (n, 0)
+    );
+    assert_eq!(last.counts.tracks_expected, Some(n));
     assert!(last.finished_at.is_some());
     assert!(last.eta_seconds.is_none());
 
@@ -160,12 +166,12 @@ async fn a_subscriber_that_never_reads_does_not_stall_scans_or_grow_memory() -> 
     let d = Daemon::start_with(&["--config", &cfg]).await?;
     let c = d.client().await?;
     let (lib_id, first) = coral_tests::daemon::add_and_scan(&c, lib.path()).await?;
-    assert_eq!(first.tracks_indexed, n);
+    assert_eq!(first.counts.tracks_indexed, n);
 
     let t = Instant::now();
     let p = coral_tests::daemon::scan(&c, lib_id, None, true).await?;
     let baseline = t.elapsed();
-    assert_eq!(p.tracks_indexed, n);
+    assert_eq!(p.counts.tracks_indexed, n);
 
     let pid = d.pid().context("no pid")?;
     let rss_before = rss_kib(pid)?;
@@ -176,7 +182,7 @@ async fn a_subscriber_that_never_reads_does_not_stall_scans_or_grow_memory() -> 
     for _ in 0..3 {
         let p = coral_tests::daemon::scan(&c, lib_id, None, true).await?;
         assert_eq!(p.phase, ScanPhase::Completed);
-        assert_eq!(p.tracks_indexed, n);
+        assert_eq!(p.counts.tracks_indexed, n);
     }
     let with_stuck = t.elapsed() / 3;
     let rss_after = rss_kib(pid)?;
@@ -210,7 +216,10 @@ async fn cancel_stops_a_running_scan_quickly_and_leaves_the_db_consistent() -> R
         .await?;
     let id = added.last_scan.context("no scan")?.request_id;
     eventually(Duration::from_secs(60), "indexing to start", || async {
-        c.scan_get(id).await.ok().filter(|p| p.tracks_indexed > 0)
+        c.scan_get(id)
+            .await
+            .ok()
+            .filter(|p| p.counts.tracks_indexed > 0)
     })
     .await?;
     let asked = Instant::now();
@@ -220,7 +229,7 @@ async fn cancel_stops_a_running_scan_quickly_and_leaves_the_db_consistent() -> R
     assert_eq!(p.phase, ScanPhase::Cancelled, "{p:?}");
     assert!(took < Duration::from_secs(3), "cancel took {took:?}");
     assert!(
-        p.tracks_indexed < n,
+        p.counts.tracks_indexed < n,
         "the scan finished before the cancel landed"
     );
     let mut db = d.db().await?;
@@ -228,7 +237,7 @@ async fn cancel_stops_a_running_scan_quickly_and_leaves_the_db_consistent() -> R
         .fetch_one(&mut db)
         .await?;
     assert_eq!(
-        rows as u64, p.tracks_indexed,
+        rows as u64, p.counts.tracks_indexed,
         "every counted track is in the DB and no more"
     );
     // Cancelling again is an error that says so.
@@ -236,7 +245,7 @@ async fn cancel_stops_a_running_scan_quickly_and_leaves_the_db_consistent() -> R
     assert!(e.to_string().contains("already ended"), "{e}");
     // A cancelled scan is finished: the next scan picks up the rest.
     let p = coral_tests::daemon::scan(&c, added.id, None, false).await?;
-    assert_eq!(p.tracks_indexed + p.tracks_unchanged, n);
+    assert_eq!(p.counts.tracks_indexed + p.counts.tracks_unchanged, n);
     Ok(())
 }
 
@@ -254,7 +263,12 @@ async fn a_scan_killed_mid_way_resumes_with_its_request_id_and_matches_a_clean_r
     eventually(
         Duration::from_secs(60),
         "indexing to be under way",
-        || async { c.scan_get(id).await.ok().filter(|p| p.tracks_indexed > 100) },
+        || async {
+            c.scan_get(id)
+                .await
+                .ok()
+                .filter(|p| p.counts.tracks_indexed > 100)
+        },
     )
     .await?;
     drop(c);
@@ -267,7 +281,11 @@ async fn a_scan_killed_mid_way_resumes_with_its_request_id_and_matches_a_clean_r
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
     // The same counts an uninterrupted run reports.
     assert_eq!(
-        (p.tracks_indexed, p.tracks_unchanged, p.tracks_failed),
+        (
+            p.counts.tracks_indexed,
+            p.counts.tracks_unchanged,
+            p.counts.tracks_failed
+        ),
         (n, 0, 0),
         "{p:?}"
     );

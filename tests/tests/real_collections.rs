@@ -71,7 +71,11 @@ async fn a_picard_tagged_library_indexes_completely_and_is_found_by_each_artist(
     let c = d.client().await?;
     let (_, p) = add_and_scan(&c, lib.path()).await?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert_eq!((p.tracks_indexed, p.tracks_failed), (5, 0), "{p:?}");
+    assert_eq!(
+        (p.counts.tracks_indexed, p.counts.tracks_failed),
+        (5, 0),
+        "{p:?}"
+    );
 
     // Each artist finds the tracks it is one of several artists of (accents folded).
     for (query, artist) in [

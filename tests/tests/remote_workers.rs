@@ -140,9 +140,9 @@ async fn every_track_embedded_once(
     ensure!(done.phase == ScanPhase::Completed, "{done:?}");
     ensure!(
         (
-            done.embeddings_done,
-            done.embeddings_skipped,
-            done.embeddings_failed
+            done.counts.embeddings_done,
+            done.counts.embeddings_skipped,
+            done.counts.embeddings_failed
         ) == (tracks as u64, 0, 0),
         "{done:?}"
     );
@@ -227,12 +227,12 @@ async fn a_killed_workers_tracks_are_taken_over_and_every_track_is_embedded_once
             .filter(|p| p.phase == ScanPhase::Embedding)
     })
     .await?;
-    ensure!(p.embeddings_expected == Some(TRACKS as u64), "{p:?}");
+    ensure!(p.counts.embeddings_expected == Some(TRACKS as u64), "{p:?}");
     // corald leaves them to the workers.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let p = c.scan_get(scan).await?;
     ensure!(
-        p.phase == ScanPhase::Embedding && p.embeddings_done == 0,
+        p.phase == ScanPhase::Embedding && p.counts.embeddings_done == 0,
         "{p:?}"
     );
 
@@ -347,9 +347,9 @@ async fn a_worker_reads_through_its_path_map_and_skips_files_changed_since_index
     ensure!(done.phase == ScanPhase::Completed, "{done:?}");
     ensure!(
         (
-            done.embeddings_done,
-            done.embeddings_skipped,
-            done.embeddings_failed
+            done.counts.embeddings_done,
+            done.counts.embeddings_skipped,
+            done.counts.embeddings_failed
         ) == (5, 1, 0),
         "five read through the mapping, the changed one skipped: {done:?}\n{}",
         w.log_text()
@@ -425,7 +425,7 @@ async fn cancelling_a_scan_drops_its_queued_tracks_and_no_one_elses() -> Result<
         .await
         .with_context(|| w.log_text())?;
     ensure!(
-        done.phase == ScanPhase::Completed && done.embeddings_done == 3,
+        done.phase == ScanPhase::Completed && done.counts.embeddings_done == 3,
         "{done:?}"
     );
     shut_down(w, c, d, &mut server).await

@@ -176,7 +176,7 @@ async fn an_album_copied_in_is_indexed_once_after_the_quiet_period() -> Result<(
     );
     let s = &scans[0];
     assert_eq!(s.phase, ScanPhase::Completed, "{s:?}");
-    assert_eq!(s.tracks_indexed, copied as u64, "{s:?}");
+    assert_eq!(s.counts.tracks_indexed, copied as u64, "{s:?}");
     assert_eq!(s.mode, coral_proto::ScanMode::Incremental);
     assert_eq!(
         s.path.as_deref(),
@@ -245,7 +245,7 @@ async fn a_file_still_being_written_is_not_indexed_until_it_is_closed() -> Resul
     assert_eq!(scans.len(), scans_before + 1, "{scans:#?}");
     let last = scans.last().context("the scan after the close")?;
     assert_eq!(
-        (last.tracks_indexed, last.tracks_failed),
+        (last.counts.tracks_indexed, last.counts.tracks_failed),
         (1, 0),
         "{last:?}"
     );
@@ -404,10 +404,10 @@ async fn two_thousand_files_dropped_at_once_take_a_few_scans() -> Result<()> {
         scans.len(),
         scans
             .iter()
-            .map(|s| (&s.path, s.tracks_indexed))
+            .map(|s| (&s.path, s.counts.tracks_indexed))
             .collect::<Vec<_>>()
     );
-    let indexed: u64 = scans.iter().map(|s| s.tracks_indexed).sum();
+    let indexed: u64 = scans.iter().map(|s| s.counts.tracks_indexed).sum();
     assert_eq!(indexed, n as u64, "each file indexed once");
     eprintln!("{n} files indexed by {} scans in {took:?}", scans.len());
     Ok(())
@@ -460,7 +460,7 @@ async fn a_root_that_goes_away_pauses_the_watcher_and_deletes_nothing() -> Resul
     settle(&c).await?;
     let scans = fs_scans(&c, id).await?;
     assert_eq!(scans.len(), 1, "{scans:#?}");
-    assert_eq!(scans[0].tracks_removed, 0, "{:?}", scans[0]);
+    assert_eq!(scans[0].counts.tracks_removed, 0, "{:?}", scans[0]);
     assert!(
         scans[0]
             .error
@@ -483,7 +483,7 @@ async fn a_root_that_goes_away_pauses_the_watcher_and_deletes_nothing() -> Resul
     assert_eq!(scans.len(), 2, "{scans:#?}");
     assert_eq!(last.phase, ScanPhase::Completed);
     assert_eq!(
-        (last.tracks_unchanged, last.tracks_removed),
+        (last.counts.tracks_unchanged, last.counts.tracks_removed),
         (2, 0),
         "{last:?}"
     );
@@ -515,7 +515,7 @@ async fn the_watch_limit_falls_back_to_polling_with_simulated_watch_limit() -> R
     let d = start(cfg.path(), "max_watches = 3\npoll_interval_s = 2").await?;
     let c = d.client().await?;
     let (id, first) = add_and_scan(&c, lib.path()).await?;
-    assert_eq!(first.tracks_indexed, 3, "{first:?}");
+    assert_eq!(first.counts.tracks_indexed, 3, "{first:?}");
     let w = wait_mode(&c, id, WatchMode::Polling).await?;
     let warning = w.warning.clone().unwrap_or_default();
     assert!(warning.contains("fs.inotify.max_user_watches"), "{warning}");
@@ -545,7 +545,7 @@ async fn the_watch_limit_falls_back_to_polling_with_simulated_watch_limit() -> R
     assert!(
         scans
             .iter()
-            .any(|s| s.path.is_none() && s.tracks_indexed == 1),
+            .any(|s| s.path.is_none() && s.counts.tracks_indexed == 1),
         "{scans:#?}"
     );
     Ok(())

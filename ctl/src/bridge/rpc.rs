@@ -417,7 +417,7 @@ mod tests {
 
     fn update(seq: u64, id: Uuid, indexed: u64) -> Update {
         let mut p = super::super::upstream::tests::progress(id, ScanPhase::Indexing, indexed);
-        p.tracks_indexed = indexed;
+        p.counts.tracks_indexed = indexed;
         Update {
             seq,
             progress: Arc::new(p),
@@ -434,7 +434,7 @@ mod tests {
         p.offer(update(1001, b, 1));
         p.offer(update(500, a, 500)); // stale
         assert_eq!(p.len(), 2, "a slow reader holds one state per scan");
-        let first = p.take().map(|u| (u.seq, u.progress.tracks_indexed));
+        let first = p.take().map(|u| (u.seq, u.progress.counts.tracks_indexed));
         assert_eq!(first, Some((1000, 1000)));
         assert_eq!(p.take().map(|u| u.seq), Some(1001));
         assert!(p.take().is_none());

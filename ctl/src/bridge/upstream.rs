@@ -246,14 +246,17 @@ impl Upstream {
 pub(crate) mod tests {
     use super::*;
     use chrono::{Duration as ChronoDuration, Utc};
-    use coral_proto::{ScanMode, ScanPhase, ScanTrigger};
+    use coral_proto::{ScanCounts, ScanMode, ScanPhase, ScanTrigger};
 
     pub(crate) fn progress(id: Uuid, phase: ScanPhase, indexed: u64) -> ScanProgress {
         let now = Utc::now() + ChronoDuration::milliseconds(indexed as i64);
         ScanProgress {
-            files_discovered: 100,
-            tracks_expected: Some(100),
-            tracks_indexed: indexed,
+            counts: ScanCounts {
+                files_discovered: 100,
+                tracks_expected: Some(100),
+                tracks_indexed: indexed,
+                ..ScanCounts::default()
+            },
             indexing_percent: Some(indexed as f64),
             ..ScanProgress::starting(
                 id,
@@ -277,7 +280,7 @@ pub(crate) mod tests {
         up.publish(progress(id, ScanPhase::Indexing, 20)); // older: dropped
         let snap = up.snapshot(None);
         assert_eq!(snap.len(), 1);
-        assert_eq!(snap[0].progress.tracks_indexed, 50);
+        assert_eq!(snap[0].progress.counts.tracks_indexed, 50);
         up.publish(progress(id, ScanPhase::Completed, 100));
         assert!(up.snapshot(None).is_empty());
         assert_eq!(

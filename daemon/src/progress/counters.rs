@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use coral_proto::ScanCounts;
 use crossbeam_utils::CachePadded;
 
 /// Sentinel for "total not known yet".
@@ -41,33 +42,6 @@ impl Default for ScanCounters {
     }
 }
 
-/// A consistent-enough copy of the counters, read with relaxed loads.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CounterValues {
-    pub files_discovered: u64,
-    pub tracks_expected: Option<u64>,
-    pub tracks_indexed: u64,
-    pub tracks_unchanged: u64,
-    pub tracks_removed: u64,
-    pub tracks_failed: u64,
-    pub embeddings_expected: Option<u64>,
-    pub embeddings_done: u64,
-    pub embeddings_skipped: u64,
-    pub embeddings_failed: u64,
-}
-
-impl CounterValues {
-    /// Files of the indexing phase that are dealt with (indexed, unchanged or failed).
-    pub fn tracks_settled(&self) -> u64 {
-        self.tracks_indexed + self.tracks_unchanged + self.tracks_failed
-    }
-
-    /// Tracks of the embedding phase that are dealt with.
-    pub fn embeddings_settled(&self) -> u64 {
-        self.embeddings_done + self.embeddings_skipped + self.embeddings_failed
-    }
-}
-
 fn load_opt(a: &AtomicU64) -> Option<u64> {
     match a.load(Ordering::Acquire) {
         UNKNOWN => None,
@@ -99,7 +73,7 @@ impl ScanCounters {
     }
 
     /// Restore values (a resumed scan picks up its persisted counters).
-    pub fn restore(&self, v: &CounterValues) {
+    pub fn restore(&self, v: &ScanCounts) {
         let r = Ordering::Relaxed;
         self.files_discovered.store(v.files_discovered, r);
         self.tracks_indexed.store(v.tracks_indexed, r);
@@ -117,16 +91,16 @@ impl ScanCounters {
 
     /// Reset everything (a resumed scan recounts from the database).
     pub fn reset(&self) {
-        self.restore(&CounterValues::default());
+        self.restore(&ScanCounts::default());
     }
 
-    pub fn values(&self) -> CounterValues {
+    pub fn values(&self) -> ScanCounts {
         let r = Ordering::Relaxed;
         // Totals first (Acquire), then the done-counters: a reader never sees more done than
         // expected as long as writers only count work after setting the total.
         let tracks_expected = self.tracks_expected();
         let embeddings_expected = self.embeddings_expected();
-        CounterValues {
+        ScanCounts {
             files_discovered: self.files_discovered.load(r),
             tracks_expected,
             tracks_indexed: self.tracks_indexed.load(r),

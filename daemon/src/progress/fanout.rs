@@ -136,7 +136,7 @@ mod tests {
         }
         let updates = sub.next_updates().await.expect("reporter alive");
         assert_eq!(updates.len(), 1);
-        assert_eq!(updates[0].tracks_indexed, 100);
+        assert_eq!(updates[0].counts.tracks_indexed, 100);
         assert_eq!(updates[0].indexing_percent, Some(100.0));
 
         r.finish(&a, ScanPhase::Completed, None);

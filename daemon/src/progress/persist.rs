@@ -21,11 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use coral_proto::ScanProgress;
 
-use super::counters::CounterValues;
 use super::reporter::{Figures, ScanHandle, ScanInfo, ScanReporter, phase_percents, scan_progress};
 use crate::db::health::{self, DbHealth, RetryError};
 use crate::db::scans::{self, ScanRow};
 use crate::liveness::Heartbeat;
+use coral_proto::ScanCounts;
 
 /// Write the scan's latest state, waiting while the database is unavailable (until `cancel`).
 pub async fn save_waiting(
@@ -117,8 +117,8 @@ fn count(v: i64) -> u64 {
 }
 
 /// The counters a `scans` row holds.
-pub fn row_counters(row: &ScanRow) -> CounterValues {
-    CounterValues {
+pub fn row_counters(row: &ScanRow) -> ScanCounts {
+    ScanCounts {
         files_discovered: count(row.files_discovered),
         tracks_expected: row.tracks_expected.map(count),
         tracks_indexed: count(row.tracks_indexed),

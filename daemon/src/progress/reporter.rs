@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use coral_proto::{ScanMode, ScanPhase, ScanProgress, ScanTrigger};
+use coral_proto::{ScanCounts, ScanMode, ScanPhase, ScanProgress, ScanTrigger};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::counters::{CounterValues, ScanCounters};
+use super::counters::ScanCounters;
 
 /// Weight of the newest sample in the smoothed rates.
 const RATE_SMOOTHING: f64 = 0.3;
@@ -99,7 +99,7 @@ pub(crate) struct Figures {
 
 /// The percentages a phase shows for these counts: null until the phase's total is known, 100
 /// once the phase is over, the settled share otherwise (and where a scan stopped).
-pub(crate) fn phase_percents(phase: ScanPhase, v: &CounterValues) -> (Option<f64>, Option<f64>) {
+pub(crate) fn phase_percents(phase: ScanPhase, v: &ScanCounts) -> (Option<f64>, Option<f64>) {
     let indexing = match phase {
         ScanPhase::Queued | ScanPhase::Discovering => None,
         ScanPhase::Embedding | ScanPhase::Completed => Some(100.0),
@@ -124,7 +124,7 @@ pub(crate) fn scan_progress(
     mode: ScanMode,
     phase: ScanPhase,
     finished_at: Option<DateTime<Utc>>,
-    v: &CounterValues,
+    v: &ScanCounts,
     f: Figures,
     error: Option<String>,
 ) -> ScanProgress {
@@ -139,16 +139,7 @@ pub(crate) fn scan_progress(
         started_at: info.started_at,
         updated_at: Utc::now(),
         finished_at,
-        files_discovered: v.files_discovered,
-        tracks_expected: v.tracks_expected,
-        tracks_indexed: v.tracks_indexed,
-        tracks_unchanged: v.tracks_unchanged,
-        tracks_removed: v.tracks_removed,
-        tracks_failed: v.tracks_failed,
-        embeddings_expected: v.embeddings_expected,
-        embeddings_done: v.embeddings_done,
-        embeddings_skipped: v.embeddings_skipped,
-        embeddings_failed: v.embeddings_failed,
+        counts: *v,
         indexing_percent: f.indexing_percent,
         embedding_percent: f.embedding_percent,
         tracks_per_second: f.tracks_per_second,
@@ -167,7 +158,7 @@ impl ScanHandle {
             info.mode,
             phase,
             None,
-            &CounterValues::default(),
+            &ScanCounts::default(),
             Figures::default(),
             None,
         );
@@ -269,7 +260,7 @@ impl ScanHandle {
 
     /// Compute a fresh snapshot from the counters (updating rates and high-water marks).
     fn compute(&self, now: Instant) -> ScanProgress {
-        let v: CounterValues = self.counters.values();
+        let v: ScanCounts = self.counters.values();
         let mut s = lock(&self.state);
         let phase = s.phase;
 
@@ -390,7 +381,7 @@ impl ScanReporter {
         &self,
         info: ScanInfo,
         phase: ScanPhase,
-        counters: &CounterValues,
+        counters: &ScanCounts,
     ) -> Arc<ScanHandle> {
         let handle = ScanHandle::new(info, phase);
         handle.counters.restore(counters);
@@ -639,7 +630,8 @@ mod tests {
             seen.push(h.latest());
             let mut last_pct = 0.0;
             for p in &seen {
-                let settled = p.tracks_indexed + p.tracks_unchanged + p.tracks_failed;
+                let settled =
+                    p.counts.tracks_indexed + p.counts.tracks_unchanged + p.counts.tracks_failed;
                 assert!(settled <= total, "seed {seed}: {settled} > {total}");
                 let pct = p.indexing_percent.expect("total known");
                 assert!((0.0..=100.0).contains(&pct));
@@ -652,7 +644,7 @@ mod tests {
             let end = seen.last().expect("final snapshot");
             assert_eq!(end.indexing_percent, Some(100.0));
             assert_eq!(
-                end.tracks_indexed + end.tracks_unchanged + end.tracks_failed,
+                end.counts.tracks_indexed + end.counts.tracks_unchanged + end.counts.tracks_failed,
                 total
             );
         }

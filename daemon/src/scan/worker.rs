@@ -183,11 +183,11 @@ impl ScanWorker {
         let p = h.latest();
         tracing::info!(
             phase = p.phase.as_str(),
-            indexed = p.tracks_indexed,
-            unchanged = p.tracks_unchanged,
-            removed = p.tracks_removed,
-            failed = p.tracks_failed,
-            embedded = p.embeddings_done,
+            indexed = p.counts.tracks_indexed,
+            unchanged = p.counts.tracks_unchanged,
+            removed = p.counts.tracks_removed,
+            failed = p.counts.tracks_failed,
+            embedded = p.counts.embeddings_done,
             "scan finished"
         );
         self.persist(h, stop).await;
