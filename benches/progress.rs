@@ -35,9 +35,11 @@ use coral_benches::{
     CpuSample, Summary, add_library, bench_library, latency_ms, machine, quantile, require_corald,
     rescan, samples,
 };
-use coral_proto::{CoralApiClient, ScanFilter, ScanMode, ScanPhase, ScanProgress, ScanTrigger};
+use coral_proto::{
+    CoralApiClient, ScanFilter, ScanInfo, ScanMode, ScanPhase, ScanProgress, ScanTrigger,
+};
 use coral_tests::daemon::Daemon;
-use corald::progress::{ScanCounters, ScanInfo, ScanReporter};
+use corald::progress::{ScanCounters, ScanReporter};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use uuid::Uuid;
 
@@ -289,7 +291,7 @@ async fn reporting_costs(d: &Daemon, sample: &ScanProgress) -> Result<(f64, f64,
     // The persist loop's query, on a throw-away (finished) row of the daemon's database.
     let mut db = d.db().await?;
     let mut row = sample.clone();
-    row.request_id = Uuid::new_v4();
+    row.scan.request_id = Uuid::new_v4();
     let mut upserts = Vec::new();
     for i in 0..200u64 {
         row.counts.tracks_indexed = i;
@@ -469,7 +471,7 @@ async fn fanout_run(
             while let Some(Ok(p)) = sub.next().await {
                 let ms = latency_ms(&p);
                 let end = p.phase.is_terminal();
-                seen.push((ms, p.request_id, end));
+                seen.push((ms, p.scan.request_id, end));
                 if end {
                     break;
                 }
@@ -486,7 +488,7 @@ async fn fanout_run(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while let Ok(Some(r)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {
         for (ms, id, end) in r.context("subscriber task")? {
-            if id == run.last.request_id {
+            if id == run.last.scan.request_id {
                 delivered += 1;
                 finals += usize::from(end);
                 latencies_ms.push(ms);

@@ -289,7 +289,7 @@ async fn idle(
         arm = t.elapsed();
         lib_id = lib.id;
         lib.last_scan
-            .map(|s| s.request_id)
+            .map(|s| s.scan.request_id)
             .context("library.add queued no scan")
     })
     .await?;

@@ -265,7 +265,7 @@ where
         let p = match tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
             Ok(Some(p)) => {
                 let p = p.context("decoding a scan.progress notification")?;
-                if p.request_id != id {
+                if p.scan.request_id != id {
                     continue;
                 }
                 notifications += 1;
@@ -292,7 +292,7 @@ where
     );
     Ok(ScanRun {
         wall,
-        daemon: elapsed_between(last.started_at, last.finished_at),
+        daemon: elapsed_between(last.scan.started_at, last.finished_at),
         phases,
         notifications,
         latencies_ms,
@@ -310,7 +310,7 @@ pub async fn add_library(client: &Client, root: &Path) -> Result<(i64, ScanRun)>
             .context("library.add")?;
         library_id = lib.id;
         lib.last_scan
-            .map(|s| s.request_id)
+            .map(|s| s.scan.request_id)
             .context("library.add queued no scan")
     })
     .await?;

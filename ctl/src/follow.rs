@@ -62,7 +62,7 @@ impl Bars {
     }
 
     fn update(&mut self, p: &ScanProgress) {
-        let short = &p.library_path;
+        let short = &p.scan.library_path;
         let label = |phase: &str| {
             let tail: String = short
                 .chars()
@@ -88,10 +88,10 @@ impl Bars {
             m
         };
         // A re-embed job after a model change has nothing to discover or index.
-        match (p.trigger, p.counts.tracks_expected) {
+        match (p.scan.trigger, p.counts.tracks_expected) {
             (ScanTrigger::ModelChange, _) => {}
             (_, Some(total)) => {
-                let b = self.bar(p.request_id, "indexing", label("indexing"));
+                let b = self.bar(p.scan.request_id, "indexing", label("indexing"));
                 // The same bar showed "discovering" until the total was known.
                 b.set_prefix(format!("{:<24}", label("indexing")));
                 b.set_length(total);
@@ -105,16 +105,16 @@ impl Bars {
                 ));
             }
             (_, None) => {
-                let b = self.bar(p.request_id, "indexing", label("discovering"));
+                let b = self.bar(p.scan.request_id, "indexing", label("discovering"));
                 b.set_message(format!("{} files found", p.counts.files_discovered));
             }
         }
         if let Some(total) = p.counts.embeddings_expected {
-            let phase = match p.trigger {
+            let phase = match p.scan.trigger {
                 ScanTrigger::ModelChange => "re-embedding",
                 _ => "embedding",
             };
-            let b = self.bar(p.request_id, "embedding", label(phase));
+            let b = self.bar(p.scan.request_id, "embedding", label(phase));
             b.set_length(total);
             b.set_position(
                 p.counts.embeddings_done + p.counts.embeddings_skipped + p.counts.embeddings_failed,
@@ -127,7 +127,7 @@ impl Bars {
         }
         if p.phase.is_terminal() {
             for ((id, _), b) in self.bars.iter() {
-                if *id == p.request_id {
+                if *id == p.scan.request_id {
                     b.finish_with_message(p.phase.as_str().to_owned());
                 }
             }
@@ -203,7 +203,7 @@ pub async fn follow(socket: &Path, target: Target, mode: Render) -> Result<Vec<S
                     return Ok(Vec::new());
                 }
                 for id in tracked.clone() {
-                    if !active.iter().any(|p| p.request_id == id)
+                    if !active.iter().any(|p| p.scan.request_id == id)
                         && !finals.contains_key(&id)
                         && let Ok(p) = client.scan_get(id).await
                     {
@@ -211,7 +211,7 @@ pub async fn follow(socket: &Path, target: Target, mode: Render) -> Result<Vec<S
                         finals.insert(id, p);
                     }
                 }
-                tracked.extend(active.iter().map(|p| p.request_id));
+                tracked.extend(active.iter().map(|p| p.scan.request_id));
                 if !tracked.is_empty() && tracked.iter().all(|id| finals.contains_key(id)) {
                     return Ok(finals.into_values().collect());
                 }
@@ -227,12 +227,12 @@ pub async fn follow(socket: &Path, target: Target, mode: Render) -> Result<Vec<S
                 }
             };
             r.show(&p);
-            tracked.insert(p.request_id);
+            tracked.insert(p.scan.request_id);
             if p.phase.is_terminal() {
-                finals.insert(p.request_id, p.clone());
+                finals.insert(p.scan.request_id, p.clone());
             }
             let done = match target {
-                Target::One(id) => p.request_id == id && p.phase.is_terminal(),
+                Target::One(id) => p.scan.request_id == id && p.phase.is_terminal(),
                 Target::AllActive => tracked.iter().all(|id| finals.contains_key(id)),
             };
             if done {

@@ -247,7 +247,7 @@ async fn run(cli: Cli) -> Result<u8> {
             } else {
                 println!("added library {} at {}", lib.id, lib.path);
                 if let Some(scan) = &lib.last_scan {
-                    println!("scan queued: {}", scan.request_id);
+                    println!("scan queued: {}", scan.scan.request_id);
                 }
             }
         }

@@ -44,8 +44,8 @@ pub fn scan_summary(p: &ScanProgress) -> String {
     let mut s = format!(
         "{} {} {}: {} indexed, {} unchanged, {} removed, {} failed",
         p.phase.as_str(),
-        p.mode.as_str(),
-        p.library_path,
+        p.scan.mode.as_str(),
+        p.scan.library_path,
         p.counts.tracks_indexed,
         p.counts.tracks_unchanged,
         p.counts.tracks_removed,
@@ -68,7 +68,7 @@ pub fn progress_line(p: &ScanProgress) -> String {
     let pct = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}%"));
     let mut s = format!(
         "{} {:<11} indexing {} ({}/{}) failed {}",
-        p.request_id,
+        p.scan.request_id,
         p.phase.as_str(),
         pct(p.indexing_percent),
         p.counts.tracks_indexed + p.counts.tracks_unchanged + p.counts.tracks_failed,
@@ -228,7 +228,7 @@ pub fn libraries(libs: &[Library]) {
                         "{} {}",
                         p.phase.as_str(),
                         p.finished_at
-                            .unwrap_or(p.started_at)
+                            .unwrap_or(p.scan.started_at)
                             .format("%Y-%m-%d %H:%M:%S")
                     )
                 },
@@ -259,17 +259,17 @@ pub fn scans(list: &[ScanProgress]) {
         .iter()
         .map(|p| {
             vec![
-                short_id(&p.request_id),
+                short_id(&p.scan.request_id),
                 p.phase.as_str().to_owned(),
-                p.trigger.as_str().to_owned(),
+                p.scan.trigger.as_str().to_owned(),
                 percent(p.indexing_percent),
                 format!("{}", p.counts.tracks_indexed),
                 format!("{}", p.counts.tracks_failed),
                 percent(p.embedding_percent),
-                p.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                match &p.path {
-                    Some(sub) => format!("{}/{}", p.library_path, sub),
-                    None => p.library_path.clone(),
+                p.scan.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                match &p.scan.path {
+                    Some(sub) => format!("{}/{}", p.scan.library_path, sub),
+                    None => p.scan.library_path.clone(),
                 },
             ]
         })

@@ -294,9 +294,9 @@ pub fn status_line(active: &[Arc<ScanProgress>], tracks: Option<i64>) -> String 
             None => "idle".to_owned(),
         },
         Some(p) => {
-            let target = match &p.path {
-                Some(sub) => format!("{}/{}", p.library_path.trim_end_matches('/'), sub),
-                None => p.library_path.clone(),
+            let target = match &p.scan.path {
+                Some(sub) => format!("{}/{}", p.scan.library_path.trim_end_matches('/'), sub),
+                None => p.scan.library_path.clone(),
             };
             let mut s = match p.phase {
                 ScanPhase::Discovering => format!(
@@ -382,7 +382,7 @@ mod tests {
             "scanning /srv/music · discovering (1,234 files) · 1 queued"
         );
         let mut sub = progress(ScanPhase::Indexing, None, None);
-        sub.path = Some("Jazz".into());
+        sub.scan.path = Some("Jazz".into());
         assert_eq!(
             status_line(&[Arc::new(sub)], None),
             "scanning /srv/music/Jazz"

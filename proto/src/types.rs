@@ -409,6 +409,24 @@ impl ScanMode {
     }
 }
 
+/// Which scan: what it is and was asked to do, set when it is queued (and when a restart picks
+/// it up again). Part of every [`ScanProgress`]; the daemon registers a scan with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanInfo {
+    pub request_id: Uuid,
+    pub library_id: i64,
+    pub library_path: String,
+    /// Subdirectory of a path-targeted scan, relative to the library root.
+    pub path: Option<String>,
+    pub trigger: ScanTrigger,
+    /// Full or incremental. A queued incremental scan that a full request joins becomes full,
+    /// so a snapshot shows the mode at its time.
+    pub mode: ScanMode,
+    pub started_at: DateTime<Utc>,
+    /// Picked up again after a restart of corald.
+    pub resumed: bool,
+}
+
 /// What a scan counted, phase by phase: the counters the daemon keeps for a running scan, the
 /// columns of its `scans` row and part of every [`ScanProgress`]. A total is `None` until the
 /// phase knows it.
@@ -446,15 +464,10 @@ impl ScanCounts {
 /// never exceed 100 and are exactly 100 once the phase is over.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScanProgress {
-    pub request_id: Uuid,
-    pub library_id: i64,
-    pub library_path: String,
-    /// Subdirectory of a path-targeted scan, relative to the library root.
-    pub path: Option<String>,
-    pub trigger: ScanTrigger,
-    pub mode: ScanMode,
+    /// Which scan this is; its fields stand at the top level of the JSON object.
+    #[serde(flatten)]
+    pub scan: ScanInfo,
     pub phase: ScanPhase,
-    pub started_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     /// What the scan counted; its fields stand at the top level of the JSON object.
@@ -465,7 +478,6 @@ pub struct ScanProgress {
     pub tracks_per_second: Option<f64>,
     pub embeddings_per_second: Option<f64>,
     pub eta_seconds: Option<f64>,
-    pub resumed: bool,
     /// Why the scan failed, or a warning it ended with (e.g. "library root is empty: nothing
     /// was deleted").
     pub error: Option<String>,
@@ -484,14 +496,17 @@ impl ScanProgress {
         started_at: DateTime<Utc>,
     ) -> ScanProgress {
         ScanProgress {
-            request_id,
-            library_id,
-            library_path,
-            path: None,
-            trigger,
-            mode,
+            scan: ScanInfo {
+                request_id,
+                library_id,
+                library_path,
+                path: None,
+                trigger,
+                mode,
+                started_at,
+                resumed: false,
+            },
             phase,
-            started_at,
             updated_at: started_at,
             finished_at: None,
             counts: ScanCounts::default(),
@@ -500,7 +515,6 @@ impl ScanProgress {
             tracks_per_second: None,
             embeddings_per_second: None,
             eta_seconds: None,
-            resumed: false,
             error: None,
         }
     }
@@ -525,8 +539,8 @@ pub struct ScanFilter {
 
 impl ScanFilter {
     pub fn matches(&self, p: &ScanProgress) -> bool {
-        self.request_id.is_none_or(|r| r == p.request_id)
-            && self.library_id.is_none_or(|l| l == p.library_id)
+        self.request_id.is_none_or(|r| r == p.scan.request_id)
+            && self.library_id.is_none_or(|l| l == p.scan.library_id)
     }
 }
 
@@ -718,6 +732,54 @@ mod tests {
             serde_json::to_string(&TrackRef::Id(3)).ok().as_deref(),
             Some("3")
         );
+    }
+
+    #[test]
+    fn scan_progress_json_keeps_the_scan_and_its_counts_at_the_top_level() {
+        let mut p = ScanProgress::starting(
+            Uuid::nil(),
+            3,
+            "/srv/music".into(),
+            ScanTrigger::Manual,
+            ScanMode::Full,
+            ScanPhase::Indexing,
+            DateTime::<Utc>::UNIX_EPOCH,
+        );
+        p.scan.path = Some("Jazz".into());
+        p.counts.tracks_indexed = 7;
+        p.counts.tracks_expected = Some(9);
+        let json = serde_json::to_value(&p).unwrap_or_default();
+        let keys: Vec<&str> = json
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        for key in [
+            "request_id",
+            "library_id",
+            "library_path",
+            "path",
+            "trigger",
+            "mode",
+            "started_at",
+            "resumed",
+            "phase",
+            "files_discovered",
+            "tracks_expected",
+            "tracks_indexed",
+            "embeddings_expected",
+            "indexing_percent",
+            "error",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {json}");
+        }
+        assert!(
+            !keys.contains(&"scan") && !keys.contains(&"counts"),
+            "{json}"
+        );
+        assert_eq!(json["tracks_indexed"], 7);
+        assert_eq!(json["embeddings_expected"], serde_json::Value::Null);
+        let back: Option<ScanProgress> = serde_json::from_value(json).ok();
+        assert_eq!(back, Some(p));
     }
 
     #[test]

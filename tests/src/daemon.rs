@@ -554,7 +554,7 @@ pub async fn add_and_scan(
     let id = lib
         .last_scan
         .as_ref()
-        .map(|s| s.request_id)
+        .map(|s| s.scan.request_id)
         .context("library.add queued no scan")?;
     Ok((lib.id, wait_scan(client, id).await?))
 }

@@ -255,7 +255,7 @@ async fn a_subscriber_flood_with_clients_that_never_read_keeps_memory_bounded() 
                     .await
                     .context("a reading subscriber stopped getting notifications")?
                     .context("subscription closed")??;
-                if n.request_id == started.request_id && n.phase.is_terminal() {
+                if n.scan.request_id == started.request_id && n.phase.is_terminal() {
                     finals += 1;
                     break;
                 }

@@ -365,11 +365,12 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     let first = added
         .last_scan
         .context("library.add queued no scan")?
+        .scan
         .request_id;
     let mut last = None;
     while last.is_none() {
         let p = next_progress(&mut sub).await?;
-        if p.request_id == first && p.phase.is_terminal() {
+        if p.scan.request_id == first && p.phase.is_terminal() {
             last = Some(p);
         }
     }
@@ -382,7 +383,7 @@ async fn bridge_forwards_calls_and_guards_tokens_origins_and_input() -> Result<(
     let mut seen = Vec::new();
     loop {
         let p = next_progress(&mut sub).await?;
-        if p.request_id != started.request_id {
+        if p.scan.request_id != started.request_id {
             continue;
         }
         let end = p.phase.is_terminal();
@@ -458,11 +459,12 @@ async fn notifications_resume_after_corald_restarts() -> Result<()> {
     let added = direct
         .library_add(lib.path().to_string_lossy().into_owned())
         .await?;
-    let id = added.last_scan.context("no scan queued")?.request_id;
+    let id = added.last_scan.context("no scan queued")?.scan.request_id;
     // Mid-indexing, as seen through the bridge…
     loop {
         let p = next_progress(&mut sub).await?;
-        if p.request_id == id && p.phase == ScanPhase::Indexing && p.counts.tracks_indexed > 50 {
+        if p.scan.request_id == id && p.phase == ScanPhase::Indexing && p.counts.tracks_indexed > 50
+        {
             break;
         }
         ensure!(
@@ -486,13 +488,13 @@ async fn notifications_resume_after_corald_restarts() -> Result<()> {
     let mut resumed = None;
     while resumed.is_none() {
         let p = next_progress(&mut sub).await?;
-        if p.request_id == id && p.phase.is_terminal() {
+        if p.scan.request_id == id && p.phase.is_terminal() {
             resumed = Some(p);
         }
     }
     let p = resumed.context("no final state")?;
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
-    assert!(p.resumed, "{p:?}");
+    assert!(p.scan.resumed, "{p:?}");
     assert_eq!(
         p.counts.tracks_indexed + p.counts.tracks_unchanged,
         n,

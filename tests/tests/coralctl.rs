@@ -79,7 +79,11 @@ async fn every_command_works_end_to_end() -> Result<()> {
     ])?))?;
     assert_eq!(started.library_id, added.id);
     let scans: Vec<ScanProgress> = serde_json::from_str(&ok(&d.ctl(&["--json", "scans"])?))?;
-    assert!(scans.iter().any(|s| s.request_id == started.request_id));
+    assert!(
+        scans
+            .iter()
+            .any(|s| s.scan.request_id == started.request_id)
+    );
     let status = ok(&d.ctl(&["status"])?);
     assert!(status.contains("tracks     2"), "{status}");
 
@@ -192,7 +196,7 @@ async fn follow_survives_a_daemon_restart() -> Result<()> {
     let lib = traversable_tempdir()?;
     let n = fixtures::big_library(lib.path(), 3000)? as u64;
     let added = ctl_library_add(&d, lib.path())?;
-    let scan_id = added.last_scan.context("no scan")?.request_id;
+    let scan_id = added.last_scan.context("no scan")?.scan.request_id;
 
     let follower = Command::new(coralctl_bin())
         .arg("--socket")

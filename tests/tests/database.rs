@@ -279,6 +279,7 @@ async fn start_scan_and_wait_for(d: &Daemon, root: &Path, n: u64) -> Result<(i64
     let id = lib
         .last_scan
         .context("library.add queued no scan")?
+        .scan
         .request_id;
     eventually(
         Duration::from_secs(60),
@@ -366,7 +367,10 @@ async fn killed_postmaster_is_restarted_and_the_scan_finishes_with_nothing_lost(
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
     assert_eq!(p.counts.tracks_indexed, TRACKS as u64, "{p:?}");
     assert_eq!(p.counts.tracks_failed, 0, "{p:?}");
-    assert!(!p.resumed, "the scan ran on, it was not restarted: {p:?}");
+    assert!(
+        !p.scan.resumed,
+        "the scan ran on, it was not restarted: {p:?}"
+    );
     assert_eq!(p.error, None);
 
     let (began, ended) = status.outage().context(format!(
@@ -701,7 +705,7 @@ async fn killed_postmaster_during_embedding_loses_no_embedding() -> Result<()> {
     let lib_row = c
         .library_add(lib.path().to_string_lossy().into_owned())
         .await?;
-    let id = lib_row.last_scan.context("no scan")?.request_id;
+    let id = lib_row.last_scan.context("no scan")?.scan.request_id;
     eventually(Duration::from_secs(120), "embedding under way", || async {
         c.scan_get(id)
             .await

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use chrono::Utc;
-use coral_proto::{CoralApiClient, ScanMode, ScanPhase, ScanTrigger};
+use coral_proto::{CoralApiClient, ScanInfo, ScanMode, ScanPhase, ScanTrigger};
 use coral_tests::daemon::{Daemon, add_and_scan, scan, traversable_tempdir};
 use coral_tests::fixtures::{self, FixtureTrack};
 use coral_tests::music::{self, MusicKind};
@@ -21,7 +21,7 @@ use corald::embed::phase_2_resample::{WindowMaker, WindowPlan};
 use corald::embed::phase_3_batch::Batcher;
 use corald::embed::phase_4_infer::{self, DeviceChoice, Forward};
 use corald::embed::{CancellationToken, EmbedConfig, EmbedError, EmbedTarget, Embedder};
-use corald::progress::{ScanInfo, ScanReporter};
+use corald::progress::ScanReporter;
 use corald::similarity::{SimilarFilter, Similarity, SimilarityError};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};

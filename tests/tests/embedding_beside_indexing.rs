@@ -66,6 +66,7 @@ async fn a_file_copied_in_is_searchable_and_embedded_while_another_library_embed
     let backlog_scan = lib
         .last_scan
         .context("library.add queued no scan")?
+        .scan
         .request_id;
     eventually(
         WAIT,
@@ -111,8 +112,8 @@ async fn a_file_copied_in_is_searchable_and_embedded_while_another_library_embed
     let watcher_scan = eventually(WAIT, "the watcher scan to end", || async {
         c.scan_list(Some(100)).await.ok().and_then(|v| {
             v.into_iter().find(|p| {
-                p.library_id == fresh_id
-                    && p.trigger == ScanTrigger::FileSystemEvent
+                p.scan.library_id == fresh_id
+                    && p.scan.trigger == ScanTrigger::FileSystemEvent
                     && p.phase.is_terminal()
             })
         })

@@ -608,7 +608,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() -> Result<()> {
     let embeds = embeddings_enabled(&c).await?;
     let added = c.library_add(root.to_string_lossy().into_owned()).await?;
     let first = added.last_scan.context("library.add queued no scan")?;
-    let (p, phases) = timed_scan(&c, first.request_id).await?;
+    let (p, phases) = timed_scan(&c, first.scan.request_id).await?;
     ensure!(p.phase == ScanPhase::Completed, "{p:?}");
     counts_add_up(&p)?;
     let clean_s = phases.last().map_or(0.0, |s| s.1);
@@ -685,12 +685,12 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() -> Result<()> {
         let mut active = c.scan_active().await?;
         if matches!(target, Some(ScanPhase::Discovering | ScanPhase::Indexing)) {
             for p in active.drain(..) {
-                let p = wait_scan(&c, p.request_id).await?;
+                let p = wait_scan(&c, p.scan.request_id).await?;
                 ensure!(p.phase == ScanPhase::Completed, "{p:?}\n{}", d.log_text());
             }
         }
         let id = match active.first() {
-            Some(p) => p.request_id,
+            Some(p) => p.scan.request_id,
             None => {
                 // Idle: what the last scans left must match the disk already.
                 let files = small + long.len() - removed.map_or(0, |_| REPLICA);
@@ -767,7 +767,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() -> Result<()> {
     // Let the last resumed scan finish, then put the long tracks' mtimes back and scan once more
     // so the library is the clean run's again.
     for p in c.scan_active().await? {
-        let p = wait_scan(&c, p.request_id).await?;
+        let p = wait_scan(&c, p.scan.request_id).await?;
         ensure!(p.phase == ScanPhase::Completed, "{p:?}\n{}", d.log_text());
     }
     consistent(
@@ -799,24 +799,24 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() -> Result<()> {
         ensure!(
             p.phase == ScanPhase::Completed,
             "scan {} ended {:?}: {p:?}\n{}",
-            p.request_id,
+            p.scan.request_id,
             p.phase,
             d.log_text()
         );
         counts_add_up(p)?;
-        if interrupted.contains(&p.request_id) {
-            ensure!(p.resumed, "interrupted scan not marked resumed: {p:?}");
+        if interrupted.contains(&p.scan.request_id) {
+            ensure!(p.scan.resumed, "interrupted scan not marked resumed: {p:?}");
         }
-        if let Some(n) = expect_removed.get(&p.request_id) {
+        if let Some(n) = expect_removed.get(&p.scan.request_id) {
             ensure!(
                 p.counts.tracks_removed == *n,
                 "removed {} tracks, expected {n} (resumed {}): {p:?}",
                 p.counts.tracks_removed,
-                p.resumed
+                p.scan.resumed
             );
         }
     }
-    let listed: BTreeSet<uuid::Uuid> = all.iter().map(|p| p.request_id).collect();
+    let listed: BTreeSet<uuid::Uuid> = all.iter().map(|p| p.scan.request_id).collect();
     ensure!(
         interrupted.is_subset(&listed),
         "interrupted scans missing from scan.list"
@@ -902,7 +902,7 @@ async fn a_library_added_just_before_a_kill_is_scanned_after_the_restart() -> Re
         let libs = c.library_list().await?;
         ensure!(libs.len() == 1, "{libs:?}");
         if let Some(s) = &libs[0].last_scan {
-            break s.request_id;
+            break s.scan.request_id;
         }
         ensure!(
             Instant::now() < deadline,

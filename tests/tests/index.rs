@@ -332,7 +332,7 @@ async fn a_path_targeted_scan_touches_only_its_subtree() -> Result<()> {
     write_track(lib.path(), "two/new.mp3", "mp3", "New In Two")?;
     std::fs::remove_file(lib.path().join("one-more/c.mp3"))?;
     let p = scan(&c, id, Some("one"), false).await?;
-    assert_eq!(p.path.as_deref(), Some("one"));
+    assert_eq!(p.scan.path.as_deref(), Some("one"));
     assert_eq!(
         (
             p.counts.tracks_indexed,

@@ -111,8 +111,8 @@ async fn reembedding(d: &Daemon, library_id: i64, at_least: u64) -> Result<ScanP
         "the re-embed job to be under way",
         || async move {
             c.scan_active().await.ok()?.into_iter().find(|p| {
-                p.library_id == library_id
-                    && p.trigger == ScanTrigger::ModelChange
+                p.scan.library_id == library_id
+                    && p.scan.trigger == ScanTrigger::ModelChange
                     && p.phase == ScanPhase::Embedding
                     && p.counts.embeddings_done >= at_least
                     && p.counts
@@ -194,7 +194,7 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
     );
     let track = e.d.client().await?.track_get(query).await?;
     ensure!(track.has_embedding, "the track still has a serving vector");
-    let still = e.d.client().await?.scan_get(job.request_id).await?;
+    let still = e.d.client().await?.scan_get(job.scan.request_id).await?;
     ensure!(
         !still.phase.is_terminal(),
         "the job was still running while similar answered: {still:?}"
@@ -212,7 +212,7 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
         added.phase == ScanPhase::Completed && added.counts.embeddings_done == 1,
         "{added:?}"
     );
-    let running = c.scan_get(job.request_id).await?;
+    let running = c.scan_get(job.scan.request_id).await?;
     ensure!(
         !running.phase.is_terminal(),
         "the new file went before the re-embed job's tracks: {running:?}"
@@ -231,7 +231,7 @@ async fn similar_answers_from_the_previous_model_until_the_library_is_re_embedde
     let near_new = similar(&e.d, new_track).await?;
     ensure!(!near_new.is_empty(), "answered from the new model");
 
-    let done = wait_scan(&e.d.client().await?, job.request_id).await?;
+    let done = wait_scan(&e.d.client().await?, job.scan.request_id).await?;
     ensure!(
         done.phase == ScanPhase::Completed && done.counts.embeddings_done == e.specs.len() as u64,
         "{done:?}"
@@ -260,11 +260,11 @@ async fn a_re_embed_job_interrupted_by_a_restart_resumes_and_completes() -> Resu
     let job = reembedding(&e.d, e.library_id, 1).await?;
     // Stopped in the middle, started again at full speed: the same job resumes.
     restart(&mut e.d, &e.dir, CONFIG_B, &[]).await?;
-    let done = wait_scan(&e.d.client().await?, job.request_id).await?;
-    ensure!(done.resumed, "{done:?}");
+    let done = wait_scan(&e.d.client().await?, job.scan.request_id).await?;
+    ensure!(done.scan.resumed, "{done:?}");
     ensure!(
         done.phase == ScanPhase::Completed
-            && done.trigger == ScanTrigger::ModelChange
+            && done.scan.trigger == ScanTrigger::ModelChange
             && done.counts.embeddings_done == e.specs.len() as u64
             && done.counts.embeddings_expected == Some(e.specs.len() as u64),
         "{done:?}"
@@ -272,7 +272,7 @@ async fn a_re_embed_job_interrupted_by_a_restart_resumes_and_completes() -> Resu
     let jobs = e.d.client().await?.scan_list(Some(50)).await?;
     let reembeds = jobs
         .iter()
-        .filter(|p| p.trigger == ScanTrigger::ModelChange)
+        .filter(|p| p.scan.trigger == ScanTrigger::ModelChange)
         .count();
     ensure!(
         reembeds == 1,
@@ -295,8 +295,8 @@ async fn a_cancelled_re_embed_job_keeps_the_previous_model_serving_until_the_nex
     restart(&mut e.d, &e.dir, CONFIG_B, &[SLOW]).await?;
     let job = reembedding(&e.d, e.library_id, 1).await?;
     let c = e.d.client().await?;
-    c.scan_cancel(job.request_id).await?;
-    let ended = wait_scan(&c, job.request_id).await?;
+    c.scan_cancel(job.scan.request_id).await?;
+    let ended = wait_scan(&c, job.scan.request_id).await?;
     ensure!(ended.phase == ScanPhase::Cancelled, "{ended:?}");
     let during = similar(&e.d, query).await?;
     ensure!(same_answer(&during, &before), "{during:?} vs {before:?}");
@@ -309,19 +309,19 @@ async fn a_cancelled_re_embed_job_keeps_the_previous_model_serving_until_the_nex
     // The next start queues a new job, which completes the change.
     restart(&mut e.d, &e.dir, CONFIG_B, &[]).await?;
     let c = e.d.client().await?;
-    let next =
-        eventually(Duration::from_secs(60), "a new re-embed job", || {
-            let c = &c;
-            async move {
-                c.scan_list(Some(50)).await.ok()?.into_iter().find(|p| {
-                    p.trigger == ScanTrigger::ModelChange && p.request_id != job.request_id
-                })
-            }
-        })
-        .await?;
-    let done = wait_scan(&c, next.request_id).await?;
+    let next = eventually(Duration::from_secs(60), "a new re-embed job", || {
+        let c = &c;
+        async move {
+            c.scan_list(Some(50)).await.ok()?.into_iter().find(|p| {
+                p.scan.trigger == ScanTrigger::ModelChange
+                    && p.scan.request_id != job.scan.request_id
+            })
+        }
+    })
+    .await?;
+    let done = wait_scan(&c, next.scan.request_id).await?;
     ensure!(
-        done.phase == ScanPhase::Completed && !done.resumed,
+        done.phase == ScanPhase::Completed && !done.scan.resumed,
         "{done:?}"
     );
     old_model_gone(&e.d, old, e.library_id, e.specs.len() as i64).await?;
@@ -385,11 +385,11 @@ async fn a_file_gone_during_the_re_embed_does_not_hold_the_library_on_its_previo
          WHERE q.request_id = $1 AND q.state = 'queued' AND q.leased_by IS NULL
          ORDER BY q.track_id DESC LIMIT 1",
     )
-    .bind(job.request_id)
+    .bind(job.scan.request_id)
     .fetch_one(&mut e.d.db().await?)
     .await?;
     std::fs::remove_file(e.lib.path().join(&waiting))?;
-    let done = wait_scan(&e.d.client().await?, job.request_id).await?;
+    let done = wait_scan(&e.d.client().await?, job.scan.request_id).await?;
     ensure!(
         done.phase == ScanPhase::Completed
             && done.counts.embeddings_failed == 1

@@ -75,12 +75,12 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
     let added = c
         .library_add(lib.path().to_string_lossy().into_owned())
         .await?;
-    let id = added.last_scan.context("no scan queued")?.request_id;
+    let id = added.last_scan.context("no scan queued")?.scan.request_id;
     let mut updates = Vec::new();
     let mut resubscribed_snapshot = None;
     while let Some(p) = sub.next().await {
         let p = p?;
-        assert_eq!(p.request_id, id);
+        assert_eq!(p.scan.request_id, id);
         // Mid-scan, a second client subscribes: its first message is the current snapshot.
         if resubscribed_snapshot.is_none()
             && p.phase == ScanPhase::Indexing
@@ -97,7 +97,7 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
                 .await
                 .context("no snapshot within 2 s")?
                 .context("subscription closed")??;
-            assert_eq!(first.request_id, id);
+            assert_eq!(first.scan.request_id, id);
             assert!(!first.phase.is_terminal());
             assert!(
                 first.counts.tracks_indexed >= p.counts.tracks_indexed,
@@ -149,7 +149,12 @@ async fn subscription_gets_snapshot_monotonic_updates_and_exact_final_state() ->
 
     // Finished scans stay queryable; scan.active no longer lists it.
     assert_eq!(c.scan_get(id).await?.phase, ScanPhase::Completed);
-    assert!(c.scan_active().await?.iter().all(|p| p.request_id != id));
+    assert!(
+        c.scan_active()
+            .await?
+            .iter()
+            .all(|p| p.scan.request_id != id)
+    );
     Ok(())
 }
 
@@ -214,7 +219,7 @@ async fn cancel_stops_a_running_scan_quickly_and_leaves_the_db_consistent() -> R
     let added = c
         .library_add(lib.path().to_string_lossy().into_owned())
         .await?;
-    let id = added.last_scan.context("no scan")?.request_id;
+    let id = added.last_scan.context("no scan")?.scan.request_id;
     eventually(Duration::from_secs(60), "indexing to start", || async {
         c.scan_get(id)
             .await
@@ -259,7 +264,7 @@ async fn a_scan_killed_mid_way_resumes_with_its_request_id_and_matches_a_clean_r
     let added = c
         .library_add(lib.path().to_string_lossy().into_owned())
         .await?;
-    let id = added.last_scan.context("no scan")?.request_id;
+    let id = added.last_scan.context("no scan")?.scan.request_id;
     eventually(
         Duration::from_secs(60),
         "indexing to be under way",
@@ -276,8 +281,8 @@ async fn a_scan_killed_mid_way_resumes_with_its_request_id_and_matches_a_clean_r
     d.spawn().await?;
     let c = d.client().await?;
     let p = wait_scan(&c, id).await?;
-    assert_eq!(p.request_id, id);
-    assert!(p.resumed, "{p:?}");
+    assert_eq!(p.scan.request_id, id);
+    assert!(p.scan.resumed, "{p:?}");
     assert_eq!(p.phase, ScanPhase::Completed, "{p:?}");
     // The same counts an uninterrupted run reports.
     assert_eq!(

@@ -210,7 +210,7 @@ async fn one_library(tracks: usize) -> Result<Option<Setup>> {
     let added = c
         .library_add(lib.path().to_string_lossy().into_owned())
         .await?;
-    let scan = added.last_scan.context("no scan")?.request_id;
+    let scan = added.last_scan.context("no scan")?.scan.request_id;
     Ok(Some((server, (cfg_dir, lib), cfg, d, c, scan)))
 }
 
@@ -318,7 +318,7 @@ async fn a_worker_reads_through_its_path_map_and_skips_files_changed_since_index
         return Ok(());
     }
     let added = c.library_add(served.to_string_lossy().into_owned()).await?;
-    let scan = added.last_scan.context("no scan")?.request_id;
+    let scan = added.last_scan.context("no scan")?.scan.request_id;
     eventually(WAIT, "the scan to queue its tracks", || async {
         c.scan_get(scan)
             .await
@@ -388,7 +388,7 @@ async fn cancelling_a_scan_drops_its_queued_tracks_and_no_one_elses() -> Result<
     let mut scans = Vec::new();
     for root in [one.path(), two.path()] {
         let added = c.library_add(root.to_string_lossy().into_owned()).await?;
-        scans.push(added.last_scan.context("no scan")?.request_id);
+        scans.push(added.last_scan.context("no scan")?.scan.request_id);
     }
     for id in &scans {
         eventually(WAIT, "both scans to queue their tracks", || async {

@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use coral_proto::{ScanMode, ScanPhase, ScanTrigger};
+use coral_proto::{ScanInfo, ScanMode, ScanPhase, ScanTrigger};
 use coral_tests::daemon::traversable_tempdir;
 use corald::config::DatabaseConfig;
 use corald::db::{Database, libraries, scans};
+use corald::progress::ScanReporter;
 use corald::progress::persist;
-use corald::progress::{ScanInfo, ScanReporter};
 use tokio_util::sync::CancellationToken;
 
 /// A managed PostgreSQL with the schema, and one library to scan.

@@ -569,7 +569,7 @@ async fn fake_journald_receives_request_id_library_track_path_and_phase_fields()
     d.wait_answering(&d.socket.clone()).await?;
     let c = coral_proto::client::connect(&d.socket).await?;
     let (_, p) = coral_tests::daemon::add_and_scan(&c, &lib).await?;
-    let request_id = p.request_id.to_string();
+    let request_id = p.scan.request_id.to_string();
     let exit = d.terminate()?;
     assert!(exit.success(), "{exit}\n{}", d.log_text());
 

@@ -54,9 +54,11 @@ async fn fs_scans(c: &Client, library_id: i64) -> Result<Vec<ScanProgress>> {
         .scan_list(Some(1000))
         .await?
         .into_iter()
-        .filter(|p| p.library_id == library_id && p.trigger == ScanTrigger::FileSystemEvent)
+        .filter(|p| {
+            p.scan.library_id == library_id && p.scan.trigger == ScanTrigger::FileSystemEvent
+        })
         .collect();
-    v.sort_by_key(|p| p.started_at);
+    v.sort_by_key(|p| p.scan.started_at);
     Ok(v)
 }
 
@@ -177,13 +179,13 @@ async fn an_album_copied_in_is_indexed_once_after_the_quiet_period() -> Result<(
     let s = &scans[0];
     assert_eq!(s.phase, ScanPhase::Completed, "{s:?}");
     assert_eq!(s.counts.tracks_indexed, copied as u64, "{s:?}");
-    assert_eq!(s.mode, coral_proto::ScanMode::Incremental);
+    assert_eq!(s.scan.mode, coral_proto::ScanMode::Incremental);
     assert_eq!(
-        s.path.as_deref(),
+        s.scan.path.as_deref(),
         Some("Artist"),
         "a path-targeted scan: {s:?}"
     );
-    let waited = (s.started_at - copy_done).to_std().unwrap_or_default();
+    let waited = (s.scan.started_at - copy_done).to_std().unwrap_or_default();
     assert!(
         waited >= DEBOUNCE - Duration::from_millis(50),
         "queued only after the quiet period ({waited:?})"
@@ -404,7 +406,7 @@ async fn two_thousand_files_dropped_at_once_take_a_few_scans() -> Result<()> {
         scans.len(),
         scans
             .iter()
-            .map(|s| (&s.path, s.counts.tracks_indexed))
+            .map(|s| (&s.scan.path, s.counts.tracks_indexed))
             .collect::<Vec<_>>()
     );
     let indexed: u64 = scans.iter().map(|s| s.counts.tracks_indexed).sum();
@@ -545,7 +547,7 @@ async fn the_watch_limit_falls_back_to_polling_with_simulated_watch_limit() -> R
     assert!(
         scans
             .iter()
-            .any(|s| s.path.is_none() && s.counts.tracks_indexed == 1),
+            .any(|s| s.scan.path.is_none() && s.counts.tracks_indexed == 1),
         "{scans:#?}"
     );
     Ok(())

@@ -307,7 +307,7 @@ const MAX_REMEMBERED: usize = 4096;
 impl Pending {
     /// Queue `u` unless an equal or newer state of the same scan is queued or was sent.
     pub fn offer(&mut self, u: Update) {
-        let id = u.progress.request_id;
+        let id = u.progress.scan.request_id;
         if self.sent.get(&id).is_some_and(|s| *s >= u.seq)
             || self.waiting.get(&id).is_some_and(|w| w.seq >= u.seq)
         {
@@ -322,7 +322,7 @@ impl Pending {
             .waiting
             .values()
             .min_by_key(|u| u.seq)
-            .map(|u| u.progress.request_id)?;
+            .map(|u| u.progress.scan.request_id)?;
         let u = self.waiting.remove(&id)?;
         if self.sent.len() >= MAX_REMEMBERED {
             self.sent.clear();

@@ -124,11 +124,11 @@ impl Upstream {
         if cache
             .finished
             .iter()
-            .any(|u| u.progress.request_id == p.request_id)
+            .any(|u| u.progress.scan.request_id == p.scan.request_id)
         {
             return;
         }
-        if let Some(old) = cache.active.get(&p.request_id)
+        if let Some(old) = cache.active.get(&p.scan.request_id)
             && old.progress.updated_at > p.updated_at
         {
             return;
@@ -138,7 +138,7 @@ impl Upstream {
             seq: cache.seq,
             progress: Arc::new(p),
         };
-        let id = update.progress.request_id;
+        let id = update.progress.scan.request_id;
         if update.progress.phase.is_terminal() {
             cache.active.remove(&id);
             if cache.finished.len() == RECENT_FINISHED {
@@ -214,9 +214,9 @@ impl Upstream {
         let before: Vec<Uuid> = self
             .snapshot(None)
             .iter()
-            .map(|u| u.progress.request_id)
+            .map(|u| u.progress.scan.request_id)
             .collect();
-        let now_active: HashSet<Uuid> = active.iter().map(|p| p.request_id).collect();
+        let now_active: HashSet<Uuid> = active.iter().map(|p| p.scan.request_id).collect();
         for p in active {
             self.publish(p);
         }

@@ -33,13 +33,13 @@ pub async fn upsert<'e>(db: impl PgExecutor<'e>, p: &ScanProgress) -> sqlx::Resu
             error = EXCLUDED.error
          WHERE scans.phase NOT IN ('completed', 'failed', 'cancelled')",
     )
-    .bind(p.request_id)
-    .bind(p.library_id)
-    .bind(&p.path)
-    .bind(p.trigger.as_str())
-    .bind(p.mode.as_str())
+    .bind(p.scan.request_id)
+    .bind(p.scan.library_id)
+    .bind(&p.scan.path)
+    .bind(p.scan.trigger.as_str())
+    .bind(p.scan.mode.as_str())
     .bind(p.phase.as_str())
-    .bind(p.started_at)
+    .bind(p.scan.started_at)
     .bind(p.updated_at)
     .bind(p.finished_at)
     .bind(to_i64(p.counts.files_discovered))
@@ -52,7 +52,7 @@ pub async fn upsert<'e>(db: impl PgExecutor<'e>, p: &ScanProgress) -> sqlx::Resu
     .bind(to_i64(p.counts.embeddings_done))
     .bind(to_i64(p.counts.embeddings_skipped))
     .bind(to_i64(p.counts.embeddings_failed))
-    .bind(p.resumed)
+    .bind(p.scan.resumed)
     .bind(&p.error)
     .execute(db)
     .await?;

@@ -48,7 +48,7 @@ impl ProgressSubscriber {
                 .insert(h.request_id(), (Arc::clone(&h), h.version()));
             out.push(p);
         }
-        out.sort_by_key(|p| p.started_at);
+        out.sort_by_key(|p| p.scan.started_at);
         out
     }
 
@@ -86,7 +86,7 @@ impl ProgressSubscriber {
         // Scans that ended and were sent in their final state need no more tracking.
         self.sent
             .retain(|_, (h, v)| !(h.phase().is_terminal() && *v >= h.version()));
-        out.sort_by_key(|p| p.started_at);
+        out.sort_by_key(|p| p.scan.started_at);
         out
     }
 }
@@ -94,8 +94,8 @@ impl ProgressSubscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::progress::ScanInfo;
     use crate::progress::counters::ScanCounters;
+    use coral_proto::ScanInfo;
     use coral_proto::{ScanMode, ScanPhase, ScanTrigger};
 
     fn info(library_id: i64) -> ScanInfo {
@@ -125,7 +125,7 @@ mod tests {
         );
         let snap = sub.snapshot();
         assert_eq!(snap.len(), 1);
-        assert_eq!(snap[0].request_id, a.request_id());
+        assert_eq!(snap[0].scan.request_id, a.request_id());
 
         // Many changes while the subscriber is not looking: it gets only the latest.
         a.counters().set_tracks_expected(100);
@@ -155,7 +155,7 @@ mod tests {
         assert!(sub.snapshot().is_empty());
         let h = r.register(info(3), ScanPhase::Queued);
         let updates = sub.next_updates().await.expect("reporter alive");
-        assert_eq!(updates[0].request_id, h.request_id());
-        assert_eq!(updates[0].trigger, ScanTrigger::FileSystemEvent);
+        assert_eq!(updates[0].scan.request_id, h.request_id());
+        assert_eq!(updates[0].scan.trigger, ScanTrigger::FileSystemEvent);
     }
 }

@@ -9,4 +9,4 @@ pub mod persist;
 pub mod reporter;
 
 pub use counters::ScanCounters;
-pub use reporter::{ScanHandle, ScanInfo, ScanReporter};
+pub use reporter::{ScanHandle, ScanReporter};

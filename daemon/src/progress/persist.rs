@@ -19,13 +19,12 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use coral_proto::ScanProgress;
+use coral_proto::{ScanCounts, ScanInfo, ScanProgress};
 
-use super::reporter::{Figures, ScanHandle, ScanInfo, ScanReporter, phase_percents, scan_progress};
+use super::reporter::{Figures, ScanHandle, ScanReporter, phase_percents, scan_progress};
 use crate::db::health::{self, DbHealth, RetryError};
 use crate::db::scans::{self, ScanRow};
 use crate::liveness::Heartbeat;
-use coral_proto::ScanCounts;
 
 /// Write the scan's latest state, waiting while the database is unavailable (until `cancel`).
 pub async fn save_waiting(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use coral_proto::{ScanCounts, ScanMode, ScanPhase, ScanProgress, ScanTrigger};
+use coral_proto::{ScanCounts, ScanInfo, ScanMode, ScanPhase, ScanProgress};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -22,19 +22,6 @@ const RATE_SMOOTHING: f64 = 0.3;
 const MIN_RATE_WINDOW: Duration = Duration::from_millis(1000);
 /// Finished scans stay in memory this long so late subscribers and `scan.get` see them.
 const FINISHED_RETENTION: Duration = Duration::from_secs(120);
-
-/// What a scan is, fixed when it is registered.
-#[derive(Debug, Clone)]
-pub struct ScanInfo {
-    pub request_id: Uuid,
-    pub library_id: i64,
-    pub library_path: String,
-    pub path: Option<String>,
-    pub trigger: ScanTrigger,
-    pub mode: ScanMode,
-    pub started_at: DateTime<Utc>,
-    pub resumed: bool,
-}
 
 #[derive(Debug)]
 struct MutableState {
@@ -129,14 +116,11 @@ pub(crate) fn scan_progress(
     error: Option<String>,
 ) -> ScanProgress {
     ScanProgress {
-        request_id: info.request_id,
-        library_id: info.library_id,
-        library_path: info.library_path.clone(),
-        path: info.path.clone(),
-        trigger: info.trigger,
-        mode,
+        scan: ScanInfo {
+            mode,
+            ..info.clone()
+        },
         phase,
-        started_at: info.started_at,
         updated_at: Utc::now(),
         finished_at,
         counts: *v,
@@ -145,7 +129,6 @@ pub(crate) fn scan_progress(
         tracks_per_second: f.tracks_per_second,
         embeddings_per_second: f.embeddings_per_second,
         eta_seconds: f.eta_seconds,
-        resumed: info.resumed,
         error,
     }
 }
@@ -422,7 +405,7 @@ impl ScanReporter {
             .map(|h| h.latest())
             .filter(|p| !p.phase.is_terminal())
             .collect();
-        v.sort_by_key(|p| p.started_at);
+        v.sort_by_key(|p| p.scan.started_at);
         v
     }
 
@@ -512,6 +495,7 @@ impl ScanReporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use coral_proto::ScanTrigger;
 
     fn info() -> ScanInfo {
         ScanInfo {

@@ -294,11 +294,11 @@ impl CoralRpc {
                 .collect();
         for h in self.ctx().reporter.handles() {
             let p = (*h.latest()).clone();
-            let newer = last
-                .get(&p.library_id)
-                .is_none_or(|q| q.request_id == p.request_id || q.started_at <= p.started_at);
+            let newer = last.get(&p.scan.library_id).is_none_or(|q| {
+                q.scan.request_id == p.scan.request_id || q.scan.started_at <= p.scan.started_at
+            });
             if newer {
-                last.insert(p.library_id, p);
+                last.insert(p.scan.library_id, p);
             }
         }
         Ok(last)
@@ -444,7 +444,7 @@ impl CoralApiServer for CoralRpc {
         let limit = params::list_limit(limit);
         self.need_db()?;
         let mut out: Vec<ScanProgress> = self.scan_active().await?;
-        let mut seen: HashSet<Uuid> = out.iter().map(|p| p.request_id).collect();
+        let mut seen: HashSet<Uuid> = out.iter().map(|p| p.scan.request_id).collect();
         for row in scans::recent(&self.ctx().pool, limit)
             .await
             .map_err(db_error)?

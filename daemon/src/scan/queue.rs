@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use coral_proto::{ScanMode, ScanPhase, ScanTrigger};
+use coral_proto::{ScanInfo, ScanMode, ScanPhase, ScanTrigger};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::progress::{ScanHandle, ScanInfo, ScanReporter};
+use crate::progress::{ScanHandle, ScanReporter};
 
 /// One unit of indexing work.
 #[derive(Debug, Clone)]

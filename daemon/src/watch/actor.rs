@@ -237,7 +237,7 @@ impl Actor {
             .reporter
             .active()
             .iter()
-            .map(|p| p.library_id)
+            .map(|p| p.scan.library_id)
             .collect();
         let ids: Vec<i64> = self
             .libs
@@ -406,7 +406,10 @@ impl Actor {
     }
 
     pub(super) fn scan_active(&self, id: i64) -> bool {
-        self.reporter.active().iter().any(|p| p.library_id == id)
+        self.reporter
+            .active()
+            .iter()
+            .any(|p| p.scan.library_id == id)
     }
 
     // ----- timers ----------------------------------------------------------------------------
