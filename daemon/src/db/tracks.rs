@@ -4,7 +4,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use coral_proto::{Track, TrackTags};
 
-use crate::track::ProbedTrack;
+use crate::track::{AudioProperties, ProbedTrack};
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -115,7 +115,9 @@ pub async fn upsert_batch(
     }
     macro_rules! audio {
         ($f:ident) => {
-            rows.iter().map(|r| r.probed.$f.clone()).collect::<Vec<_>>()
+            rows.iter()
+                .map(|r| r.probed.audio.$f.clone())
+                .collect::<Vec<_>>()
         };
     }
     macro_rules! tag {
@@ -233,13 +235,10 @@ pub struct TrackRecord {
     pub rel_path_text: String,
     pub size: i64,
     pub mtime_ns: i64,
+    /// `AudioFormat::as_str` of the probe that wrote the row, as stored.
     pub format: String,
-    pub codec: Option<String>,
-    pub duration_ms: i64,
-    pub sample_rate: Option<i32>,
-    pub channels: Option<i32>,
-    pub bit_depth: Option<i32>,
-    pub bitrate_kbps: Option<i32>,
+    #[sqlx(flatten)]
+    pub audio: AudioProperties,
     pub title: Option<String>,
     pub artist: Option<String>,
     pub album: Option<String>,
@@ -276,12 +275,12 @@ impl From<TrackRecord> for Track {
             size: r.size,
             modified_at: Utc.timestamp_nanos(r.mtime_ns),
             format: r.format,
-            codec: r.codec,
-            duration_seconds: r.duration_ms as f64 / 1000.0,
-            sample_rate: r.sample_rate,
-            channels: r.channels,
-            bit_depth: r.bit_depth,
-            bitrate_kbps: r.bitrate_kbps,
+            codec: r.audio.codec,
+            duration_seconds: r.audio.duration_ms as f64 / 1000.0,
+            sample_rate: r.audio.sample_rate,
+            channels: r.audio.channels,
+            bit_depth: r.audio.bit_depth,
+            bitrate_kbps: r.audio.bitrate_kbps,
             tags: TrackTags {
                 title: r.title,
                 album: r.album,
