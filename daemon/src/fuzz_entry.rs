@@ -417,7 +417,8 @@ fn with_file<T>(data: &[u8], f: impl FnOnce(&Path) -> T) -> Result<T, Violation>
 const MAX_TAG_BYTES: usize = 1024;
 
 fn check_track(t: &ProbedTrack) -> Result<(), Violation> {
-    if t.duration_ms < 0 {
+    let a = &t.audio;
+    if a.duration_ms < 0 {
         return violation(format!("negative duration: {t:?}"));
     }
     let g = &t.tags;
@@ -447,7 +448,7 @@ fn check_track(t: &ProbedTrack) -> Result<(), Violation> {
     if texts.any(|s| s.is_empty() || s.len() > MAX_TAG_BYTES || s.chars().any(char::is_control)) {
         return violation(format!("tag text not cleaned: {t:?}"));
     }
-    let positive = [t.sample_rate, t.channels, t.bit_depth, t.bitrate_kbps];
+    let positive = [a.sample_rate, a.channels, a.bit_depth, a.bitrate_kbps];
     if positive.iter().flatten().any(|v| *v <= 0) {
         return violation(format!("non-positive audio property: {t:?}"));
     }
@@ -465,7 +466,7 @@ pub fn probe_bytes(data: &[u8]) -> Result<Outcome, Violation> {
             Ok(Outcome::Accepted(format!(
                 "{} {} ms",
                 t.format.as_str(),
-                t.duration_ms
+                t.audio.duration_ms
             )))
         }
         Err(e) => {
@@ -497,7 +498,7 @@ pub fn embed_decode_bytes(data: &[u8]) -> Result<Outcome, Violation> {
     phase_2_probe::ffprobe::set_enabled(false);
     let result = with_file(data, |path| {
         let duration_s = match phase_2_probe::probe_file(path) {
-            Ok(t) => t.duration_ms as f64 / 1000.0,
+            Ok(t) => t.audio.duration_ms as f64 / 1000.0,
             Err(_) => 1.0,
         };
         // As the daemon's decode threads do: a panic fails the track, not the daemon.

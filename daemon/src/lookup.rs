@@ -178,7 +178,7 @@ fn by_artist_title(found: Vec<TrackRecord>, q: &LookupQuery) -> Vec<TrackRecord>
         .filter(|t| t.title.as_deref().map(fold).as_ref() == Some(title))
         .filter(|t| credits(t, artist))
         .filter_map(|t| {
-            let off = q.duration_ms.map_or(0, |d| (t.duration_ms - d).abs());
+            let off = q.duration_ms.map_or(0, |d| (t.audio.duration_ms - d).abs());
             if off > DURATION_TOLERANCE_MS {
                 return None;
             }

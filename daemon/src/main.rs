@@ -177,12 +177,12 @@ fn probe_files(paths: &[PathBuf]) -> ExitCode {
             Ok(t) => serde_json::json!({
                 "path": path.to_string_lossy(),
                 "format": t.format.as_str(),
-                "codec": t.codec,
-                "duration_seconds": t.duration_ms as f64 / 1000.0,
-                "sample_rate": t.sample_rate,
-                "channels": t.channels,
-                "bit_depth": t.bit_depth,
-                "bitrate_kbps": t.bitrate_kbps,
+                "codec": t.audio.codec,
+                "duration_seconds": t.audio.duration_ms as f64 / 1000.0,
+                "sample_rate": t.audio.sample_rate,
+                "channels": t.audio.channels,
+                "bit_depth": t.audio.bit_depth,
+                "bitrate_kbps": t.audio.bitrate_kbps,
                 "tags": t.tags,
             }),
             Err(e) => {

@@ -1,6 +1,7 @@
 //! The one shape of what a probe reads from an audio file — its format, audio properties and
 //! tags — from the probe (`scan::phase_2_probe`) through the row written to `tracks`
-//! (`db::tracks::TrackRow` holds it as it is). The tags' shape, `TrackTags`, is the wire's
+//! (`db::tracks::TrackRow` holds it as it is) and back (`db::tracks::TrackRecord` reads the
+//! audio properties as `AudioProperties`). The tags' shape, `TrackTags`, is the wire's
 //! (`coral_proto`). A leaf: it imports nothing else of corald.
 
 use std::fmt;
@@ -94,6 +95,14 @@ impl fmt::Display for AudioFormat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbedTrack {
     pub format: AudioFormat,
+    pub audio: AudioProperties,
+    pub tags: TrackTags,
+}
+
+/// The audio stream's properties: what the probe reads, what `tracks` stores (read back
+/// into `db::tracks::TrackRecord` as these columns).
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct AudioProperties {
     /// Codec inside the container, e.g. "mp3", "flac", "vorbis", "opus", "aac", "alac",
     /// "pcm_s16le", "pcm_s16be", "wmav2".
     pub codec: Option<String>,
@@ -102,5 +111,4 @@ pub struct ProbedTrack {
     pub channels: Option<i32>,
     pub bit_depth: Option<i32>,
     pub bitrate_kbps: Option<i32>,
-    pub tags: TrackTags,
 }

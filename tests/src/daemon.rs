@@ -38,6 +38,63 @@ pub fn coralctl_bin() -> PathBuf {
     bin_dir().join("coralctl")
 }
 
+/// A `coralctl bridge` started on an ephemeral loopback port: the process (killed on drop),
+/// its stdout (keep it open: the bridge must not get EPIPE on later prints) and the port.
+pub struct StartedBridge {
+    pub child: tokio::process::Child,
+    pub stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+    pub port: u16,
+}
+
+/// `coralctl --socket SOCKET bridge --listen 127.0.0.1:0 EXTRA…`, its stderr to `stderr`, once
+/// it has printed the address it listens on. `log`: the file `stderr` writes, shown when no
+/// address comes.
+pub async fn start_bridge(
+    socket: &Path,
+    extra: &[&str],
+    stderr: Stdio,
+    log: Option<&Path>,
+) -> Result<StartedBridge> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(coralctl_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(["bridge", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("CORAL_BRIDGE_TOKEN")
+        .env_remove("CORAL_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", coralctl_bin().display()))?;
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().context("no stdout")?);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+        .await
+        .context("the bridge printed nothing within 30 s")??;
+    // "coralctl bridge: listening on http://127.0.0.1:PORT/ (…)"
+    let port = line
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .with_context(|| {
+            let log =
+                log.map(|l| format!("; log:\n{}", std::fs::read_to_string(l).unwrap_or_default()));
+            format!(
+                "no listening address in {line:?}{}",
+                log.unwrap_or_default()
+            )
+        })?;
+    Ok(StartedBridge {
+        child,
+        stdout,
+        port,
+    })
+}
+
 /// A temporary directory an unprivileged PostgreSQL user can traverse (tests run as root in CI).
 pub fn traversable_tempdir() -> Result<tempfile::TempDir> {
     let dir = tempfile::Builder::new().prefix("coral-test-").tempdir()?;

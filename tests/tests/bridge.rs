@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use coral_proto::{CoralApiClient, LibrarySelector, ScanPhase, ScanProgress, codes};
-use coral_tests::daemon::{Daemon, add_and_scan, coralctl_bin, eventually, traversable_tempdir};
+use coral_tests::daemon::{
+    Daemon, StartedBridge, add_and_scan, eventually, start_bridge, traversable_tempdir,
+};
 use coral_tests::fixtures;
 use coral_tests::http::request;
 use jsonrpsee::async_client::{Client, ClientBuilder};
@@ -51,36 +53,11 @@ impl Bridge {
     async fn start(socket: &Path, log_dir: &Path, extra: &[&str]) -> Result<Bridge> {
         let log = log_dir.join("bridge.log");
         let stderr = std::fs::File::create(&log)?;
-        let mut child = Command::new(coralctl_bin())
-            .arg("--socket")
-            .arg(socket)
-            .args(["bridge", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env_remove("CORAL_BRIDGE_TOKEN")
-            .env_remove("CORAL_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", coralctl_bin().display()))?;
-        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-        let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
-            .await
-            .context("the bridge printed nothing within 30 s")??;
-        // "coralctl bridge: listening on http://127.0.0.1:PORT/ (…)"
-        let port = line
-            .split("http://127.0.0.1:")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|p| p.parse::<u16>().ok())
-            .with_context(|| {
-                format!(
-                    "no listening address in {line:?}; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            })?;
+        let StartedBridge {
+            child,
+            stdout,
+            port,
+        } = start_bridge(socket, extra, stderr.into(), Some(&log)).await?;
         Ok(Bridge {
             child,
             _stdout: stdout,

@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use coral_proto::ScanPhase;
-use coral_tests::daemon::{Daemon, add_and_scan, coralctl_bin, eventually, traversable_tempdir};
+use coral_tests::daemon::{
+    Daemon, StartedBridge, add_and_scan, eventually, start_bridge, traversable_tempdir,
+};
 use coral_tests::fixtures::{self, FixtureTrack};
 use coral_tests::http::exchange;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UnixStream};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const TOKEN: &str = "http-token-0123456789";
 /// The bridge's error code for a missing token (ctl/src/bridge/rpc.rs).
@@ -28,30 +30,11 @@ struct Bridge {
 }
 
 async fn bridge(socket: &Path, extra: &[&str]) -> Result<Bridge> {
-    let mut child = Command::new(coralctl_bin())
-        .arg("--socket")
-        .arg(socket)
-        .args(["bridge", "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .env_remove("CORAL_BRIDGE_TOKEN")
-        .env_remove("CORAL_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", coralctl_bin().display()))?;
-    let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-    let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
-        .await
-        .context("the bridge printed nothing within 30 s")??;
-    let port = line
-        .split("http://127.0.0.1:")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|p| p.parse::<u16>().ok())
-        .with_context(|| format!("no listening address in {line:?}"))?;
+    let StartedBridge {
+        child,
+        mut stdout,
+        port,
+    } = start_bridge(socket, extra, Stdio::inherit(), None).await?;
     // Keep the pipe open: the bridge must not get EPIPE on later prints.
     tokio::spawn(async move {
         let mut sink = Vec::new();

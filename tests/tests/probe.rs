@@ -37,29 +37,29 @@ fn assert_matches_fixture(got: &ProbedTrack, want: &FixtureTrack) {
         "{name}: format"
     );
     assert_eq!(
-        got.codec.as_deref(),
+        got.audio.codec.as_deref(),
         Some(want.expected_codec()),
         "{name}: codec"
     );
     assert_eq!(
-        got.sample_rate,
+        got.audio.sample_rate,
         Some(want.sample_rate() as i32),
         "{name}: rate"
     );
-    assert_eq!(got.channels, Some(2), "{name}: channels");
+    assert_eq!(got.audio.channels, Some(2), "{name}: channels");
     assert_eq!(
-        got.bit_depth,
+        got.audio.bit_depth,
         want.bit_depth().map(|b| b as i32),
         "{name}: bit depth"
     );
     // Lossy encoders add a frame or two of padding (MP3 ~30 ms, AAC ~23 ms).
     let want_ms = (want.duration_s * 1000.0).round() as i64;
     assert!(
-        (got.duration_ms - want_ms).abs() <= 60,
+        (got.audio.duration_ms - want_ms).abs() <= 60,
         "{name}: duration {} ms, want {want_ms} ms",
-        got.duration_ms
+        got.audio.duration_ms
     );
-    let bitrate = got.bitrate_kbps.unwrap_or(0);
+    let bitrate = got.audio.bitrate_kbps.unwrap_or(0);
     assert!(
         (16..=1500).contains(&bitrate),
         "{name}: bitrate {bitrate} kbit/s"
@@ -121,7 +121,12 @@ fn lossless_bitrates_are_plausible_for_pcm() {
     {
         let got = probe_ok(&dir.path().join(&t.rel_path));
         // 44.1 kHz × 16 bit × 2 channels
-        assert_eq!(got.bitrate_kbps, Some(1411), "{}", t.rel_path.display());
+        assert_eq!(
+            got.audio.bitrate_kbps,
+            Some(1411),
+            "{}",
+            t.rel_path.display()
+        );
     }
 }
 

@@ -13,7 +13,7 @@ use coral_tests::fixtures::encode_into_place_with;
 use coral_tests::tagger::{self, Flavour};
 use corald::db::tracks::TrackRow;
 use corald::scan::phase_3_store;
-use corald::track::{AudioFormat, ProbedTrack};
+use corald::track::{AudioFormat, AudioProperties, ProbedTrack};
 use sqlx::Row;
 
 fn encode(dir: &Path, name: &str, codec: &[&str]) -> Result<PathBuf> {
@@ -128,12 +128,11 @@ fn row(rel: &str, title: &str) -> TrackRow {
         mtime_ns: 1,
         probed: ProbedTrack {
             format: AudioFormat::Mp3,
-            codec: Some("mp3".into()),
-            duration_ms: 1000,
-            sample_rate: None,
-            channels: None,
-            bit_depth: None,
-            bitrate_kbps: None,
+            audio: AudioProperties {
+                codec: Some("mp3".into()),
+                duration_ms: 1000,
+                ..Default::default()
+            },
             tags: coral_proto::TrackTags {
                 title: Some(title.to_owned()),
                 ..Default::default()

@@ -200,11 +200,11 @@ fn formats_only_ffmpeg_reads_are_indexed_with_duration_and_tags() -> Result<()> 
         let path = encode(dir.path(), name, 5.0, codec)?;
         let t = probe_ok(&path);
         assert_eq!(t.format, format, "{name}");
-        assert_eq!(t.codec.as_deref(), Some(want_codec), "{name}");
-        let secs = t.duration_ms as f64 / 1000.0;
+        assert_eq!(t.audio.codec.as_deref(), Some(want_codec), "{name}");
+        let secs = t.audio.duration_ms as f64 / 1000.0;
         assert!((secs - 5.0).abs() < 0.1, "{name}: {secs} s");
         assert!(
-            t.sample_rate.is_some() && t.channels == Some(2),
+            t.audio.sample_rate.is_some() && t.audio.channels == Some(2),
             "{name}: {t:?}"
         );
         // The title ffmpeg wrote is read back through FFmpeg's reader too (raw AC-3 has no
@@ -240,7 +240,7 @@ fn a_wav_written_to_a_pipe_is_read_with_ffmpeg() -> Result<()> {
     fs::write(&path, &out.stdout)?;
     let t = probe_ok(&path);
     assert_eq!(t.format, AudioFormat::Wav);
-    let secs = t.duration_ms as f64 / 1000.0;
+    let secs = t.audio.duration_ms as f64 / 1000.0;
     assert!((secs - 3.0).abs() < 0.1, "{secs}");
     Ok(())
 }
@@ -305,7 +305,7 @@ fn adts_aac_and_headerless_vbr_mpeg_durations_are_within_one_percent() -> Result
         let args = ["-f", "lavfi", "-i", src.as_str()];
         let input: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
         let path = encode_into_place_with(dir.path(), name, &input, codec)?;
-        let secs = probe_ok(&path).duration_ms as f64 / 1000.0;
+        let secs = probe_ok(&path).audio.duration_ms as f64 / 1000.0;
         assert!((secs - 60.0).abs() < 0.6, "{name}: {secs} s");
     }
     Ok(())
@@ -334,6 +334,9 @@ fn a_broken_rating_or_year_frame_loses_only_that_frame() -> Result<()> {
     let t = probe_ok(&path);
     assert_eq!(t.tags.title.as_deref(), Some("Broken Rating"));
     assert_eq!(t.tags.artists, ["Still Read"]);
-    assert!((t.duration_ms as f64 / 1000.0 - 3.0).abs() < 0.1, "{t:?}");
+    assert!(
+        (t.audio.duration_ms as f64 / 1000.0 - 3.0).abs() < 0.1,
+        "{t:?}"
+    );
     Ok(())
 }

@@ -338,19 +338,14 @@ async fn centroid_matches(d: &Daemon, count: i64) -> Result<()> {
 async fn upgrading_a_database_with_vectors_fills_the_mean() -> Result<()> {
     use MusicKind::*;
     let lib = traversable_tempdir()?;
-    make(
-        lib.path(),
-        &[
-            spec("a0.flac", Drums, 0, 21.0, "A", "a0"),
-            spec("a1.flac", Chords, 0, 23.0, "B", "a1"),
-            spec("a2.flac", DistortedSaw, 0, 25.0, "C", "a2"),
-        ],
-    )?;
-    let (mut d, _config) = daemon(&[]).await?;
-    if !embeddings_on(&d).await? {
+    let specs = [
+        spec("a0.flac", Drums, 0, 21.0, "A", "a0"),
+        spec("a1.flac", Chords, 0, 23.0, "B", "a1"),
+        spec("a2.flac", DistortedSaw, 0, 25.0, "C", "a2"),
+    ];
+    let Some((mut d, _config)) = one_embedded_library(lib.path(), &specs).await? else {
         return Ok(());
-    }
-    scan_all(&d, lib.path(), 3).await?;
+    };
     // Back to the schema of migration 0004, the vectors kept: what an older release left.
     {
         let mut db = d.db().await?;

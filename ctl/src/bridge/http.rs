@@ -125,38 +125,46 @@ fn presented_tokens<B>(req: &Request<B>, offered: &[String]) -> Vec<String> {
     out
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<HttpBody> {
-    let mut r = Response::new(HttpBody::from(body.into()));
+/// A response of `status` with `body` and these headers.
+fn respond(
+    status: StatusCode,
+    body: HttpBody,
+    headers: &[(header::HeaderName, &'static str)],
+) -> Response<HttpBody> {
+    let mut r = Response::new(body);
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    let h = r.headers_mut();
+    for (name, value) in headers {
+        h.insert(name.clone(), HeaderValue::from_static(value));
+    }
     r
 }
 
+fn text(status: StatusCode, body: impl Into<String>) -> Response<HttpBody> {
+    respond(
+        status,
+        HttpBody::from(body.into()),
+        &[(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+    )
+}
+
 fn asset(content_type: &'static str, body: &'static str) -> Response<HttpBody> {
-    let mut r = Response::new(HttpBody::from(body));
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    // The page's URL may carry the token: never send it on.
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; connect-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-        ),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    r
+    respond(
+        StatusCode::OK,
+        HttpBody::from(body),
+        &[
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            // The page's URL may carry the token: never send it on.
+            (header::REFERRER_POLICY, "no-referrer"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; connect-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+    )
 }
 
 impl Server {
@@ -327,18 +335,14 @@ fn token_required() -> Response<HttpBody> {
                         `Authorization: Bearer TOKEN` (or ?token=TOKEN)",
         },
     });
-    let mut r = Response::new(HttpBody::from(body.to_string()));
-    *r.status_mut() = StatusCode::UNAUTHORIZED;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"coral\""),
-    );
-    r
+    respond(
+        StatusCode::UNAUTHORIZED,
+        HttpBody::from(body.to_string()),
+        &[
+            (header::CONTENT_TYPE, "application/json"),
+            (header::WWW_AUTHENTICATE, "Bearer realm=\"coral\""),
+        ],
+    )
 }
 
 /// The forwarded API for one connection or request, or the 500 answer saying why not.

@@ -4,7 +4,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use coral_proto::{Track, TrackTags};
 
-use crate::track::ProbedTrack;
+use crate::track::{AudioProperties, ProbedTrack};
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -115,7 +115,9 @@ pub async fn upsert_batch(
     }
     macro_rules! audio {
         ($f:ident) => {
-            rows.iter().map(|r| r.probed.$f.clone()).collect::<Vec<_>>()
+            rows.iter()
+                .map(|r| r.probed.audio.$f.clone())
+                .collect::<Vec<_>>()
         };
     }
     macro_rules! tag {
@@ -233,13 +235,10 @@ pub struct TrackRecord {
     pub rel_path_text: String,
     pub size: i64,
     pub mtime_ns: i64,
+    /// `AudioFormat::as_str` of the probe that wrote the row, as stored.
     pub format: String,
-    pub codec: Option<String>,
-    pub duration_ms: i64,
-    pub sample_rate: Option<i32>,
-    pub channels: Option<i32>,
-    pub bit_depth: Option<i32>,
-    pub bitrate_kbps: Option<i32>,
+    #[sqlx(flatten)]
+    pub audio: AudioProperties,
     pub title: Option<String>,
     pub artist: Option<String>,
     pub album: Option<String>,
@@ -276,12 +275,12 @@ impl From<TrackRecord> for Track {
             size: r.size,
             modified_at: Utc.timestamp_nanos(r.mtime_ns),
             format: r.format,
-            codec: r.codec,
-            duration_seconds: r.duration_ms as f64 / 1000.0,
-            sample_rate: r.sample_rate,
-            channels: r.channels,
-            bit_depth: r.bit_depth,
-            bitrate_kbps: r.bitrate_kbps,
+            codec: r.audio.codec,
+            duration_seconds: r.audio.duration_ms as f64 / 1000.0,
+            sample_rate: r.audio.sample_rate,
+            channels: r.audio.channels,
+            bit_depth: r.audio.bit_depth,
+            bitrate_kbps: r.audio.bitrate_kbps,
             tags: TrackTags {
                 title: r.title,
                 album: r.album,
@@ -460,89 +459,6 @@ pub async fn count(pool: &PgPool) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT count(*) FROM tracks")
         .fetch_one(pool)
         .await
-}
-
-/// Apply a rename or move inside one library to the database: the file `from` (with `is_dir`,
-/// every file below the directory `from`) is now at `to`. Track ids stay, and with them their
-/// embeddings; scan-error rows move along. Rows already at the destination describe files the
-/// move replaced (rename(2) replaces a file, and only an empty directory) and are deleted —
-/// for a single file only when the source row exists, so an unknown file renamed over a known
-/// one keeps the known row for the rescan to update. Returns the number of tracks moved.
-pub async fn move_path(
-    pool: &PgPool,
-    library_id: i64,
-    from: &[u8],
-    to: &[u8],
-    is_dir: bool,
-) -> sqlx::Result<u64> {
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let mut tx = pool.begin().await?;
-    let mut moved = 0;
-    if is_dir {
-        let (lo, hi) = subtree_range(from);
-        let (to_lo, to_hi) = subtree_range(to);
-        let from_text = format!("{}/", text(from));
-        let to_text = format!("{}/", text(to));
-        // 1-based positions just past the old prefix (bytes for rel_path, characters for text).
-        let cut_bytes = i32::try_from(lo.len() + 1).unwrap_or(i32::MAX);
-        let cut_chars = i32::try_from(from_text.chars().count() + 1).unwrap_or(i32::MAX);
-        for table in ["tracks", "scan_errors"] {
-            // `table` is one of two literals above: nothing outside reaches the SQL text.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM {table} WHERE library_id = $1 AND rel_path >= $2 AND rel_path < $3"
-            )))
-            .bind(library_id)
-            .bind(&to_lo)
-            .bind(&to_hi)
-            .execute(&mut *tx)
-            .await?;
-            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE {table} SET
-                    rel_path = $4::bytea || substring(rel_path FROM $5::int4),
-                    rel_path_text = $6::text || substring(rel_path_text FROM $7::int4)
-                 WHERE library_id = $1 AND rel_path >= $2 AND rel_path < $3"
-            )))
-            .bind(library_id)
-            .bind(&lo)
-            .bind(&hi)
-            .bind(&to_lo)
-            .bind(cut_bytes)
-            .bind(&to_text)
-            .bind(cut_chars)
-            .execute(&mut *tx)
-            .await?;
-            if table == "tracks" {
-                moved = done.rows_affected();
-            }
-        }
-    } else {
-        for table in ["tracks", "scan_errors"] {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM {table} WHERE library_id = $1 AND rel_path = $2
-                   AND EXISTS (SELECT 1 FROM {table} WHERE library_id = $1 AND rel_path = $3)"
-            )))
-            .bind(library_id)
-            .bind(to)
-            .bind(from)
-            .execute(&mut *tx)
-            .await?;
-            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE {table} SET rel_path = $3, rel_path_text = $4
-                 WHERE library_id = $1 AND rel_path = $2"
-            )))
-            .bind(library_id)
-            .bind(from)
-            .bind(to)
-            .bind(text(to))
-            .execute(&mut *tx)
-            .await?;
-            if table == "tracks" {
-                moved = done.rows_affected();
-            }
-        }
-    }
-    tx.commit().await?;
-    Ok(moved)
 }
 
 /// `(id, rel_path, duration_ms)` of every track a scan wrote: the embedding phase's work.

@@ -220,8 +220,12 @@ pub async fn delete_vanished(
     Ok(removed)
 }
 
-/// Apply a rename or move inside one library in place (`tracks::move_path`: same track ids,
-/// so the same embeddings; scan-error rows move along); returns the number of tracks moved.
+/// Apply a rename or move inside one library in place: the file `from` (with `is_dir`, every
+/// file below the directory `from`) is now at `to`. Track ids stay, and with them their
+/// embeddings; scan-error rows move along. Rows already at the destination describe files the
+/// move replaced (rename(2) replaces a file, and only an empty directory) and are deleted —
+/// for a single file only when the source row exists, so an unknown file renamed over a known
+/// one keeps the known row for the rescan to update. Returns the number of tracks moved.
 /// One attempt, never waiting out an outage: the watcher rescans the directory when this fails.
 pub async fn move_in_place(
     pool: &PgPool,
@@ -230,5 +234,72 @@ pub async fn move_in_place(
     to: &[u8],
     is_dir: bool,
 ) -> sqlx::Result<u64> {
-    tracks::move_path(pool, library_id, from, to, is_dir).await
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut tx = pool.begin().await?;
+    let mut moved = 0;
+    if is_dir {
+        let (lo, hi) = tracks::subtree_range(from);
+        let (to_lo, to_hi) = tracks::subtree_range(to);
+        let from_text = format!("{}/", text(from));
+        let to_text = format!("{}/", text(to));
+        // 1-based positions just past the old prefix (bytes for rel_path, characters for text).
+        let cut_bytes = i32::try_from(lo.len() + 1).unwrap_or(i32::MAX);
+        let cut_chars = i32::try_from(from_text.chars().count() + 1).unwrap_or(i32::MAX);
+        for table in ["tracks", "scan_errors"] {
+            // `table` is one of two literals above: nothing outside reaches the SQL text.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE library_id = $1 AND rel_path >= $2 AND rel_path < $3"
+            )))
+            .bind(library_id)
+            .bind(&to_lo)
+            .bind(&to_hi)
+            .execute(&mut *tx)
+            .await?;
+            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE {table} SET
+                    rel_path = $4::bytea || substring(rel_path FROM $5::int4),
+                    rel_path_text = $6::text || substring(rel_path_text FROM $7::int4)
+                 WHERE library_id = $1 AND rel_path >= $2 AND rel_path < $3"
+            )))
+            .bind(library_id)
+            .bind(&lo)
+            .bind(&hi)
+            .bind(&to_lo)
+            .bind(cut_bytes)
+            .bind(&to_text)
+            .bind(cut_chars)
+            .execute(&mut *tx)
+            .await?;
+            if table == "tracks" {
+                moved = done.rows_affected();
+            }
+        }
+    } else {
+        for table in ["tracks", "scan_errors"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE library_id = $1 AND rel_path = $2
+                   AND EXISTS (SELECT 1 FROM {table} WHERE library_id = $1 AND rel_path = $3)"
+            )))
+            .bind(library_id)
+            .bind(to)
+            .bind(from)
+            .execute(&mut *tx)
+            .await?;
+            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE {table} SET rel_path = $3, rel_path_text = $4
+                 WHERE library_id = $1 AND rel_path = $2"
+            )))
+            .bind(library_id)
+            .bind(from)
+            .bind(to)
+            .bind(text(to))
+            .execute(&mut *tx)
+            .await?;
+            if table == "tracks" {
+                moved = done.rows_affected();
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(moved)
 }

@@ -30,7 +30,7 @@ impl RecordingKey {
                 .map(|m| m.trim().to_ascii_lowercase())
                 .filter(|m| !m.is_empty()),
             artist_title: artist.zip(title),
-            duration_ms: t.duration_ms,
+            duration_ms: t.audio.duration_ms,
         }
     }
 
@@ -162,6 +162,7 @@ pub fn unit(v: &[f64]) -> Option<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::track::AudioProperties;
     use chrono::Utc;
 
     fn track(id: i64, artist: &str, title: &str, ms: i64, mbid: Option<&str>) -> TrackRecord {
@@ -173,12 +174,10 @@ mod tests {
             size: 1,
             mtime_ns: 0,
             format: "flac".into(),
-            codec: None,
-            duration_ms: ms,
-            sample_rate: None,
-            channels: None,
-            bit_depth: None,
-            bitrate_kbps: None,
+            audio: AudioProperties {
+                duration_ms: ms,
+                ..AudioProperties::default()
+            },
             title: Some(title.into()),
             artist: Some(artist.into()),
             album: None,

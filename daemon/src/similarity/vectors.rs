@@ -99,17 +99,8 @@ pub async fn candidates(
 ) -> sqlx::Result<Vec<(i64, f64)>> {
     let centred: Vec<f32> = query.iter().zip(mean).map(|(q, m)| q - m).collect();
     let mut tx = pool.begin().await?;
-    let rows: Vec<(i64, Option<f64>)> = if exact {
-        sqlx::query_as(AssertSqlSafe(exact_sql(model)))
-            .bind(Vector::from(mean.to_vec()))
-            .bind(Vector::from(centred))
-            .bind(&scope.exclude)
-            .bind(&scope.library_ids)
-            .bind(scope.min_ms)
-            .bind(scope.max_ms)
-            .bind(i64::from(k))
-            .fetch_all(&mut *tx)
-            .await?
+    let sql = if exact {
+        exact_sql(model)
     } else {
         // ef_search is at most 1000; the iterative scan goes on past it while filtered rows
         // leave the LIMIT unmet.
@@ -120,18 +111,23 @@ pub async fn candidates(
         sqlx::query("SET LOCAL hnsw.iterative_scan = relaxed_order")
             .execute(&mut *tx)
             .await?;
-        sqlx::query_as(AssertSqlSafe(index_sql(model)))
-            .bind(Vector::from(mean.to_vec()))
-            .bind(Vector::from(centred))
-            .bind(&scope.exclude)
-            .bind(&scope.library_ids)
-            .bind(scope.min_ms)
-            .bind(scope.max_ms)
-            .bind(Vector::from(query.to_vec()))
-            .bind(i64::from(k))
-            .fetch_all(&mut *tx)
-            .await?
+        index_sql(model)
     };
+    // `$1`..`$6` are the same in both statements: the mean, the centred query, the filters.
+    let shared = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(Vector::from(mean.to_vec()))
+        .bind(Vector::from(centred))
+        .bind(&scope.exclude)
+        .bind(&scope.library_ids)
+        .bind(scope.min_ms)
+        .bind(scope.max_ms);
+    // Then the exact scan's `$7` count, or the index search's `$7` raw query and `$8` count.
+    let statement = if exact {
+        shared
+    } else {
+        shared.bind(Vector::from(query.to_vec()))
+    };
+    let rows: Vec<(i64, Option<f64>)> = statement.bind(i64::from(k)).fetch_all(&mut *tx).await?;
     tx.commit().await?;
     // A vector equal to the mean has no direction: pgvector answers NaN; it is unrelated (0).
     Ok(rows

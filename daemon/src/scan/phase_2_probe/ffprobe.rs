@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::tags::{TagsBuilder, ffmpeg_field};
-use super::{AudioFormat, ProbeError, ProbedTrack};
+use super::{AudioFormat, AudioProperties, ProbeError, ProbedTrack};
 
 /// Longest an ffprobe run may take.
 pub const TIME_LIMIT: Duration = Duration::from_secs(10);
@@ -261,13 +261,15 @@ fn track_from(path: &Path, format: AudioFormat, out: Output) -> Result<ProbedTra
     }
     Ok(ProbedTrack {
         format,
-        codec: stream.codec_name.filter(|c| !c.is_empty() && c.len() < 64),
-        duration_ms: (secs * 1000.0).round().min(i64::MAX as f64) as i64,
-        sample_rate: positive(number::<i64>(stream.sample_rate.as_ref())),
-        channels: positive(stream.channels),
-        bit_depth: positive(number::<i64>(stream.bits_per_raw_sample.as_ref()))
-            .or_else(|| positive(stream.bits_per_sample)),
-        bitrate_kbps: positive(bitrate),
+        audio: AudioProperties {
+            codec: stream.codec_name.filter(|c| !c.is_empty() && c.len() < 64),
+            duration_ms: (secs * 1000.0).round().min(i64::MAX as f64) as i64,
+            sample_rate: positive(number::<i64>(stream.sample_rate.as_ref())),
+            channels: positive(stream.channels),
+            bit_depth: positive(number::<i64>(stream.bits_per_raw_sample.as_ref()))
+                .or_else(|| positive(stream.bits_per_sample)),
+            bitrate_kbps: positive(bitrate),
+        },
         tags: builder.build(),
     })
 }

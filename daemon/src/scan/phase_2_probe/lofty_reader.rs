@@ -22,7 +22,7 @@ use lofty::ogg::{OpusFile, SpeexFile, VorbisFile};
 use lofty::wavpack::WavPackFile;
 
 use super::source::io_reason;
-use super::{AudioFormat, ProbeError, ProbedTrack, tags};
+use super::{AudioFormat, AudioProperties, ProbeError, ProbedTrack, tags};
 
 /// Buffer handed to lofty around the file descriptor.
 const LOFTY_BUF: usize = 8 * 1024;
@@ -262,12 +262,15 @@ pub(crate) fn build_track(path: &Path, format: AudioFormat, parsed: Parsed) -> P
     }
     ProbedTrack {
         format,
-        codec: parsed.codec,
-        duration_ms: i64::try_from(props.duration().as_millis()).unwrap_or(i64::MAX),
-        sample_rate: nonzero(props.sample_rate()),
-        channels: nonzero(props.channels().map(u32::from)),
-        bit_depth: nonzero(props.bit_depth().map(u32::from)),
-        bitrate_kbps: nonzero(props.audio_bitrate()).or_else(|| nonzero(props.overall_bitrate())),
+        audio: AudioProperties {
+            codec: parsed.codec,
+            duration_ms: i64::try_from(props.duration().as_millis()).unwrap_or(i64::MAX),
+            sample_rate: nonzero(props.sample_rate()),
+            channels: nonzero(props.channels().map(u32::from)),
+            bit_depth: nonzero(props.bit_depth().map(u32::from)),
+            bitrate_kbps: nonzero(props.audio_bitrate())
+                .or_else(|| nonzero(props.overall_bitrate())),
+        },
         tags,
     }
 }
@@ -310,6 +313,9 @@ mod tests {
         assert_eq!(parsed.tagged.properties().sample_rate(), Some(8000));
         assert_eq!(parsed.tagged.properties().duration().as_millis(), 500);
         let track = probe_file(&path).expect("probe");
-        assert_eq!((track.format, track.duration_ms), (AudioFormat::Wav, 500));
+        assert_eq!(
+            (track.format, track.audio.duration_ms),
+            (AudioFormat::Wav, 500)
+        );
     }
 }

@@ -30,7 +30,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub use super::file_names::is_audio_candidate;
-pub use crate::track::{AudioFormat, ProbedTrack};
+pub use crate::track::{AudioFormat, AudioProperties, ProbedTrack};
 pub use tags::TrackTags;
 
 use source::{Source, io_reason};
@@ -126,7 +126,7 @@ pub fn probe_file(path: &Path) -> Result<ProbedTrack, ProbeError> {
         },
     };
     if let Some(secs) = integrity::counted_duration(&src, &sniffed)? {
-        track.duration_ms = (secs * 1000.0).round() as i64;
+        track.audio.duration_ms = (secs * 1000.0).round() as i64;
     }
     integrity::postcheck(&src, &sniffed, &track)?;
     Ok(track)
@@ -150,9 +150,9 @@ fn read_with_lofty(
             }
         }
     }
-    if track.duration_ms == 0 {
+    if track.audio.duration_ms == 0 {
         match ffprobe::decoded_duration(path, format) {
-            Ok(secs) => track.duration_ms = (secs * 1000.0).round() as i64,
+            Ok(secs) => track.audio.duration_ms = (secs * 1000.0).round() as i64,
             Err(e) => tracing::debug!(track_path = %path.display(), error = %e, "length unknown"),
         }
     }

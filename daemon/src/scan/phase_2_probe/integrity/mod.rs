@@ -79,13 +79,13 @@ pub(crate) fn postcheck(
     s: &Sniffed,
     track: &ProbedTrack,
 ) -> Result<(), ProbeError> {
-    if s.format == AudioFormat::Mp4 && track.sample_rate.is_none() {
+    if s.format == AudioFormat::Mp4 && track.audio.sample_rate.is_none() {
         return Err(ProbeError::NotAudio {
             reason: "MP4 container without an audio track".into(),
         });
     }
     if let Layout::Mpeg(info) = &s.layout {
-        mpeg::check_min_bitrate(src, info, track.duration_ms as f64 / 1000.0)?;
+        mpeg::check_min_bitrate(src, info, track.audio.duration_ms as f64 / 1000.0)?;
     }
     Ok(())
 }
