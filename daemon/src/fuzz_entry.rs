@@ -284,6 +284,12 @@ impl CoralApiServer for ParamsOnly {
     }
 }
 
+/// Every method name a `CoralApi` server registers (subscriptions with their unsubscribe
+/// method), from the generated code: what `coral_proto::registered_names` must list.
+pub fn api_method_names() -> Vec<&'static str> {
+    ParamsOnly.into_rpc().method_names().collect()
+}
+
 struct RpcHarness {
     runtime: tokio::runtime::Runtime,
     module: RpcModule<ParamsOnly>,

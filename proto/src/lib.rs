@@ -21,6 +21,9 @@ use uuid::Uuid;
 pub type RpcResult<T> = Result<T, ErrorObjectOwned>;
 
 /// The daemon's API. Method names are namespaced with a dot (`library.add`, `scan.start` …).
+///
+/// A new method goes in this trait and in [`METHODS`] (with its [`Access`]): the bridge serves
+/// what the table lists, and a test keeps the two equal.
 #[rpc(server, client)]
 pub trait CoralApi {
     /// Daemon version, database, libraries and worker state.
@@ -125,4 +128,119 @@ pub trait CoralApi {
         query: TrackLookup,
         limit: Option<u32>,
     ) -> RpcResult<Vec<TrackMatch>>;
+}
+
+/// Who may call a method through the bridge (`coralctl bridge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads the daemon's state: open to every allowed client.
+    Read,
+    /// Changes the daemon's state: needs the bridge's token.
+    Write,
+}
+
+/// How a method of [`CoralApi`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One call, one result.
+    Call,
+    /// A subscription: its notifications' method and the method that ends it.
+    Subscription {
+        notification: &'static str,
+        unsubscribe: &'static str,
+    },
+}
+
+/// One method of [`CoralApi`], as the bridge serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiMethod {
+    /// The JSON-RPC method name.
+    pub name: &'static str,
+    pub access: Access,
+    pub kind: Kind,
+}
+
+impl ApiMethod {
+    const fn read(name: &'static str) -> ApiMethod {
+        ApiMethod {
+            name,
+            access: Access::Read,
+            kind: Kind::Call,
+        }
+    }
+
+    const fn write(name: &'static str) -> ApiMethod {
+        ApiMethod {
+            name,
+            access: Access::Write,
+            kind: Kind::Call,
+        }
+    }
+}
+
+/// Every method of [`CoralApi`], in the trait's order. A new method goes in the trait and in
+/// this table.
+pub const METHODS: &[ApiMethod] = &[
+    ApiMethod::read("daemon.status"),
+    ApiMethod::write("library.add"),
+    ApiMethod::read("library.list"),
+    ApiMethod::write("library.remove"),
+    ApiMethod::write("scan.start"),
+    ApiMethod::read("scan.get"),
+    ApiMethod::read("scan.active"),
+    ApiMethod::read("scan.list"),
+    ApiMethod::write("scan.cancel"),
+    ApiMethod {
+        name: "scan.subscribe",
+        access: Access::Read,
+        kind: Kind::Subscription {
+            notification: "scan.progress",
+            unsubscribe: "scan.unsubscribe",
+        },
+    },
+    ApiMethod::read("track.get"),
+    ApiMethod::read("track.search"),
+    ApiMethod::read("track.similar"),
+    ApiMethod::read("track.path"),
+    ApiMethod::read("track.mix"),
+    ApiMethod::read("track.lookup"),
+];
+
+/// The method names a server of [`CoralApi`] registers: every entry of [`METHODS`] and the
+/// unsubscribe method of each subscription.
+pub fn registered_names() -> impl Iterator<Item = &'static str> {
+    METHODS.iter().flat_map(|m| {
+        let unsubscribe = match m.kind {
+            Kind::Call => None,
+            Kind::Subscription { unsubscribe, .. } => Some(unsubscribe),
+        };
+        std::iter::once(m.name).chain(unsubscribe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_method_table_names_each_method_once() {
+        let mut names: Vec<&str> = registered_names().collect();
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n, "{names:?}");
+    }
+
+    #[test]
+    fn only_the_methods_that_change_state_need_the_token() {
+        let writes: Vec<&str> = METHODS
+            .iter()
+            .filter(|m| m.access == Access::Write)
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(
+            writes,
+            ["library.add", "library.remove", "scan.start", "scan.cancel"]
+        );
+    }
 }

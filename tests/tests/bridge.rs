@@ -629,3 +629,17 @@ async fn progress_page_in_headless_chromium() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// The bridge serves the methods its table lists (`coral_proto::METHODS`); the table must name
+/// every method of the `CoralApi` trait, and nothing else.
+#[test]
+fn the_bridge_method_table_lists_every_method_of_the_api() {
+    let mut from_trait = corald::fuzz_entry::api_method_names();
+    let mut from_table: Vec<&str> = coral_proto::registered_names().collect();
+    from_trait.sort_unstable();
+    from_table.sort_unstable();
+    assert_eq!(
+        from_table, from_trait,
+        "a method of CoralApi is missing from coral_proto::METHODS, or the table names one the trait lacks"
+    );
+}

@@ -349,7 +349,7 @@ fn token_required() -> Response<HttpBody> {
 fn methods(
     ctx: &Ctx,
     authorized: bool,
-) -> Result<jsonrpsee::RpcModule<()>, Box<Response<HttpBody>>> {
+) -> Result<jsonrpsee::RpcModule<rpc::Proxy>, Box<Response<HttpBody>>> {
     rpc::module(Arc::clone(&ctx.upstream), ctx.token.is_some(), authorized).map_err(|e| {
         Box::new(text(
             StatusCode::INTERNAL_SERVER_ERROR,

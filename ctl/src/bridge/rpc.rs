@@ -1,27 +1,25 @@
-//! The API the bridge serves on each browser connection: corald's own `CoralApi` (every call
-//! forwarded upstream, parameters and results checked against the `coral-proto` types), the
-//! token check on the mutating methods, and the bridge's additions (`bridge.info`, and the
-//! `bridge.subscribe` subscription whose notifications are `bridge.status`).
+//! The API the bridge serves on each browser connection: every method of corald's `CoralApi`
+//! that `coral_proto::METHODS` lists, forwarded upstream as raw JSON-RPC (the caller's params
+//! as they are, corald's result or error as it is), the token check on the methods that change
+//! the daemon's state, and the bridge's additions (`bridge.info`, and the `bridge.subscribe`
+//! subscription whose notifications are `bridge.status`).
 //!
 //! `scan.subscribe` is served from the bridge's cache and broadcast (one upstream subscription
 //! for all browsers); each browser subscription keeps at most one pending update per scan, so a
 //! client that reads slowly skips intermediate states instead of building a backlog.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use coral_proto::{
-    CoralApiClient, CoralApiServer, DaemonStatus, Library, LibrarySelector, MixSeeds, RpcResult,
-    ScanFilter, ScanProgress, ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup,
-    TrackMatch, TrackRef, codes, errors::error,
-};
-use jsonrpsee::core::client::Error as ClientError;
+use coral_proto::{Access, ApiMethod, Kind, METHODS, RpcResult, ScanFilter, errors::error};
+use jsonrpsee::core::client::{ClientT, Error as ClientError};
+use jsonrpsee::core::traits::ToRpcParams;
 use jsonrpsee::core::{SubscriptionResult, async_trait};
 use jsonrpsee::proc_macros::rpc;
-use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::types::{ErrorObjectOwned, Params};
 use jsonrpsee::{PendingSubscriptionSink, RpcModule, SubscriptionMessage, SubscriptionSink};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
@@ -35,10 +33,6 @@ pub mod bridge_codes {
     /// corald cannot be reached right now; the bridge is reconnecting.
     pub const DAEMON_UNAVAILABLE: i32 = 1101;
 }
-
-/// Methods that change the daemon's state: they need the token.
-pub const MUTATING_METHODS: [&str; 4] =
-    ["scan.start", "scan.cancel", "library.add", "library.remove"];
 
 /// Returned by `bridge.info`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,33 +69,68 @@ pub struct Proxy {
     authorized: bool,
 }
 
+/// Why the bridge could not build its API.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error(transparent)]
+    Register(#[from] jsonrpsee::core::RegisterMethodError),
+    #[error("the bridge does not serve the subscription {0}")]
+    UnservedSubscription(&'static str),
+}
+
 /// Every method the bridge serves, for one connection.
 pub fn module(
     upstream: Arc<Upstream>,
     token_configured: bool,
     authorized: bool,
-) -> Result<RpcModule<()>, jsonrpsee::core::RegisterMethodError> {
+) -> Result<RpcModule<Proxy>, ModuleError> {
     let proxy = Proxy {
         upstream,
         token_configured,
         authorized,
     };
-    let mut module = RpcModule::new(());
-    module.merge(CoralApiServer::into_rpc(proxy.clone()))?;
+    let mut module = RpcModule::new(proxy.clone());
+    for method in METHODS {
+        match method.kind {
+            Kind::Call => {
+                module.register_async_method(method.name, move |params, proxy, _| async move {
+                    proxy.forward(method, params).await
+                })?;
+            }
+            Kind::Subscription {
+                notification,
+                unsubscribe,
+            } if method.name == "scan.subscribe" => {
+                module.register_subscription(
+                    method.name,
+                    notification,
+                    unsubscribe,
+                    |params, pending, proxy, _| async move {
+                        proxy.scan_subscribe(params, pending).await
+                    },
+                )?;
+            }
+            Kind::Subscription { .. } => {
+                return Err(ModuleError::UnservedSubscription(method.name));
+            }
+        }
+    }
     module.merge(BridgeApiServer::into_rpc(proxy))?;
     Ok(module)
+}
+
+/// The methods that need the token.
+fn write_methods() -> impl Iterator<Item = &'static str> {
+    METHODS
+        .iter()
+        .filter(|m| m.access == Access::Write)
+        .map(|m| m.name)
 }
 
 fn upstream_error(e: ClientError) -> ErrorObjectOwned {
     match e {
         // corald answered: pass its error through unchanged.
         ClientError::Call(obj) => obj,
-        ClientError::ParseError(e) => error(
-            codes::INTERNAL,
-            format!(
-                "the bridge could not read corald's answer (is coralctl older than corald?): {e}"
-            ),
-        ),
         ClientError::RequestTimeout => error(
             bridge_codes::DAEMON_UNAVAILABLE,
             "corald did not answer in time",
@@ -110,6 +139,32 @@ fn upstream_error(e: ClientError) -> ErrorObjectOwned {
             bridge_codes::DAEMON_UNAVAILABLE,
             format!("corald is not reachable ({e}); the bridge keeps trying to reconnect"),
         ),
+    }
+}
+
+/// A call's params exactly as the caller sent them (an array, an object or none), for corald.
+struct RawParams(Option<Box<RawValue>>);
+
+impl RawParams {
+    fn of(params: &Params<'_>) -> RpcResult<RawParams> {
+        params
+            .as_str()
+            .map(|json| RawValue::from_string(json.to_owned()))
+            .transpose()
+            .map(RawParams)
+            .map_err(|e| {
+                ErrorObjectOwned::owned(
+                    jsonrpsee::types::error::INVALID_PARAMS_CODE,
+                    format!("params are not JSON: {e}"),
+                    None::<()>,
+                )
+            })
+    }
+}
+
+impl ToRpcParams for RawParams {
+    fn to_rpc_params(self) -> Result<Option<Box<RawValue>>, serde_json::Error> {
+        Ok(self.0)
     }
 }
 
@@ -130,136 +185,48 @@ impl Proxy {
         Err(error(bridge_codes::UNAUTHORIZED, message))
     }
 
-    /// Forward one call over the current upstream connection.
-    async fn forward<T, F, Fut>(&self, call: F) -> RpcResult<T>
-    where
-        F: FnOnce(Arc<jsonrpsee::async_client::Client>) -> Fut,
-        Fut: Future<Output = Result<T, ClientError>>,
-    {
+    /// Forward one call over the current upstream connection: the token check for a write,
+    /// then the params as they are to corald and its result or error back as they are.
+    async fn forward(&self, method: &ApiMethod, params: Params<'_>) -> RpcResult<Box<RawValue>> {
+        if method.access == Access::Write {
+            self.require_token(method.name)?;
+        }
+        let params = RawParams::of(&params)?;
         let client = self
             .upstream
             .client()
             .map_err(|e| error(bridge_codes::DAEMON_UNAVAILABLE, e.to_string()))?;
-        call(client).await.map_err(upstream_error)
-    }
-}
-
-#[async_trait]
-impl CoralApiServer for Proxy {
-    async fn daemon_status(&self) -> RpcResult<DaemonStatus> {
-        self.forward(|c| async move { c.daemon_status().await })
+        client
+            .request(method.name, params)
             .await
+            .map_err(upstream_error)
     }
 
-    async fn library_add(&self, path: String) -> RpcResult<Library> {
-        self.require_token("library.add")?;
-        self.forward(|c| async move { c.library_add(path).await })
-            .await
-    }
-
-    async fn library_list(&self) -> RpcResult<Vec<Library>> {
-        self.forward(|c| async move { c.library_list().await })
-            .await
-    }
-
-    async fn library_remove(&self, library: LibrarySelector) -> RpcResult<Library> {
-        self.require_token("library.remove")?;
-        self.forward(|c| async move { c.library_remove(library).await })
-            .await
-    }
-
-    async fn scan_start(
-        &self,
-        library: LibrarySelector,
-        path: Option<String>,
-        full: Option<bool>,
-    ) -> RpcResult<ScanStarted> {
-        self.require_token("scan.start")?;
-        self.forward(|c| async move { c.scan_start(library, path, full).await })
-            .await
-    }
-
-    async fn scan_get(&self, request_id: Uuid) -> RpcResult<ScanProgress> {
-        self.forward(|c| async move { c.scan_get(request_id).await })
-            .await
-    }
-
-    async fn scan_active(&self) -> RpcResult<Vec<ScanProgress>> {
-        self.forward(|c| async move { c.scan_active().await }).await
-    }
-
-    async fn scan_list(&self, limit: Option<u32>) -> RpcResult<Vec<ScanProgress>> {
-        self.forward(|c| async move { c.scan_list(limit).await })
-            .await
-    }
-
-    async fn scan_cancel(&self, request_id: Uuid) -> RpcResult<ScanProgress> {
-        self.require_token("scan.cancel")?;
-        self.forward(|c| async move { c.scan_cancel(request_id).await })
-            .await
-    }
-
+    /// `scan.subscribe`, served from the bridge's cache. The params are decoded as corald
+    /// decodes them: `[filter]`, `{"filter": …}` or none.
     async fn scan_subscribe(
         &self,
+        params: Params<'_>,
         pending: PendingSubscriptionSink,
-        filter: Option<ScanFilter>,
     ) -> SubscriptionResult {
+        let filter = if params.is_object() {
+            #[derive(Deserialize)]
+            struct Named {
+                filter: Option<ScanFilter>,
+            }
+            params.parse::<Named>().map(|n| n.filter)
+        } else {
+            params.sequence().optional_next::<ScanFilter>()
+        };
+        let filter = match filter {
+            Ok(f) => f.unwrap_or_default(),
+            Err(e) => {
+                pending.reject(e).await;
+                return Ok(());
+            }
+        };
         let sink = pending.accept().await?;
-        pump_progress(sink, &self.upstream, filter.unwrap_or_default()).await
-    }
-
-    async fn track_get(&self, id: i64) -> RpcResult<Track> {
-        self.forward(|c| async move { c.track_get(id).await }).await
-    }
-
-    async fn track_search(
-        &self,
-        query: String,
-        limit: Option<u32>,
-        offset: Option<u32>,
-    ) -> RpcResult<Vec<Track>> {
-        self.forward(|c| async move { c.track_search(query, limit, offset).await })
-            .await
-    }
-
-    async fn track_similar(
-        &self,
-        track: TrackRef,
-        limit: Option<u32>,
-        options: Option<SimilarOptions>,
-    ) -> RpcResult<Vec<SimilarTrack>> {
-        self.forward(|c| async move { c.track_similar(track, limit, options).await })
-            .await
-    }
-
-    async fn track_path(
-        &self,
-        from: TrackRef,
-        to: TrackRef,
-        count: Option<u32>,
-        options: Option<SimilarOptions>,
-    ) -> RpcResult<Vec<SimilarTrack>> {
-        self.forward(|c| async move { c.track_path(from, to, count, options).await })
-            .await
-    }
-
-    async fn track_mix(
-        &self,
-        seeds: MixSeeds,
-        count: Option<u32>,
-        options: Option<SimilarOptions>,
-    ) -> RpcResult<Vec<SimilarTrack>> {
-        self.forward(|c| async move { c.track_mix(seeds, count, options).await })
-            .await
-    }
-
-    async fn track_lookup(
-        &self,
-        query: TrackLookup,
-        limit: Option<u32>,
-    ) -> RpcResult<Vec<TrackMatch>> {
-        self.forward(|c| async move { c.track_lookup(query, limit).await })
-            .await
+        pump_progress(sink, &self.upstream, filter).await
     }
 }
 
@@ -271,7 +238,7 @@ impl BridgeApiServer for Proxy {
             connected: self.upstream.status().borrow().connected,
             token_configured: self.token_configured,
             authorized: self.authorized,
-            mutating_methods: MUTATING_METHODS.iter().map(|m| (*m).to_owned()).collect(),
+            mutating_methods: write_methods().map(str::to_owned).collect(),
         })
     }
 
@@ -483,32 +450,38 @@ mod tests {
         let names: Vec<String> = m
             .map(|m| m.method_names().map(str::to_owned).collect())
             .unwrap_or_default();
-        for name in [
-            "daemon.status",
-            "library.add",
-            "library.list",
-            "library.remove",
-            "scan.start",
-            "scan.get",
-            "scan.active",
-            "scan.list",
-            "scan.cancel",
-            "scan.subscribe",
-            "scan.unsubscribe",
-            "track.get",
-            "track.search",
-            "track.similar",
-            "track.lookup",
-            "track.path",
-            "track.mix",
-            "bridge.info",
-            "bridge.subscribe",
-            "bridge.unsubscribe",
-        ] {
+        let bridge = ["bridge.info", "bridge.subscribe", "bridge.unsubscribe"];
+        for name in coral_proto::registered_names().chain(bridge) {
             assert!(
                 names.iter().any(|n| n == name),
                 "{name} missing from {names:?}"
             );
         }
+    }
+
+    /// The error code of one call to a fresh module whose upstream is down.
+    async fn code_of(authorized: bool, request: &str) -> Option<i64> {
+        let up = Upstream::new(std::path::PathBuf::from("/nonexistent"));
+        let m = module(up, true, authorized).ok()?;
+        let (answer, _) = m.raw_json_request(request, 1).await.ok()?;
+        let v: serde_json::Value = serde_json::from_str(answer.get()).ok()?;
+        v["error"]["code"].as_i64()
+    }
+
+    #[tokio::test]
+    async fn writes_check_the_token_before_reaching_corald() {
+        let add = r#"{"jsonrpc":"2.0","id":1,"method":"library.add","params":["/srv/music"]}"#;
+        let get = r#"{"jsonrpc":"2.0","id":1,"method":"track.get","params":{"id":1}}"#;
+        let unauthorized = i64::from(bridge_codes::UNAUTHORIZED);
+        let unavailable = i64::from(bridge_codes::DAEMON_UNAVAILABLE);
+        assert_eq!(code_of(false, add).await, Some(unauthorized));
+        assert_eq!(code_of(true, add).await, Some(unavailable));
+        assert_eq!(code_of(false, get).await, Some(unavailable));
+    }
+
+    #[tokio::test]
+    async fn a_bad_scan_filter_is_refused_like_corald_refuses_it() {
+        let bad = r#"{"jsonrpc":"2.0","id":1,"method":"scan.subscribe","params":[{"library_id":"seven"}]}"#;
+        assert_eq!(code_of(false, bad).await, Some(-32602));
     }
 }
