@@ -10,11 +10,11 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use coral_proto::{
-    CoralApiServer, DaemonStatus, Library, LibrarySelector, MixSeeds, RpcResult, ScanFilter,
-    ScanProgress, ScanStarted, SimilarOptions, SimilarTrack, Track, TrackLookup, TrackMatch,
-    TrackRef, codes, errors::error,
+    CoralApiServer, DaemonStatus, Library, LibrarySelector, RpcResult, ScanFilter, ScanProgress,
+    ScanStarted, SimilarTrack, Track, TrackMatch, codes, errors::error,
 };
 use jsonrpsee::core::{SubscriptionResult, async_trait};
 use jsonrpsee::{PendingSubscriptionSink, RpcModule};
@@ -22,7 +22,9 @@ use uuid::Uuid;
 
 use crate::config::{Config, ConfigError};
 use crate::embed::phase_2_resample::{WindowMaker, WindowPlan};
-use crate::rpc::params;
+use crate::lookup::LookupQuery;
+use crate::rpc::api::{ApiService, CoralRpc, Mix, ScanStart, Similar, SonicPath};
+use crate::rpc::params::{self, Search};
 use crate::scan::phase_2_probe::{self, ProbedTrack};
 
 /// What an entry point made of an input.
@@ -109,21 +111,24 @@ fn broken(what: String) -> jsonrpsee::types::ErrorObjectOwned {
     error(BROKEN, what)
 }
 
-/// A `CoralApi` server that decodes every call exactly as corald's (the same generated code)
-/// and runs the same parameter checks ([`params`]), then stops where corald would reach the
+/// The service behind corald's own `CoralApi` adapter ([`CoralRpc`]) for fuzzing: every call is
+/// decoded by the same generated code and goes through the same parameter checks ([`params`]);
+/// the service checks invariants of their results, then stops where corald would reach the
 /// database or the filesystem.
 struct ParamsOnly;
 
 #[async_trait]
-impl CoralApiServer for ParamsOnly {
+impl ApiService for ParamsOnly {
     async fn daemon_status(&self) -> RpcResult<DaemonStatus> {
         accepted("daemon.status")
     }
 
-    async fn library_add(&self, path: String) -> RpcResult<Library> {
-        let p = params::library_path(&path)?;
-        if !p.is_absolute() {
-            return Err(broken(format!("accepted a relative library path {path:?}")));
+    async fn library_add(&self, path: &Path) -> RpcResult<Library> {
+        if !path.is_absolute() {
+            return Err(broken(format!(
+                "accepted a relative library path {}",
+                path.display()
+            )));
         }
         accepted("library.add")
     }
@@ -136,14 +141,8 @@ impl CoralApiServer for ParamsOnly {
         accepted("library.remove")
     }
 
-    async fn scan_start(
-        &self,
-        _library: LibrarySelector,
-        path: Option<String>,
-        full: Option<bool>,
-    ) -> RpcResult<ScanStarted> {
-        let _mode = params::scan_mode(full);
-        if let Some(path) = path {
+    async fn scan_start(&self, scan: ScanStart) -> RpcResult<ScanStarted> {
+        if let Some(path) = scan.path {
             let root = Path::new(LIBRARY_ROOT);
             if let Some(sub) = params::clean_subdir(root, &path)? {
                 let inside = sub
@@ -168,10 +167,9 @@ impl CoralApiServer for ParamsOnly {
         accepted("scan.active")
     }
 
-    async fn scan_list(&self, limit: Option<u32>) -> RpcResult<Vec<ScanProgress>> {
-        let l = params::list_limit(limit);
-        if !(1..=1000).contains(&l) {
-            return Err(broken(format!("list limit {l}")));
+    async fn scan_list(&self, limit: i64) -> RpcResult<Vec<ScanProgress>> {
+        if !(1..=1000).contains(&limit) {
+            return Err(broken(format!("list limit {limit}")));
         }
         accepted("scan.list")
     }
@@ -183,7 +181,7 @@ impl CoralApiServer for ParamsOnly {
     async fn scan_subscribe(
         &self,
         pending: PendingSubscriptionSink,
-        _filter: Option<ScanFilter>,
+        _filter: ScanFilter,
     ) -> SubscriptionResult {
         pending.reject(error(ACCEPTED, "scan.subscribe")).await;
         Ok(())
@@ -193,83 +191,48 @@ impl CoralApiServer for ParamsOnly {
         accepted("track.get")
     }
 
-    async fn track_search(
-        &self,
-        query: String,
-        limit: Option<u32>,
-        offset: Option<u32>,
-    ) -> RpcResult<Vec<Track>> {
-        let s = params::search(&query, limit, offset)?;
+    async fn track_search(&self, s: Search) -> RpcResult<Vec<Track>> {
         // Only prefix terms of letters and digits: no tsquery syntax can come from a user.
         let clean = s.tsquery.split(" & ").all(|term| {
             term.strip_suffix(":*")
                 .is_some_and(|w| !w.is_empty() && w.chars().all(char::is_alphanumeric))
         });
         if !clean || !(1..=1000).contains(&s.limit) || s.offset < 0 {
-            return Err(broken(format!("search {query:?} became {s:?}")));
+            return Err(broken(format!("search became {s:?}")));
         }
         accepted("track.search")
     }
 
-    async fn track_similar(
-        &self,
-        track: TrackRef,
-        limit: Option<u32>,
-        options: Option<SimilarOptions>,
-    ) -> RpcResult<Vec<SimilarTrack>> {
-        let l = params::similar_limit(limit);
-        if !(1..=1000).contains(&l) {
-            return Err(broken(format!("similar limit {l}")));
+    async fn track_similar(&self, q: Similar) -> RpcResult<Vec<SimilarTrack>> {
+        if !(1..=1000).contains(&q.limit) {
+            return Err(broken(format!("similar limit {}", q.limit)));
         }
-        params::track_ref(&track)?;
-        let f = params::similar_options(options)?;
+        let f = &q.filter;
         if f.min_ms < 0 || f.min_ms > f.max_ms || f.max_per_artist == Some(0) {
             return Err(broken(format!("similar options became {f:?}")));
         }
         accepted("track.similar")
     }
 
-    async fn track_path(
-        &self,
-        from: TrackRef,
-        to: TrackRef,
-        count: Option<u32>,
-        options: Option<SimilarOptions>,
-    ) -> RpcResult<Vec<SimilarTrack>> {
-        params::track_ref(&from)?;
-        params::track_ref(&to)?;
-        params::similar_options(options)?;
-        let n = params::path_count(count);
-        if !(2..=200).contains(&n) {
-            return Err(broken(format!("path count {n}")));
+    async fn track_path(&self, q: SonicPath) -> RpcResult<Vec<SimilarTrack>> {
+        if !(2..=200).contains(&q.count) {
+            return Err(broken(format!("path count {}", q.count)));
         }
         accepted("track.path")
     }
 
-    async fn track_mix(
-        &self,
-        seeds: MixSeeds,
-        count: Option<u32>,
-        options: Option<SimilarOptions>,
-    ) -> RpcResult<Vec<SimilarTrack>> {
-        let s = params::mix_seeds(&seeds)?;
-        params::similar_options(options)?;
-        let n = params::mix_count(count);
-        if s.tracks.len() > 20 || !(1..=1000).contains(&n) {
+    async fn track_mix(&self, q: Mix) -> RpcResult<Vec<SimilarTrack>> {
+        let n = q.count;
+        if q.seeds.tracks.len() > 20 || !(1..=1000).contains(&n) {
             return Err(broken(format!(
                 "mix of {} seeds, count {n}",
-                s.tracks.len()
+                q.seeds.tracks.len()
             )));
         }
         accepted("track.mix")
     }
 
-    async fn track_lookup(
-        &self,
-        query: TrackLookup,
-        _limit: Option<u32>,
-    ) -> RpcResult<Vec<TrackMatch>> {
-        let q = params::lookup_query(&query)?;
+    async fn track_lookup(&self, q: LookupQuery, _limit: i64) -> RpcResult<Vec<TrackMatch>> {
         // Only letters and digits between single spaces reach the tsquery.
         if let Some((a, t)) = &q.artist_title {
             let clean = |s: &str| {
@@ -277,22 +240,27 @@ impl CoralApiServer for ParamsOnly {
                     .all(|w| !w.is_empty() && w.chars().all(char::is_alphanumeric))
             };
             if !clean(a) || !clean(t) {
-                return Err(broken(format!("lookup {query:?} became {q:?}")));
+                return Err(broken(format!("lookup became {q:?}")));
             }
         }
         accepted("track.lookup")
     }
 }
 
+/// The `CoralApi` server the fuzzing drives: corald's adapter over [`ParamsOnly`].
+fn params_only() -> CoralRpc<ParamsOnly> {
+    CoralRpc(Arc::new(ParamsOnly))
+}
+
 /// Every method name a `CoralApi` server registers (subscriptions with their unsubscribe
 /// method), from the generated code: what `coral_proto::registered_names` must list.
 pub fn api_method_names() -> Vec<&'static str> {
-    ParamsOnly.into_rpc().method_names().collect()
+    params_only().into_rpc().method_names().collect()
 }
 
 struct RpcHarness {
     runtime: tokio::runtime::Runtime,
-    module: RpcModule<ParamsOnly>,
+    module: RpcModule<CoralRpc<ParamsOnly>>,
 }
 
 thread_local! {
@@ -321,7 +289,7 @@ pub fn rpc_request(data: &[u8]) -> Result<Outcome, Violation> {
                 .map_err(|e| Violation(format!("no runtime: {e}")))?;
             *slot = Some(RpcHarness {
                 runtime,
-                module: ParamsOnly.into_rpc(),
+                module: params_only().into_rpc(),
             });
         }
         let Some(h) = slot.as_ref() else {
