@@ -7,9 +7,11 @@
 pub mod client;
 pub mod errors;
 pub mod paths;
+pub mod scan;
 pub mod types;
 
 pub use errors::codes;
+pub use scan::*;
 pub use types::*;
 
 use jsonrpsee::core::SubscriptionResult;
