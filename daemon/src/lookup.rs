@@ -159,10 +159,11 @@ pub async fn lookup(
 /// Whether `folded` is the track's display credit, one of its artists or its album artist
 /// (folded).
 fn credits(t: &TrackRecord, folded: &str) -> bool {
-    t.artist
+    t.tags
+        .artist
         .iter()
-        .chain(t.artists.iter())
-        .chain(t.album_artist.iter())
+        .chain(t.tags.artists.iter())
+        .chain(t.tags.album_artist.iter())
         .any(|a| fold(a) == folded)
 }
 
@@ -175,14 +176,14 @@ fn by_artist_title(found: Vec<TrackRecord>, q: &LookupQuery) -> Vec<TrackRecord>
     };
     let mut hits: Vec<(bool, i64, TrackRecord)> = found
         .into_iter()
-        .filter(|t| t.title.as_deref().map(fold).as_ref() == Some(title))
+        .filter(|t| t.tags.title.as_deref().map(fold).as_ref() == Some(title))
         .filter(|t| credits(t, artist))
         .filter_map(|t| {
             let off = q.duration_ms.map_or(0, |d| (t.audio.duration_ms - d).abs());
             if off > DURATION_TOLERANCE_MS {
                 return None;
             }
-            let same_album = q.album.is_some() && t.album.as_deref().map(fold) == q.album;
+            let same_album = q.album.is_some() && t.tags.album.as_deref().map(fold) == q.album;
             Some((same_album, off, t))
         })
         .collect();
@@ -214,15 +215,15 @@ pub async fn album_or_artist(
     let found = tracks::with_words(pool, &words.join(" & "), 10 * CANDIDATES).await?;
     let mut hits: Vec<TrackRecord> = found
         .into_iter()
-        .filter(|t| album.is_none_or(|a| t.album.as_deref().map(fold).as_deref() == Some(a)))
+        .filter(|t| album.is_none_or(|a| t.tags.album.as_deref().map(fold).as_deref() == Some(a)))
         .filter(|t| artist.is_none_or(|a| credits(t, a)))
         .collect();
     hits.sort_by(|a, b| {
         b.has_embedding
             .cmp(&a.has_embedding)
-            .then(a.album.cmp(&b.album))
-            .then(a.disc_number.cmp(&b.disc_number))
-            .then(a.track_number.cmp(&b.track_number))
+            .then(a.tags.album.cmp(&b.tags.album))
+            .then(a.tags.disc_number.cmp(&b.tags.disc_number))
+            .then(a.tags.track_number.cmp(&b.tags.track_number))
             .then(a.id.cmp(&b.id))
     });
     hits.truncate(limit);

@@ -1,8 +1,9 @@
 //! The one shape of what a probe reads from an audio file — its format, audio properties and
 //! tags — from the probe (`scan::phase_2_probe`) through the row written to `tracks`
 //! (`db::tracks::TrackRow` holds it as it is) and back (`db::tracks::TrackRecord` reads the
-//! audio properties as `AudioProperties`). The tags' shape, `TrackTags`, is the wire's
-//! (`coral_proto`). A leaf: it imports nothing else of corald.
+//! audio properties as `AudioProperties` and the tags as `TrackTags`). The tags' shape,
+//! `TrackTags`, is the wire's (`coral_proto`, which derives its `FromRow` for corald). A leaf: it
+//! imports nothing else of corald.
 
 use std::fmt;
 

@@ -72,6 +72,7 @@ pub struct Track {
 /// the file holds; `artist`, `album_artist`, `genre` and `composer` are their display strings:
 /// the credit as tagged ("A feat. B"), or the values joined with "; ".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct TrackTags {
     pub title: Option<String>,
     pub album: Option<String>,

@@ -22,9 +22,10 @@ pub struct RecordingKey {
 impl RecordingKey {
     pub fn of(t: &TrackRecord) -> RecordingKey {
         let artist = artist_key(t);
-        let title = t.title.as_deref().map(fold).filter(|s| !s.is_empty());
+        let title = t.tags.title.as_deref().map(fold).filter(|s| !s.is_empty());
         RecordingKey {
             mbid: t
+                .tags
                 .musicbrainz_recording_id
                 .as_deref()
                 .map(|m| m.trim().to_ascii_lowercase())
@@ -49,9 +50,10 @@ impl RecordingKey {
 
 /// The folded artist a cap per artist counts by: the display credit, else the first artist.
 pub fn artist_key(t: &TrackRecord) -> Option<String> {
-    t.artist
+    t.tags
+        .artist
         .as_deref()
-        .or(t.artists.first().map(String::as_str))
+        .or(t.tags.artists.first().map(String::as_str))
         .map(fold)
         .filter(|s| !s.is_empty())
 }
@@ -164,6 +166,7 @@ mod tests {
     use super::*;
     use crate::track::AudioProperties;
     use chrono::Utc;
+    use coral_proto::TrackTags;
 
     fn track(id: i64, artist: &str, title: &str, ms: i64, mbid: Option<&str>) -> TrackRecord {
         TrackRecord {
@@ -178,24 +181,13 @@ mod tests {
                 duration_ms: ms,
                 ..AudioProperties::default()
             },
-            title: Some(title.into()),
-            artist: Some(artist.into()),
-            album: None,
-            album_artist: None,
-            track_number: None,
-            disc_number: None,
-            year: None,
-            genre: None,
-            artists: vec![artist.into()],
-            album_artists: vec![],
-            genres: vec![],
-            composer: None,
-            composers: vec![],
-            musicbrainz_recording_id: mbid.map(str::to_owned),
-            musicbrainz_track_id: None,
-            musicbrainz_release_id: None,
-            musicbrainz_artist_ids: vec![],
-            isrc: None,
+            tags: TrackTags {
+                title: Some(title.into()),
+                artist: Some(artist.into()),
+                artists: vec![artist.into()],
+                musicbrainz_recording_id: mbid.map(str::to_owned),
+                ..TrackTags::default()
+            },
             has_embedding: true,
             indexed_at: Utc::now(),
         }
